@@ -1,0 +1,133 @@
+"""The ``pipeline`` command: a thin table from command names to functions.
+
+    pipeline run <job> --config FILE.yaml [key.sub=value ...]   # a configured job (overrides win)
+    pipeline run <job> --help                                   # every config key, typed and documented
+    pipeline tiny --family llava --preset teacher --out DIR     # a tiny VLM checkpoint (tests, demo)
+    pipeline demo --out DIR [--quick] [--seeds N]               # the end-to-end demo
+
+Jobs are listed in ``RUN_JOBS`` as ``"module:ConfigClass"`` and ``"module:function"`` strings,
+imported only when used so that ``pipeline --help`` stays fast; a test checks every entry resolves.
+Other top-level commands live in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from pipeline.config import ConfigError, describe, load_config, save_config
+from pipeline.errors import PipelineError
+from pipeline.logs import setup_logging
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class Job:
+    config: str  # "module:Class"
+    function: str  # "module:function", called with the loaded config
+    summary: str
+
+
+RUN_JOBS: dict[str, Job] = {
+    "data-check": Job(
+        "pipeline.data_check:DataCheckConfig",
+        "pipeline.data_check:run",
+        "encode a dataset with a model's processor; report usable and skipped samples",
+    ),
+}
+
+
+def resolve(ref: str):
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def _run(args: argparse.Namespace) -> int:
+    job = RUN_JOBS[args.job]
+    cls = resolve(job.config)
+    if args.help_config:
+        print(f"pipeline run {args.job}: {job.summary}\n\nConfig keys (YAML file and/or key.sub=value overrides):\n")
+        print(describe(cls))
+        return 0
+    cfg = load_config(cls, args.config, args.overrides)
+    if args.save_config:
+        save_config(cfg, args.save_config)
+        log.info("resolved config written to %s", args.save_config)
+    resolve(job.function)(cfg)
+    return 0
+
+
+def _tiny(args: argparse.Namespace) -> int:
+    from pipeline.tiny import save_tiny_vlm
+
+    out = save_tiny_vlm(args.out, args.family, args.preset, args.seed)
+    log.info("tiny %s %s written to %s", args.family, args.preset, out)
+    return 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from pipeline.demo import run_demo
+
+    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pipeline", description="Offline Align-TI distillation for vision-language models.")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a configured job", description="Run a configured job.", add_help=False)
+    run.add_argument("job", choices=sorted(RUN_JOBS), help="; ".join(f"{k}: {v.summary}" for k, v in RUN_JOBS.items()))
+    run.add_argument("--config", type=Path, default=None, help="YAML config file")
+    run.add_argument("--save-config", type=Path, default=None, help="also write the resolved config here")
+    run.add_argument("-h", "--help", dest="help_config", action="store_true", help="list the job's config keys")
+    # Overrides (key.sub=value) are the arguments argparse does not know; main() collects them.
+    run.set_defaults(func=_run)
+
+    tiny = sub.add_parser("tiny", help="write a tiny VLM checkpoint built from a config (offline)")
+    tiny.add_argument("--family", choices=["llava", "qwen2_vl"], required=True)
+    tiny.add_argument("--preset", default="teacher", help="teacher | student | student-pooled")
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--out", type=Path, required=True)
+    tiny.set_defaults(func=_tiny)
+
+    demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded default")
+    demo.add_argument("--out", type=Path, default=Path("demo-out"))
+    demo.add_argument("--quick", action="store_true", help="a small, fast version (for tests)")
+    demo.add_argument("--seeds", type=int, default=1, help="repeat each training run with this many seeds")
+    demo.set_defaults(func=_demo)
+    return p
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": _run, "tiny": _tiny, "demo": _demo}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and (args.command != "run" or any(a.startswith("-") or "=" not in a for a in extra)):
+        parser.error(f"unrecognized arguments: {' '.join(extra)} (overrides look like key.sub=value, after `run JOB`)")
+    args.overrides = extra
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
+    except (PipelineError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,286 @@
+"""A record to model inputs with the position sets of DESIGN.md §2.
+
+The model's own processor and chat template produce the token ids; this module only finds where
+things are. How (see also ``[segmentation note]`` below):
+
+1. The conversation becomes chat messages; ``<image>`` tags split a human turn into text and
+   image content items, so the template puts each image where its tag was.
+2. The template is rendered for the whole conversation and for every prefix of it. Prefix texts
+   give the character span of each message; the assistant's label span runs from the end of the
+   generation prompt to the end of its message (its end-of-turn token included, trailing
+   whitespace not). Each text item of a human message is located inside that message's span, so
+   instruction positions are the words of the instruction, not the role header.
+3. The rendered text is tokenized once with offsets, *before* image expansion; each image
+   placeholder token is then expanded to that image's token count. The result must equal the
+   processor's own ``input_ids`` token for token, otherwise encoding stops with an error: the
+   processor, never this module, is the authority on ids.
+
+[segmentation note] Requiring prefix stability (each prefix render is a prefix of the full render)
+holds for ChatML, Llama, Vicuna/LLaVA-style templates. Templates that rewrite earlier turns (e.g.
+ones that strip reasoning from past answers) are refused with a message instead of guessed at.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+from pipeline.data.records import (
+    IMAGE_TAG,
+    IMAGE_TAG_MISMATCH,
+    NO_RESPONSE,
+    OVER_LENGTH,
+    Record,
+    SampleError,
+)
+
+IGNORE_INDEX = -100
+
+
+class TemplateError(PipelineError):
+    """The processor's chat template or tokenizer cannot be segmented (a setup problem, not a sample's)."""
+
+
+@dataclass(frozen=True)
+class VisualBlock:
+    """The expanded tokens of one image: positions ``start .. start+length-1``, row-major ``grid``."""
+
+    image_index: int
+    start: int
+    length: int
+    grid: tuple[int, int]  # (rows, cols) of visual tokens; rows * cols == length
+
+
+@dataclass
+class TurnPositions:
+    """Turn ``j``: instruction positions ``I_j`` and response positions ``R_j`` (t whose x_{t+1} is labelled)."""
+
+    instruction: np.ndarray  # int64 positions of the human turn's text tokens
+    response: np.ndarray  # int64 positions t with labels[t+1] != IGNORE_INDEX
+
+
+@dataclass
+class EncodedSample:
+    sample_id: str
+    input_ids: np.ndarray  # int64 [T]
+    labels: np.ndarray  # int64 [T], IGNORE_INDEX outside assistant spans; labels[t] is the token at t
+    visual_blocks: list[VisualBlock]
+    turns: list[TurnPositions]
+    image_hashes: list[str]
+    model_inputs: dict[str, Any] = field(repr=False)  # processor output, batch of one (tensors)
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def visual_positions(self) -> np.ndarray:
+        if not self.visual_blocks:
+            return np.zeros(0, dtype=np.int64)
+        return np.concatenate([np.arange(b.start, b.start + b.length) for b in self.visual_blocks])
+
+    @property
+    def instruction_positions(self) -> np.ndarray:
+        return np.concatenate([t.instruction for t in self.turns]) if self.turns else np.zeros(0, np.int64)
+
+    @property
+    def response_positions(self) -> np.ndarray:
+        return np.concatenate([t.response for t in self.turns]) if self.turns else np.zeros(0, np.int64)
+
+
+def to_messages(record: Record) -> list[dict]:
+    """Chat messages with content items; checks that ``<image>`` tags match the images."""
+    n_tags = sum(t.text.count(IMAGE_TAG) for t in record.turns if t.role == "user")
+    if any(IMAGE_TAG in t.text for t in record.turns if t.role != "user"):
+        raise SampleError(record.sample_id, IMAGE_TAG_MISMATCH, "<image> tag outside a human turn")
+    if n_tags != len(record.images):
+        raise SampleError(
+            record.sample_id,
+            IMAGE_TAG_MISMATCH,
+            f"{n_tags} <image> tag(s) but {len(record.images)} image(s)",
+        )
+    messages = []
+    for t in record.turns:
+        if t.role == "assistant":
+            if not t.text.strip():
+                raise SampleError(record.sample_id, NO_RESPONSE, "empty assistant response")
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": t.text}]})
+            continue
+        content: list[dict] = []
+        for i, piece in enumerate(t.text.split(IMAGE_TAG)):
+            if i:
+                content.append({"type": "image"})
+            if piece:
+                content.append({"type": "text", "text": piece})
+        messages.append({"role": t.role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise SampleError(record.sample_id, NO_RESPONSE, "no assistant turn")
+    return messages
+
+
+def _render(processor, messages: list[dict], generation_prompt: bool = False) -> str:
+    if not messages:
+        return ""
+    return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def _image_token(processor) -> tuple[str, int]:
+    token = getattr(processor, "image_token", None)
+    if token is None:
+        raise TemplateError(f"{type(processor).__name__} has no image_token; unsupported processor")
+    return token, processor.tokenizer.convert_tokens_to_ids(token)
+
+
+def _grids(processor, inputs, counts_total: int, n_images: int, sample_id: str) -> list[tuple[int, int]]:
+    """Per-image (rows, cols) of visual tokens, from the processor's outputs."""
+    if n_images == 0:
+        return []
+    if "image_grid_thw" in inputs:  # Qwen2-VL family: patches merged merge×merge
+        merge = int(processor.image_processor.merge_size)
+        grids = []
+        for t, h, w in inputs["image_grid_thw"].tolist():
+            if t != 1:
+                raise TemplateError(f"sample {sample_id!r}: temporal grid {t} for an image; expected 1")
+            grids.append((h // merge, w // merge))
+        return grids
+    # Fixed-grid family (LLaVA): every image has the same square grid.
+    per_image, rem = divmod(counts_total, n_images)
+    side = math.isqrt(per_image)
+    if rem or side * side != per_image:
+        raise TemplateError(
+            f"sample {sample_id!r}: {counts_total} visual tokens for {n_images} image(s) is not a square grid "
+            "per image; this processor's visual layout is not supported"
+        )
+    return [(side, side)] * n_images
+
+
+def special_token_ids(tok) -> np.ndarray:
+    """Ids of every special token: the named ones and added tokens flagged special (vision markers)."""
+    ids = set(tok.all_special_ids) | {i for i, t in tok.added_tokens_decoder.items() if t.special}
+    return np.asarray(sorted(ids), dtype=np.int64)
+
+
+def _locate(haystack: str, needle: str, start: int, end: int) -> tuple[int, int] | None:
+    """Span of ``needle`` (stripped) in ``haystack[start:end]``; None if the template altered it."""
+    needle = needle.strip()
+    if not needle:
+        return None
+    pos = haystack.find(needle, start, end)
+    return (pos, pos + len(needle)) if pos >= 0 else None
+
+
+def encode(record: Record, processor, max_length: int) -> EncodedSample:
+    """Tokenize ``record`` with ``processor`` and find its position sets (DESIGN.md §2).
+
+    Raises SampleError for a bad sample (its reason says which), TemplateError for a processor
+    whose chat template cannot be segmented.
+    """
+    messages = to_messages(record)
+    images = record.load_images()
+    hashes = record.image_hashes()
+    tok = processor.tokenizer
+
+    full = _render(processor, messages)
+    bounds = []  # character end of each message in `full`
+    for k in range(1, len(messages) + 1):
+        prefix = _render(processor, messages[:k])
+        if not full.startswith(prefix):
+            raise TemplateError("chat template is not prefix-stable: rendering a conversation prefix changed earlier text")
+        bounds.append(len(prefix))
+
+    # Character spans of instruction words (per user turn) and of labels (per assistant turn).
+    instr_spans: list[list[tuple[int, int]]] = []
+    label_spans: list[tuple[int, int]] = []
+    start = 0
+    for k, msg in enumerate(messages):
+        end = bounds[k]
+        if msg["role"] == "user":
+            spans, cursor = [], start
+            for item in msg["content"]:
+                if item["type"] != "text":
+                    continue
+                span = _locate(full, item["text"], cursor, end)
+                if span is None and item["text"].strip():
+                    raise TemplateError(f"instruction text of sample {record.sample_id!r} not found verbatim in the rendered template")
+                if span is not None:
+                    spans.append(span)
+                    cursor = span[1]
+            instr_spans.append(spans)
+        elif msg["role"] == "assistant":
+            gen = _render(processor, messages[:k], generation_prompt=True)
+            if not full.startswith(gen) or len(gen) > end:
+                raise TemplateError("generation prompt is not a prefix of the assistant turn")
+            label_end = len(full[:end].rstrip())
+            label_spans.append((len(gen), label_end))
+        start = end
+
+    # Tokenize unexpanded text with offsets, then expand image placeholders.
+    enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+    raw_ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    img_token, img_id = _image_token(processor)
+    inputs = processor(text=full, images=images or None, return_tensors="pt", add_special_tokens=False)
+    proc_ids = inputs["input_ids"][0].numpy().astype(np.int64)
+    n_visual = int((proc_ids == img_id).sum())
+    grids = _grids(processor, inputs, n_visual, len(images), record.sample_id)
+    counts = [r * c for r, c in grids]
+    if sum(counts) != n_visual or sum(1 for i in raw_ids if i == img_id) != len(images):
+        raise TemplateError(
+            f"sample {record.sample_id!r}: {len(images)} image placeholder(s) expand to {n_visual} visual tokens, "
+            f"grids say {sum(counts)}"
+        )
+
+    ids: list[int] = []
+    char_of: list[tuple[int, int]] = []
+    blocks: list[VisualBlock] = []
+    for tid, off in zip(raw_ids, offsets):
+        if tid == img_id:
+            i = len(blocks)
+            blocks.append(VisualBlock(i, len(ids), counts[i], grids[i]))
+            ids.extend([img_id] * counts[i])
+            char_of.extend([(-1, -1)] * counts[i])
+        else:
+            ids.append(tid)
+            char_of.append(tuple(off))
+    input_ids = np.asarray(ids, dtype=np.int64)
+    if input_ids.shape != proc_ids.shape or not np.array_equal(input_ids, proc_ids):
+        raise TemplateError(
+            f"sample {record.sample_id!r}: segmentation does not reproduce the processor's input_ids "
+            f"({len(input_ids)} vs {len(proc_ids)} tokens)"
+        )
+    if len(input_ids) > max_length:
+        raise SampleError(record.sample_id, OVER_LENGTH, f"{len(input_ids)} tokens > max_length {max_length}")
+
+    starts = np.array([c[0] for c in char_of], dtype=np.int64)
+    ends = np.array([c[1] for c in char_of], dtype=np.int64)
+    special = np.isin(input_ids, special_token_ids(tok)) | (starts < 0)
+
+    def covered(spans: list[tuple[int, int]]) -> np.ndarray:
+        hit = np.zeros(len(input_ids), dtype=bool)
+        for a, b in spans:  # a token belongs to a span when their character ranges overlap
+            hit |= (starts < b) & (ends > a)
+        return hit
+
+    labels = np.full(len(input_ids), IGNORE_INDEX, dtype=np.int64)
+    turns = []
+    for j, (ispans, lspan) in enumerate(zip(instr_spans, label_spans)):
+        instr = np.flatnonzero(covered(ispans) & ~special)
+        lab = np.flatnonzero(covered([lspan]) & (starts >= 0))
+        if lab.size == 0:
+            raise SampleError(record.sample_id, NO_RESPONSE, f"turn {j}: response has no tokens")
+        labels[lab] = input_ids[lab]
+        turns.append(TurnPositions(instruction=instr.astype(np.int64), response=(lab - 1).astype(np.int64)))
+    # A trailing human turn without an answer has no response; zip leaves it out of `turns`.
+
+    return EncodedSample(
+        sample_id=record.sample_id,
+        input_ids=input_ids,
+        labels=labels,
+        visual_blocks=blocks,
+        turns=turns,
+        image_hashes=hashes,
+        model_inputs=dict(inputs),
+    )

@@ -1,0 +1,244 @@
+"""Reading conversation records: LLaVA-format JSON/JSONL and local Hugging Face datasets.
+
+A LLaVA record is ``{"id", "image", "conversations": [{"from": "human", "value": "<image>\\n..."},
+{"from": "gpt", "value": "..."}, ...]}``. ``image`` is a path relative to the image root, a list of
+paths, or absent (text-only). ``<image>`` tags may stand anywhere in human turns; the i-th tag is
+the i-th image. A leading ``{"from": "system"}`` message is allowed.
+
+Hugging Face datasets (offline, local): a directory written by ``save_to_disk`` or an
+``imagefolder`` directory (images + ``metadata.jsonl``). Rows need ``conversations`` (a list of
+messages or its JSON string); images come from an ``image``/``images`` column (decoded images or
+paths) or imagefolder's ``file_name``.
+
+Reading never fails on one bad record: problems surface as :class:`SampleError` when the record is
+used (``Record.load_images`` or encoding), so a caller can skip it with its reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from PIL import Image, UnidentifiedImageError
+
+from pipeline.errors import PipelineError
+
+IMAGE_TAG = "<image>"
+
+# Reasons a sample cannot be used. Short codes: they are what a store's skip table records.
+MISSING_IMAGE = "missing_image"
+CORRUPT_IMAGE = "corrupt_image"
+IMAGE_TAG_MISMATCH = "image_tag_mismatch"
+NO_RESPONSE = "no_response"
+OVER_LENGTH = "over_length"
+MALFORMED = "malformed_record"
+REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TAG_MISMATCH, NO_RESPONSE, OVER_LENGTH, MALFORMED)
+
+
+class SampleError(Exception):
+    """One sample cannot be used. ``reason`` is one of ``REASONS``; ``detail`` says exactly why."""
+
+    def __init__(self, sample_id: str, reason: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown sample error reason {reason!r}")
+        super().__init__(f"sample {sample_id!r}: {reason}: {detail}")
+        self.sample_id, self.reason, self.detail = sample_id, reason, detail
+
+
+class DataSourceError(PipelineError):
+    """The data source as a whole is unusable (missing file, not JSON, unknown layout)."""
+
+
+@dataclass(frozen=True)
+class Turn:
+    role: str  # "system" | "user" | "assistant"
+    text: str
+
+
+@dataclass
+class Record:
+    """One conversation with its images, as read; nothing validated beyond the structure."""
+
+    sample_id: str
+    turns: list[Turn]
+    images: list[Path | Image.Image] = field(default_factory=list)
+    origin: str = ""  # where it came from, for messages: "data.jsonl:12"
+
+    def load_images(self) -> list[Image.Image]:
+        """Decode every image as RGB; a missing or unreadable file raises SampleError."""
+        out = []
+        for i, src in enumerate(self.images):
+            if isinstance(src, Image.Image):
+                out.append(src.convert("RGB"))
+                continue
+            if not src.is_file():
+                raise SampleError(self.sample_id, MISSING_IMAGE, f"image {i} not found: {src}")
+            try:
+                with Image.open(src) as im:
+                    im.load()
+                    out.append(im.convert("RGB"))
+            except (UnidentifiedImageError, OSError, SyntaxError) as e:
+                raise SampleError(self.sample_id, CORRUPT_IMAGE, f"image {i} unreadable: {src}: {e}") from e
+        return out
+
+    def image_hashes(self) -> list[str]:
+        """sha256 of each image's file bytes (of its raw pixels for in-memory images)."""
+        hashes = []
+        for src in self.images:
+            if isinstance(src, Image.Image):
+                h = hashlib.sha256(f"{src.mode}{src.size}".encode())
+                h.update(src.tobytes())
+            else:
+                try:
+                    h = hashlib.sha256(src.read_bytes())
+                except OSError as e:
+                    raise SampleError(self.sample_id, MISSING_IMAGE, f"image not readable: {src}: {e}") from e
+            hashes.append(h.hexdigest())
+        return hashes
+
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def parse_conversations(sample_id: str, conversations) -> list[Turn]:
+    """LLaVA ``conversations`` to turns; structural problems raise SampleError(MALFORMED)."""
+    if isinstance(conversations, str):
+        try:
+            conversations = json.loads(conversations)
+        except json.JSONDecodeError as e:
+            raise SampleError(sample_id, MALFORMED, f"conversations is not valid JSON: {e}") from e
+    if not isinstance(conversations, list) or not conversations:
+        raise SampleError(sample_id, MALFORMED, "conversations must be a non-empty list")
+    turns = []
+    for i, msg in enumerate(conversations):
+        if not isinstance(msg, dict) or "from" not in msg or "value" not in msg:
+            raise SampleError(sample_id, MALFORMED, f"message {i} needs 'from' and 'value'")
+        role = _ROLES.get(str(msg["from"]).lower())
+        if role is None:
+            raise SampleError(sample_id, MALFORMED, f"message {i}: unknown speaker {msg['from']!r}")
+        if not isinstance(msg["value"], str):
+            raise SampleError(sample_id, MALFORMED, f"message {i}: value must be a string")
+        turns.append(Turn(role, msg["value"]))
+    body = turns[1:] if turns[0].role == "system" else turns
+    for i, t in enumerate(body):
+        expected = "user" if i % 2 == 0 else "assistant"
+        if t.role != expected:
+            raise SampleError(sample_id, MALFORMED, f"turn {i} is from {t.role}, expected {expected} (turns alternate)")
+    return turns
+
+
+def _image_list(value) -> list:
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def record_from_llava(obj: dict, index: int, image_root: Path, origin: str) -> Record:
+    sample_id = str(obj.get("id", f"row-{index}")) if isinstance(obj, dict) else f"row-{index}"
+    if not isinstance(obj, dict):
+        raise SampleError(sample_id, MALFORMED, f"{origin}: record is not a JSON object")
+    turns = parse_conversations(sample_id, obj.get("conversations"))
+    images = []
+    for p in _image_list(obj.get("image", obj.get("images"))):
+        if not isinstance(p, str) or not p:
+            raise SampleError(sample_id, MALFORMED, f"{origin}: image entries must be non-empty paths")
+        images.append(image_root / p)
+    return Record(sample_id, turns, images, origin)
+
+
+def _iter_llava_file(path: Path) -> Iterator[tuple[int, object, str]]:
+    if path.suffix == ".jsonl":
+        with path.open() as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield lineno - 1, json.loads(line), f"{path.name}:{lineno}"
+                except json.JSONDecodeError as e:
+                    yield lineno - 1, e, f"{path.name}:{lineno}"
+    else:
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise DataSourceError(f"{path}: not valid JSON ({e})") from e
+        if not isinstance(data, list):
+            raise DataSourceError(f"{path}: expected a JSON list of records, found {type(data).__name__}")
+        for i, obj in enumerate(data):
+            yield i, obj, f"{path.name}[{i}]"
+
+
+def _iter_hf(path: Path, split: str) -> Iterator[tuple[int, dict, str]]:
+    import datasets
+
+    if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
+        ds = datasets.load_from_disk(str(path))
+    elif any((path / m).is_file() for m in ("metadata.jsonl", "metadata.csv")):
+        ds = datasets.load_dataset("imagefolder", data_dir=str(path))
+    else:
+        raise DataSourceError(
+            f"{path}: not a dataset directory (expected save_to_disk output or an imagefolder with metadata.jsonl)"
+        )
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataSourceError(f"{path}: no split {split!r}; found {sorted(ds)}")
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield i, row, f"{path.name}[{i}]"
+
+
+def _record_from_hf(row: dict, index: int, image_root: Path, origin: str) -> Record:
+    sample_id = str(row.get("id", f"row-{index}"))
+    turns = parse_conversations(sample_id, row.get("conversations"))
+    images: list[Path | Image.Image] = []
+    for key in ("images", "image"):
+        for v in _image_list(row.get(key)):
+            if isinstance(v, Image.Image):
+                images.append(v)
+            elif isinstance(v, dict) and v.get("bytes") is not None:
+                images.append(Image.open(io.BytesIO(v["bytes"])))
+            elif isinstance(v, dict) and v.get("path"):
+                images.append(image_root / v["path"])
+            elif isinstance(v, str) and v:
+                images.append(image_root / v)
+    return Record(sample_id, turns, images, origin)
+
+
+@dataclass
+class BadRecord:
+    """A record that could not even be parsed; carries its error for the caller's skip table."""
+
+    error: SampleError
+
+
+def read_records(path: str | Path, image_root: str | Path | None = None, split: str = "train") -> Iterator[Record | BadRecord]:
+    """Yield every record of a LLaVA JSON/JSONL file or a local HF dataset directory, in order.
+
+    Unparseable records are yielded as :class:`BadRecord` (never dropped); a duplicate sample id is
+    a bad record too, since stores are keyed by id.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise DataSourceError(f"data path not found: {path}")
+    root = Path(image_root) if image_root is not None else (path.parent if path.is_file() else path)
+    if path.is_file():
+        if path.suffix not in (".json", ".jsonl"):
+            raise DataSourceError(f"{path}: expected a .json or .jsonl LLaVA file, or a dataset directory")
+        rows, convert = _iter_llava_file(path), record_from_llava
+    else:
+        rows, convert = _iter_hf(path, split), _record_from_hf
+    seen: set[str] = set()
+    for index, obj, origin in rows:
+        try:
+            if isinstance(obj, Exception):
+                raise SampleError(f"row-{index}", MALFORMED, f"{origin}: invalid JSON: {obj}")
+            rec = convert(obj, index, root, origin)
+            if rec.sample_id in seen:
+                raise SampleError(rec.sample_id, MALFORMED, f"{origin}: duplicate sample id")
+            seen.add(rec.sample_id)
+            yield rec
+        except SampleError as e:
+            yield BadRecord(e)

@@ -1,0 +1,56 @@
+"""Loading a VLM checkpoint's processor, image-only.
+
+The pipeline never feeds video. Qwen2-VL's stock processor insists on a video processor, and in
+transformers 5.x every video processor needs torchvision, which must not be installed next to the
+CPU build of torch (it breaks transformers imports). So for the families listed in
+``IMAGE_ONLY_PROCESSORS`` we always load an image-only subclass: same tokenizer, same image
+processor, same chat template, same token expansion, no video processor. It is used whether or not
+torchvision is present, so a store's processor fingerprint never depends on the environment. What
+it saves is read by the stock ``AutoProcessor`` too (``processor_class`` stays the stock name).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoProcessor
+from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.processing_utils import ProcessorMixin
+
+
+class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
+    """Qwen2-VL processor without the video processor (see module docstring)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        # Same token attributes as the stock __init__, then the mixin with two sub-processors.
+        self.image_token = getattr(tokenizer, "image_token", None) or "<|image_pad|>"
+        self.video_token = getattr(tokenizer, "video_token", None) or "<|video_pad|>"
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["processor_class"] = "Qwen2VLProcessor"
+        return out
+
+
+IMAGE_ONLY_PROCESSORS = {"qwen2_vl": ImageOnlyQwen2VLProcessor}
+
+
+def model_type_of(path: str | Path) -> str:
+    """The ``model_type`` in a checkpoint directory's config.json (clear error if absent)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        raise FileNotFoundError(f"{path}: not a model checkpoint directory (no config.json)")
+    return json.loads(cfg.read_text())["model_type"]
+
+
+def load_processor(path: str | Path):
+    """The processor saved in checkpoint directory ``path`` (offline, no remote code)."""
+    cls = IMAGE_ONLY_PROCESSORS.get(model_type_of(path))
+    if cls is not None:
+        return cls.from_pretrained(str(path))
+    return AutoProcessor.from_pretrained(str(path), trust_remote_code=False)

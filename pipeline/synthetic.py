@@ -1,0 +1,167 @@
+"""A synthetic visual question-answering set where the answer depends on one image region.
+
+Each image is a ``grid × grid`` board with coloured shapes in some cells. Questions (several turns
+per image) ask about one named cell or about the whole board:
+
+* ``colour_at``   "What colour is the shape at the top left?"            -> "red"          (exact match)
+* ``shape_at``    "What shape is at the center?"                          -> "circle"       (exact match)
+* ``count``       "How many blue shapes are there?"                       -> "2"            (exact match)
+* ``exists``      "Is there a green square?"                              -> "yes" / "no"   (yes/no)
+* ``relative``    "Is the red circle left of the blue star?"              -> "yes" / "no"   (yes/no)
+* ``choice``      "What colour is the shape at the right? A. red B. ..."  -> "B"            (multiple choice)
+
+Splits use disjoint images. Everything is a pure function of the seed. Records are LLaVA format,
+with two extra keys per record: ``question_types`` and ``answers`` (one per turn) for evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 180, 60),
+    "blue": (50, 80, 230),
+    "yellow": (235, 215, 40),
+    "purple": (150, 60, 190),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+QUESTION_TYPES = ("colour_at", "shape_at", "count", "exists", "relative", "choice")
+ANSWER_KIND = {  # how each type is scored
+    "colour_at": "exact",
+    "shape_at": "exact",
+    "count": "exact",
+    "exists": "yesno",
+    "relative": "yesno",
+    "choice": "choice",
+}
+BACKGROUND = (30, 30, 30)
+
+
+def cell_names(grid: int) -> list[list[str]]:
+    """Human names of the cells of a square grid (3×3: 'top left' .. 'bottom right')."""
+    if grid == 3:
+        rows, cols = ["top", "", "bottom"], ["left", "", "right"]
+        return [[(f"{r} {c}".strip() or "center") for c in cols] for r in rows]
+    return [[f"row {r + 1} column {c + 1}" for c in range(grid)] for r in range(grid)]
+
+
+@dataclass(frozen=True)
+class Item:
+    row: int
+    col: int
+    colour: str
+    shape: str
+
+
+def draw_board(items: list[Item], grid: int, cell_px: int) -> Image.Image:
+    img = Image.new("RGB", (grid * cell_px, grid * cell_px), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    m = max(1, cell_px // 6)
+    for it in items:
+        x0, y0 = it.col * cell_px + m, it.row * cell_px + m
+        x1, y1 = (it.col + 1) * cell_px - m - 1, (it.row + 1) * cell_px - m - 1
+        fill = COLOURS[it.colour]
+        if it.shape == "circle":
+            d.ellipse([x0, y0, x1, y1], fill=fill)
+        elif it.shape == "square":
+            d.rectangle([x0, y0, x1, y1], fill=fill)
+        elif it.shape == "triangle":
+            d.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=fill)
+        else:  # cross
+            w = max(1, (x1 - x0) // 3)
+            cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+            d.rectangle([cx - w // 2, y0, cx + w // 2, y1], fill=fill)
+            d.rectangle([x0, cy - w // 2, x1, cy + w // 2], fill=fill)
+    return img
+
+
+def _question(kind: str, items: list[Item], grid: int, rng: random.Random) -> tuple[str, str]:
+    names = cell_names(grid)
+    if kind in ("colour_at", "shape_at", "choice"):
+        it = rng.choice(items)
+        where = names[it.row][it.col]
+        if kind == "colour_at":
+            return f"What colour is the shape at the {where}?", it.colour
+        if kind == "shape_at":
+            return f"What shape is at the {where}?", it.shape
+        options = rng.sample([c for c in COLOURS if c != it.colour], 3) + [it.colour]
+        rng.shuffle(options)
+        letters = "ABCD"
+        listed = " ".join(f"{letters[i]}. {c}" for i, c in enumerate(options))
+        return f"What colour is the shape at the {where}? {listed}", letters[options.index(it.colour)]
+    if kind == "count":
+        colour = rng.choice(sorted({it.colour for it in items}) if rng.random() < 0.8 else list(COLOURS))
+        return f"How many {colour} shapes are there?", str(sum(it.colour == colour for it in items))
+    if kind == "exists":
+        if rng.random() < 0.5:
+            it = rng.choice(items)
+            colour, shape = it.colour, it.shape
+        else:
+            present = {(it.colour, it.shape) for it in items}
+            absent = [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in present]
+            colour, shape = rng.choice(absent)
+        answer = "yes" if any(it.colour == colour and it.shape == shape for it in items) else "no"
+        return f"Is there a {colour} {shape}?", answer
+    # relative: two items in different columns
+    a, b = rng.sample(items, 2)
+    if a.col == b.col:
+        return f"Is the {a.colour} {a.shape} above the {b.colour} {b.shape}?", "yes" if a.row < b.row else "no"
+    return f"Is the {a.colour} {a.shape} left of the {b.colour} {b.shape}?", "yes" if a.col < b.col else "no"
+
+
+def make_board(rng: random.Random, grid: int) -> list[Item]:
+    """Between 2 and grid²-1 shapes; no two identical (colour, shape) pairs, so questions are unambiguous."""
+    cells = rng.sample([(r, c) for r in range(grid) for c in range(grid)], rng.randint(2, grid * grid - 1))
+    kinds = rng.sample([(c, s) for c in COLOURS for s in SHAPES], len(cells))
+    return [Item(r, c, colour, shape) for (r, c), (colour, shape) in zip(cells, kinds)]
+
+
+def make_record(sample_id: str, image_rel: str, items: list[Item], grid: int, turns: int, rng: random.Random) -> dict:
+    kinds = [rng.choice(QUESTION_TYPES) for _ in range(turns)]
+    conversations, answers = [], []
+    for j, kind in enumerate(kinds):
+        q, a = _question(kind, items, grid, rng)
+        suffix = {
+            "exact": " Answer with one word or number.",
+            "yesno": " Answer yes or no.",
+            "choice": " Answer with the letter.",
+        }[ANSWER_KIND[kind]]
+        conversations.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q + suffix})
+        conversations.append({"from": "gpt", "value": a})
+        answers.append(a)
+    return {"id": sample_id, "image": image_rel, "conversations": conversations, "question_types": kinds, "answers": answers}
+
+
+def generate(
+    out_dir: str | Path,
+    seed: int = 0,
+    n_train: int = 400,
+    n_val: int = 50,
+    n_test: int = 100,
+    grid: int = 3,
+    cell_px: int = 16,
+    turns: int = 3,
+) -> dict[str, Path]:
+    """Write images and ``train.json``/``val.json``/``test.json`` under ``out_dir``; return the JSON paths."""
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    paths = {}
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        records = []
+        for i in range(n):
+            sid = f"{split}-{i:05d}"
+            items = make_board(rng, grid)
+            rel = f"images/{sid}.png"
+            draw_board(items, grid, cell_px).save(out / rel)
+            records.append(make_record(sid, rel, items, grid, turns, rng))
+        paths[split] = out / f"{split}.json"
+        paths[split].write_text(json.dumps(records, indent=1))
+    return paths

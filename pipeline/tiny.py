@@ -1,0 +1,270 @@
+"""Tiny vision-language models built from configs, offline, for tests and the demo.
+
+Two families with different visual layouts:
+
+* ``llava``: CLIP vision tower + MLP projector + Llama text model. Fixed square grid: every image
+  is resized to ``image_size`` and becomes ``(image_size / patch)²`` tokens (CLS dropped).
+* ``qwen2_vl``: Qwen2-VL with its own ViT, 2×2 patch merger and mRoPE (3-D position ids). The
+  grid follows the image's aspect ratio, so two images of one sample may have different grids.
+
+All models share one byte-level BPE tokenizer trained in memory on a fixed corpus (deterministic),
+with ChatML-style special tokens, so a student always has the teacher's tokenizer. Nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    CLIPImageProcessorPil,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessorPil,
+)
+
+from pipeline.processors import ImageOnlyQwen2VLProcessor
+
+FAMILIES = ("llava", "qwen2_vl")
+
+PAD, BOS_TURN, EOS_TURN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+LLAVA_IMAGE = "<image>"
+QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE, QWEN_VIDEO = (
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+SPECIAL_TOKENS = [PAD, BOS_TURN, EOS_TURN, LLAVA_IMAGE, QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE, QWEN_VIDEO]
+
+# Words of the demo's visual questions plus ordinary chat text; the BPE learns merges from this.
+_WORDS = (
+    "red green blue yellow purple orange black white grey pink brown cyan "
+    "circle square triangle star cross diamond shape shapes "
+    "top bottom left right center middle upper lower row column corner grid cell position "
+    "what which where how many is are there a an the of in at on to and or not yes no "
+    "colour color count number zero one two three four five six seven eight nine ten "
+    "above below next beside relative image picture question answer describe "
+    "user assistant system you helpful please tell me this that it its "
+)
+_CORPUS = [
+    _WORDS,
+    _WORDS.title(),
+    "What colour is the shape at the top left? The shape at the top left is red.",
+    "How many blue shapes are there? There are 3 blue shapes.",
+    "Is there a green circle in the image? Yes. No.",
+    "Which shape is left of the yellow star? A: circle B: square C: triangle D: star",
+    "Answer with a single word. Answer with the option's letter from the given choices directly.",
+    "0 1 2 3 4 5 6 7 8 9 10 11 12 . , ? ! : ; ' \" ( ) - _ / \n",
+]
+
+
+@lru_cache(maxsize=1)
+def _tokenizer_json(vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    return tok.to_str()
+
+
+def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in memory (deterministic for a given vocab size)."""
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        eos_token=EOS_TURN,
+        pad_token=PAD,
+        model_max_length=4096,
+    )
+    tok.padding_side = "right"
+    return tok
+
+
+def chat_template(image_placeholder: str) -> str:
+    """ChatML; an ``{"type": "image"}`` content item renders as ``image_placeholder``."""
+    return (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['content'] is string %}{{ m['content'] }}"
+        "{% else %}{% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}" + image_placeholder + "{% else %}{{ c['text'] }}{% endif %}"
+        "{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    """Sizes of a tiny VLM. ``patch`` sets the visual grid: a larger patch pools the grid."""
+
+    hidden: int = 64
+    layers: int = 2
+    heads: int = 4
+    kv_heads: int = 2
+    intermediate: int = 128
+    vision_hidden: int = 32
+    vision_layers: int = 1
+    vision_heads: int = 2
+    image_size: int = 32  # llava: square input side; qwen2_vl: target side for min/max pixels
+    patch: int = 8  # llava: ViT patch; qwen2_vl: effective patch after the 2x2 merge
+    max_positions: int = 1024
+
+
+PRESETS = {
+    "teacher": TinySpec(),
+    "student": TinySpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
+    # Same student with a visual grid pooled by 2 in each direction (4x fewer visual tokens).
+    "student-pooled": TinySpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, patch=16),
+}
+
+
+def _text_ids(tok: PreTrainedTokenizerFast) -> dict:
+    return dict(
+        vocab_size=len(tok),
+        bos_token_id=tok.convert_tokens_to_ids(BOS_TURN),
+        eos_token_id=tok.convert_tokens_to_ids(EOS_TURN),
+        pad_token_id=tok.convert_tokens_to_ids(PAD),
+    )
+
+
+def build_llava(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
+    if spec.image_size % spec.patch:
+        raise ValueError(f"image_size {spec.image_size} is not a multiple of patch {spec.patch}")
+    vision = CLIPVisionConfig(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=spec.image_size,
+        patch_size=spec.patch,
+    )
+    text = LlamaConfig(
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        **_text_ids(tok),
+    )
+    n_tokens = (spec.image_size // spec.patch) ** 2
+    config = LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tok.convert_tokens_to_ids(LLAVA_IMAGE),
+        image_seq_length=n_tokens,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    image_processor = CLIPImageProcessorPil(
+        size={"shortest_edge": spec.image_size},
+        crop_size={"height": spec.image_size, "width": spec.image_size},
+    )
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=spec.patch,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+        image_token=LLAVA_IMAGE,
+        chat_template=chat_template(LLAVA_IMAGE),
+    )
+    return model, processor
+
+
+def build_qwen2_vl(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
+    merge = 2
+    if spec.patch % merge:
+        raise ValueError(f"qwen2_vl patch {spec.patch} must be a multiple of the merge size {merge}")
+    vit_patch = spec.patch // merge
+    head_dim = spec.hidden // spec.heads
+    # mRoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
+    half = head_dim // 2
+    section = [half - 2 * (half // 3), half // 3, half // 3]
+    text = dict(
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+        **_text_ids(tok),
+    )
+    vision = dict(
+        depth=spec.vision_layers,
+        embed_dim=spec.vision_hidden,
+        hidden_size=spec.hidden,
+        num_heads=spec.vision_heads,
+        patch_size=vit_patch,
+        spatial_merge_size=merge,
+        temporal_patch_size=2,
+    )
+    config = Qwen2VLConfig(
+        text_config=text,
+        vision_config=vision,
+        image_token_id=tok.convert_tokens_to_ids(QWEN_IMAGE),
+        video_token_id=tok.convert_tokens_to_ids(QWEN_VIDEO),
+        vision_start_token_id=tok.convert_tokens_to_ids(QWEN_VISION_START),
+        vision_end_token_id=tok.convert_tokens_to_ids(QWEN_VISION_END),
+    )
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    side = spec.image_size
+    image_processor = Qwen2VLImageProcessorPil(
+        patch_size=vit_patch,
+        merge_size=merge,
+        temporal_patch_size=2,
+        # Allow from a quarter to four times the nominal area; aspect ratio is kept.
+        size={"shortest_edge": (side * side) // 4, "longest_edge": side * side * 4},
+    )
+    processor = ImageOnlyQwen2VLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        chat_template=chat_template(QWEN_VISION_START + QWEN_IMAGE + QWEN_VISION_END),
+    )
+    return model, processor
+
+
+def build_tiny_vlm(family: str, spec: TinySpec | str = "teacher", seed: int = 0, vocab_size: int = 512):
+    """(model, processor) of a tiny VLM of ``family``; ``spec`` is a TinySpec or a preset name."""
+    if isinstance(spec, str):
+        if spec not in PRESETS:
+            raise ValueError(f"unknown tiny preset {spec!r}; choose from {sorted(PRESETS)}")
+        spec = PRESETS[spec]
+    tok = build_tokenizer(vocab_size)
+    if family == "llava":
+        model, processor = build_llava(spec, tok, seed)
+    elif family == "qwen2_vl":
+        model, processor = build_qwen2_vl(spec, tok, seed)
+    else:
+        raise ValueError(f"unknown tiny family {family!r}; choose from {list(FAMILIES)}")
+    model.generation_config.eos_token_id = tok.convert_tokens_to_ids(EOS_TURN)
+    model.generation_config.pad_token_id = tok.convert_tokens_to_ids(PAD)
+    return model.eval(), processor
+
+
+def save_tiny_vlm(out_dir: str | Path, family: str, spec: TinySpec | str = "teacher", seed: int = 0) -> Path:
+    """Build a tiny VLM and save model + processor as an HF checkpoint directory."""
+    out = Path(out_dir)
+    model, processor = build_tiny_vlm(family, spec, seed)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+    return out

@@ -1,0 +1,43 @@
+"""schemas: on-disk data contracts (the shard store, DESIGN.md section 5)."""
+
+from schemas.store import (
+    FORMAT_VERSION,
+    ArraySpec,
+    ShardInfo,
+    ShardWriter,
+    SkippedRecord,
+    StoredSample,
+    StoreFormatError,
+    StoreReader,
+    file_sha256,
+    fingerprint,
+    json_field,
+    list_complete_shards,
+    list_partial_shards,
+    read_manifest,
+    remove_partial_shards,
+    shard_name,
+    verify_store,
+    write_manifest,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ArraySpec",
+    "ShardInfo",
+    "ShardWriter",
+    "SkippedRecord",
+    "StoredSample",
+    "StoreFormatError",
+    "StoreReader",
+    "file_sha256",
+    "fingerprint",
+    "json_field",
+    "list_complete_shards",
+    "list_partial_shards",
+    "read_manifest",
+    "remove_partial_shards",
+    "shard_name",
+    "verify_store",
+    "write_manifest",
+]

@@ -1,0 +1,389 @@
+"""Tests for schemas.store: the Zarr + Parquet shard store (DESIGN.md section 5). Tiny, CPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from schemas.store import (
+    FORMAT_VERSION,
+    ArraySpec,
+    ShardWriter,
+    StoreFormatError,
+    StoreReader,
+    file_sha256,
+    fingerprint,
+    json_field,
+    list_complete_shards,
+    read_manifest,
+    remove_partial_shards,
+    shard_name,
+    verify_store,
+    write_manifest,
+)
+
+SPECS = {
+    "resp_ids": ArraySpec("int32", (4,)),
+    "resp_logprobs": ArraySpec("float32", (4,)),
+    "saliency": ArraySpec("float16", ()),
+}
+ROW_COUNTS = [3, 0, 5, 1, 7, 2]  # includes a sample with 0 rows
+
+
+def make_sample(i: int, rows: int, rng: np.random.Generator) -> tuple[str, dict, dict]:
+    meta = {
+        "n_tokens": 10 + i,
+        "score": 0.5 * i,
+        "image_hash": f"h{i:03d}",
+        "input_ids": list(range(i, i + 4)),
+        "turns": [[0, i], [i + 1, i + 3]],
+        "grids": {"images": [{"h": 2, "w": 3 + i}], "note": None},
+    }
+    arrays = {
+        "resp_ids": rng.integers(0, 1000, size=(rows, 4)).astype(np.int32),
+        "resp_logprobs": rng.standard_normal((rows, 4)).astype(np.float32),
+        "saliency": rng.random(rows * 2).astype(np.float16),  # different row count per array
+    }
+    return f"s{i:03d}", meta, arrays
+
+
+def write_shard(store: Path, name: str, counts, first: int = 0, seed: int = 0, **kw):
+    rng = np.random.default_rng(seed)
+    samples = [make_sample(first + j, c, rng) for j, c in enumerate(counts)]
+    with ShardWriter(store, name, SPECS, **kw) as w:
+        for sid, meta, arrays in samples:
+            w.add(sid, meta, arrays)
+    return samples, w.info
+
+
+@pytest.fixture()
+def store(tmp_path: Path):
+    """One complete shard (small chunks so arrays span several chunks) plus a manifest."""
+    samples, _ = write_shard(tmp_path, shard_name(0), ROW_COUNTS, rows_per_chunk=2,
+                             chunks_per_file=2)
+    write_manifest(tmp_path, {"teacher": {"model_id": "tiny"}, "settings": {"k": 4}})
+    return tmp_path, samples
+
+
+def assert_sample_equal(got, sid, meta, arrays):
+    assert got.sample_id == sid
+    assert got.meta == meta
+    for name, spec in SPECS.items():
+        a = got.arrays[name]
+        assert a.dtype == np.dtype(spec.dtype)
+        np.testing.assert_array_equal(a, arrays[name])
+
+
+def test_round_trip_varying_rows_including_zero(store):
+    path, samples = store
+    r = StoreReader(path)
+    assert len(r) == len(samples)
+    assert r.sample_ids() == [s[0] for s in samples]
+    assert r.specs == SPECS
+    for sid, meta, arrays in samples:
+        assert r.shard_of(sid) == "shard-00000"
+        assert_sample_equal(r.get(sid), sid, meta, arrays)
+    assert r.get("s001").arrays["resp_ids"].shape == (0, 4)
+    assert verify_store(path) == []
+
+
+def test_read_block_equals_get_and_concatenation(store):
+    path, samples = store
+    r = StoreReader(path)
+    block = r.read_block("shard-00000", 1, 5)
+    assert [s.sample_id for s in block] == [s[0] for s in samples[1:5]]
+    for got in block:
+        single = r.get(got.sample_id)
+        assert got.meta == single.meta
+        for name in SPECS:
+            np.testing.assert_array_equal(got.arrays[name], single.arrays[name])
+    for name in SPECS:
+        cat = np.concatenate([s[2][name] for s in samples[1:5]])
+        np.testing.assert_array_equal(np.concatenate([g.arrays[name] for g in block]), cat)
+    assert r.read_block("shard-00000", 2, 2) == []
+    with pytest.raises(IndexError):
+        r.read_block("shard-00000", 0, len(samples) + 1)
+
+
+def test_read_block_does_one_read_per_array(store, monkeypatch):
+    path, samples = store
+    r = StoreReader(path)
+    sh = r._shard("shard-00000")
+    calls = []
+    for name, arr in list(sh.arrays.items()):
+        class Counting:
+            def __init__(self, inner, name):
+                self.inner, self.name = inner, name
+
+            def __getitem__(self, key):
+                calls.append(self.name)
+                return self.inner[key]
+        sh.arrays[name] = Counting(arr, name)
+    r.read_block("shard-00000", 0, len(samples))
+    assert sorted(calls) == sorted(SPECS)
+
+
+def test_meta_columns_types_and_round_trip(store):
+    path, samples = store
+    schema = pq.read_schema(path / "shards/shard-00000/index.parquet")
+    assert schema.field("n_tokens").type == pa.int64()
+    assert schema.field("score").type == pa.float64()
+    assert schema.field("image_hash").type == pa.string()
+    assert schema.field("input_ids").type == pa.list_(pa.int64())
+    assert schema.field("turns").type == pa.list_(pa.list_(pa.int64()))
+    assert schema.field("grids").type == pa.string()  # nested dict -> JSON text
+    assert schema.field("resp_ids.start").type == pa.int64()
+    r = StoreReader(path)
+    assert r.get("s004").meta == samples[4][1]
+
+
+def test_meta_schema_pins_types(tmp_path):
+    schema = pa.schema([("input_ids", pa.list_(pa.int32())), json_field("extra"),
+                        ("note", pa.string())])
+    with ShardWriter(tmp_path, "a", SPECS, meta_schema=schema) as w:
+        w.add("x", {"input_ids": [1, 2], "extra": {"a": [1, {"b": 2}]}, "note": None}, {})
+        w.add("y", {"input_ids": [], "extra": None, "note": "n"}, {})
+        with pytest.raises(ValueError, match="'y2'.*'input_ids'"):
+            w.add("y2", {"input_ids": ["not an int"], "extra": 1, "note": "n"}, {})
+    write_manifest(tmp_path, {})
+    got = pq.read_schema(tmp_path / "shards/a/index.parquet")
+    assert got.field("input_ids").type == pa.list_(pa.int32())
+    r = StoreReader(tmp_path)
+    assert r.get("x").meta == {"input_ids": [1, 2], "extra": {"a": [1, {"b": 2}]}, "note": None}
+    assert r.get("y").meta == {"input_ids": [], "extra": None, "note": "n"}
+
+
+def test_meta_inconsistent_types_and_keys_refused(tmp_path):
+    with pytest.raises(ValueError) as e:
+        with ShardWriter(tmp_path, "a", SPECS) as w:
+            w.add("x", {"n": 1}, {})
+            w.add("y", {"n": "one"}, {})
+    assert "'y'" in str(e.value) and "'n'" in str(e.value)
+    with pytest.raises(ValueError, match="missing \\['n'\\]"):
+        with ShardWriter(tmp_path, "b", SPECS) as w:
+            w.add("x", {"n": 1}, {})
+            w.add("y", {}, {})
+
+
+def test_skipped_records(tmp_path):
+    with ShardWriter(tmp_path, "a", SPECS) as w:
+        w.add("ok", {}, {"saliency": np.ones(3, np.float16)})
+        w.add_skipped("bad1", "missing_image", "file not found: x.jpg")
+        w.add_skipped("bad2", "over_length", "4100 > 4096 tokens")
+        w.add_skipped("bad3", "missing_image", "file not found: y.jpg")
+        with pytest.raises(ValueError, match="duplicate sample id 'ok'"):
+            w.add_skipped("ok", "no_response", "")
+    assert w.info.n_skipped == 3
+    assert w.info.skipped_reasons == {"missing_image": 2, "over_length": 1}
+    m = write_manifest(tmp_path, {})
+    assert m["n_skipped"] == 3 and m["skipped_reasons"] == {"missing_image": 2, "over_length": 1}
+    r = StoreReader(tmp_path)
+    assert len(r) == 1
+    rec = {s.sample_id: s for s in r.skipped()}
+    assert rec["bad2"].reason == "over_length" and rec["bad2"].detail == "4100 > 4096 tokens"
+    assert rec["bad1"].shard == "a"
+    assert verify_store(tmp_path) == []
+
+
+def test_exception_leaves_partial_shard_then_resume(tmp_path):
+    write_shard(tmp_path, "shard-00000", [1, 2])
+    with pytest.raises(RuntimeError, match="boom"):
+        with ShardWriter(tmp_path, "shard-00001", SPECS) as w:
+            w.add("z", {}, {"saliency": np.ones(2, np.float16)})
+            raise RuntimeError("boom")
+    assert (tmp_path / "shards/shard-00001.partial").is_dir()
+    assert not (tmp_path / "shards/shard-00001").exists()
+    assert list_complete_shards(tmp_path) == ["shard-00000"]
+    with pytest.raises(StoreFormatError, match="partial shards"):
+        write_manifest(tmp_path, {})
+    assert remove_partial_shards(tmp_path) == ["shard-00001"]
+    assert not (tmp_path / "shards/shard-00001.partial").exists()
+    # Resume: complete shards are skipped (rewriting one is refused), the partial one is redone.
+    with pytest.raises(FileExistsError, match="already complete"):
+        ShardWriter(tmp_path, "shard-00000", SPECS)
+    write_shard(tmp_path, "shard-00001", [3], first=10)
+    assert list_complete_shards(tmp_path) == ["shard-00000", "shard-00001"]
+    write_manifest(tmp_path, {})
+    assert verify_store(tmp_path) == []
+
+
+def test_reader_refuses_store_without_manifest(tmp_path):
+    write_shard(tmp_path, "shard-00000", [1])
+    with pytest.raises(StoreFormatError, match="manifest.*incomplete.*not a store"):
+        StoreReader(tmp_path)
+    problems = verify_store(tmp_path)
+    assert len(problems) == 1 and "incomplete" in problems[0]
+
+
+def test_manifest_written_atomically_with_sorted_keys(store):
+    path, _ = store
+    text = (path / "manifest.json").read_text()
+    m = json.loads(text)
+    assert text == json.dumps(m, sort_keys=True, indent=2, ensure_ascii=False) + "\n"
+    assert m["format_version"] == FORMAT_VERSION
+    assert m["teacher"] == {"model_id": "tiny"} and m["settings"] == {"k": 4}  # passed through
+    assert m["arrays"]["resp_ids"] == {"dtype": "int32", "row_shape": [4]}
+    assert [p.name for p in path.iterdir() if p.name.endswith(".tmp")] == []
+    with pytest.raises(ValueError, match="format_version"):
+        write_manifest(path, {"format_version": "2.0"})
+
+
+def test_version_mismatch_names_expected_and_found(store):
+    path, _ = store
+    m = json.loads((path / "manifest.json").read_text())
+    m["format_version"] = "0.9"
+    (path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(StoreFormatError, match=f"expected format {FORMAT_VERSION}, found 0.9"):
+        read_manifest(path)
+    with pytest.raises(StoreFormatError, match="expected format 1.0, found 0.9"):
+        StoreReader(path)
+    assert "found 0.9" in verify_store(path)[0]
+
+
+def test_corrupt_chunk_detected_by_verify_and_reader(store):
+    path, _ = store
+    shard_dir = path / "shards/shard-00000"
+    chunk = sorted((shard_dir / "arrays.zarr/resp_logprobs/c").rglob("*"))
+    chunk = [p for p in chunk if p.is_file()][0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    rel = chunk.relative_to(shard_dir).as_posix()
+    problems = verify_store(path)
+    assert any("shard-00000" in p and rel in p and "sha256" in p for p in problems), problems
+    with pytest.raises(StoreFormatError) as e:
+        StoreReader(path, verify_checksums=True)
+    assert "shard-00000" in str(e.value) and rel in str(e.value)
+
+
+def test_index_inconsistency_detected(store):
+    path, samples = store
+    index = path / "shards/shard-00000/index.parquet"
+    t = pq.read_table(index)
+    starts = t.column("resp_ids.start").to_pylist()
+    starts[3] += 1  # sample s003 now overlaps/gaps its neighbours
+    t = t.set_column(t.schema.get_field_index("resp_ids.start"),
+                     t.schema.field("resp_ids.start"), pa.array(starts, pa.int64()))
+    pq.write_table(t, index)
+    problems = verify_store(path)
+    assert any("shard-00000" in p and "'resp_ids'" in p and "'s003'" in p and "contiguous" in p
+               for p in problems), problems
+    assert any("file index.parquet" in p and ("sha256" in p or "bytes" in p) for p in problems)
+    with pytest.raises(StoreFormatError, match="resp_ids"):
+        StoreReader(path).get("s000")
+
+
+def test_array_shape_mismatch_with_manifest_detected(store):
+    path, _ = store
+    m = json.loads((path / "manifest.json").read_text())
+    m["arrays"]["resp_ids"]["row_shape"] = [8]
+    (path / "manifest.json").write_text(json.dumps(m))
+    problems = verify_store(path)
+    assert any("resp_ids" in p and "row shape" in p and "shard-00000" in p for p in problems)
+
+
+def test_duplicate_sample_id_refused(tmp_path):
+    with pytest.raises(ValueError, match="duplicate sample id 'a'"):
+        with ShardWriter(tmp_path, "s", SPECS) as w:
+            w.add("a", {}, {})
+            w.add("a", {}, {})
+
+
+def test_duplicate_sample_id_across_shards_detected(tmp_path):
+    write_shard(tmp_path, "shard-00000", [1, 1])
+    write_shard(tmp_path, "shard-00001", [1], first=1)  # s001 again
+    write_manifest(tmp_path, {})
+    problems = verify_store(tmp_path)
+    assert any("'s001'" in p and "shard-00000" in p and "shard-00001" in p for p in problems)
+
+
+@pytest.mark.parametrize("arrays, pattern", [
+    ({"resp_ids": np.zeros((2, 4), np.int64)}, "sample 'x', array 'resp_ids'.*int32.*int64"),
+    ({"resp_ids": np.zeros((2, 5), np.int32)}, "sample 'x', array 'resp_ids'.*shape"),
+    ({"saliency": np.zeros((2, 1), np.float16)}, "sample 'x', array 'saliency'.*shape"),
+    ({"unknown": np.zeros(2, np.float16)}, "sample 'x'.*'unknown' is not declared"),
+    ({"resp_ids": [[1, 2, 3, 4]]}, "sample 'x', array 'resp_ids'.*numpy"),
+])
+def test_wrong_dtype_or_shape_refused(tmp_path, arrays, pattern):
+    w = ShardWriter(tmp_path, "s", SPECS)
+    with pytest.raises((ValueError, TypeError), match=pattern):
+        w.add("x", {}, arrays)
+    w.add("x", {}, {})  # nothing of the refused sample was recorded
+    assert w.close().n_samples == 1
+
+
+def test_two_writers_then_manifest_aggregates(tmp_path):
+    s0, info0 = write_shard(tmp_path, shard_name(0), [2, 3], seed=1)
+    with ShardWriter(tmp_path, shard_name(1), SPECS) as w:
+        rng = np.random.default_rng(2)
+        for i, c in enumerate([4, 0, 1]):
+            w.add(*make_sample(100 + i, c, rng))
+        w.add_skipped("s999", "corrupt_image", "truncated JPEG")
+    m = write_manifest(tmp_path, {"dataset": fingerprint({"files": ["a.json"]})})
+    assert m["n_samples"] == 5 and m["n_skipped"] == 1
+    assert [s["name"] for s in m["shards"]] == ["shard-00000", "shard-00001"]
+    assert [s["n_samples"] for s in m["shards"]] == [2, 3]
+    assert m["shards"][0]["rows"] == {"resp_ids": 5, "resp_logprobs": 5, "saliency": 10}
+    assert m["shards"][0]["files"] == info0.files
+    assert m["shards"][0]["bytes"] == info0.bytes > 0
+    sj = tmp_path / "shards/shard-00001/shard.json"
+    assert m["shards"][1]["shard_json"]["sha256"] == file_sha256(sj)
+    r = StoreReader(tmp_path, verify_checksums=True)
+    assert r.shard_sizes() == {"shard-00000": 2, "shard-00001": 3}
+    assert r.shard_of("s101") == "shard-00001"
+    assert verify_store(tmp_path) == []
+
+
+def test_file_count_stays_small_with_sharding_codec(tmp_path):
+    rng = np.random.default_rng(0)
+    with ShardWriter(tmp_path, "s", {"x": ArraySpec("float32", (3,))}, rows_per_chunk=4,
+                     chunks_per_file=64) as w:
+        for i in range(50):
+            w.add(f"x{i}", {}, {"x": rng.random((5, 3)).astype(np.float32)})
+    arr_dir = tmp_path / "shards/s/arrays.zarr/x"
+    files = [p for p in arr_dir.rglob("*") if p.is_file()]
+    assert 250 // 4 > 60  # many inner chunks ...
+    assert len(files) < 10, files  # ... in few files
+    all_files = [p for p in (tmp_path / "shards/s").rglob("*") if p.is_file()]
+    assert len(all_files) < 10
+    write_manifest(tmp_path, {})
+    r = StoreReader(tmp_path)
+    assert r.read_block("s", 0, 50)[49].arrays["x"].shape == (5, 3)
+
+
+def test_large_shard_flushes_aligned_and_round_trips(tmp_path):
+    """More rows than one chunk file: several whole-file flushes plus a partial tail."""
+    rng = np.random.default_rng(3)
+    data = {}
+    with ShardWriter(tmp_path, "s", {"x": ArraySpec("int16", (2,))}, rows_per_chunk=3,
+                     chunks_per_file=2) as w:
+        for i in range(40):
+            a = rng.integers(-100, 100, size=(int(rng.integers(0, 9)), 2)).astype(np.int16)
+            data[f"x{i}"] = a
+            w.add(f"x{i}", {"i": i}, {"x": a})
+    write_manifest(tmp_path, {})
+    r = StoreReader(tmp_path)
+    for sid, a in data.items():
+        np.testing.assert_array_equal(r.get(sid).arrays["x"], a)
+    assert verify_store(tmp_path) == []
+
+
+def test_fingerprint_is_canonical():
+    assert fingerprint({"b": 1, "a": [1, 2]}) == fingerprint({"a": [1, 2], "b": 1})
+    assert fingerprint({"a": 1}) != fingerprint({"a": 2})
+    assert len(fingerprint([])) == 64
+
+
+def test_array_spec_json_round_trip():
+    s = ArraySpec("f2", [3, 4])
+    assert s == ArraySpec("float16", (3, 4))
+    assert ArraySpec.from_json(json.loads(json.dumps(s.to_json()))) == s
+    with pytest.raises(ValueError, match="dtype"):
+        ArraySpec("object")
+    with pytest.raises(ValueError, match="row_shape"):
+        ArraySpec("int32", (0,))
