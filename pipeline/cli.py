@@ -23,6 +23,7 @@ from typing import Callable, Sequence
 from pipeline.config import ConfigError, describe, load_config, save_config
 from pipeline.errors import PipelineError
 from pipeline.logs import setup_logging
+from schemas.store import StoreFormatError
 
 log = logging.getLogger("pipeline")
 
@@ -121,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2
-    except (PipelineError, FileNotFoundError) as e:
+    except (PipelineError, StoreFormatError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -36,7 +36,8 @@ IMAGE_TAG_MISMATCH = "image_tag_mismatch"
 NO_RESPONSE = "no_response"
 OVER_LENGTH = "over_length"
 MALFORMED = "malformed_record"
-REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TAG_MISMATCH, NO_RESPONSE, OVER_LENGTH, MALFORMED)
+TEACHER_ERROR = "teacher_error"  # the teacher's forward failed on this sample alone (Stage 1)
+REASONS = (MISSING_IMAGE, CORRUPT_IMAGE, IMAGE_TAG_MISMATCH, NO_RESPONSE, OVER_LENGTH, MALFORMED, TEACHER_ERROR)
 
 
 class SampleError(Exception):

@@ -1,0 +1,575 @@
+"""Stage 2 loss numerics: plain functions of tensors (DESIGN.md section 4).
+
+Sparse teacher targets are compared on the (k+1)-bucket coarsening: the k stored token ids plus one
+*tail* bucket holding the rest of the vocabulary (teacher: m_T = 1 - sum exp(teacher_logprobs), exact
+because Stage 1 stores log-probs from a full-vocabulary log-softmax; student: 1 - sum p_S(ids)).
+
+Conventions the caller must know
+--------------------------------
+- Padding: an id of -1 marks an unused slot (rows with fewer than k entries). Padded slots carry no
+  mass and never touch vocabulary entry 0. A row whose ids are all -1 is a padding row and is left
+  out of every mean.
+- Ids within a row are unique (top-k, or the unique ids of a sampled target) and index real tokens of
+  the student vocabulary (Stage 2's reader checks the range, DESIGN 5.1).
+- Divergences take (t_logp, s_logp, valid) bucket tensors [N, k+1] and return one value per row [N];
+  the ``*_loss`` functions return scalars.
+- Computation runs in float32 at least (half-precision logits are upcast; float64 stays float64).
+- Temperature is fixed at dump time; nothing here takes a temperature.
+- Generalised JSD uses the *normalised* convention (see `generalized_jsd`), so that it tends to
+  forward KL as beta -> 0 and to reverse KL as beta -> 1. It is 4x the usual JSD at beta = 1/2 and
+  differs from TRL's `generalized_jsd_loss` (unnormalised) by the factor 1 / (beta (1 - beta)).
+
+[tail floor note] A tail mass is computed as 1 - (mass of the stored ids), a subtraction from 1. In a
+dtype with machine epsilon eps, masses below ~eps are not resolvable, and a sum of stored
+probabilities can round to >= 1 (a confident teacher: top-1 log-prob -1e-9 in float32). Both tails
+are therefore floored at eps (1.2e-7 in float32, 2.2e-16 in float64): values stay finite (reverse KL
+would otherwise be +inf when the teacher's tail rounds to 0), and the gradient through the student
+tail, which scales like 1 / m_S times a rounding error of ~eps, stays O(1) instead of exploding.
+The floor adds at most eps of mass per row.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+PAD_ID = -1
+"""Id value of a padded (unused) slot in ``ids``."""
+
+_NEG_INF = float("-inf")
+_LN2 = math.log(2.0)
+
+
+# --------------------------------------------------------------------------------------------------
+# Safe reductions
+# --------------------------------------------------------------------------------------------------
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of ``values`` over ``mask``; 0 (still attached to the graph) when the mask is empty.
+
+    Args:
+        values: [N] any float tensor. Masked-out entries may be inf/NaN; they are never read.
+        mask: [N] bool (or 0/1).
+    Returns:
+        scalar: sum(values[mask]) / max(|mask|, 1).
+    """
+    mask = mask.to(torch.bool)
+    total = torch.where(mask, values, 0.0).sum()
+    return total / mask.sum().clamp_min(1)
+
+
+def weighted_mean(values: Tensor, weights: Tensor) -> Tensor:
+    """Weighted mean sum(w v) / sum(w); 0 (still attached to the graph) when all weights are 0.
+
+    Args:
+        values: [N] float. Entries with weight 0 may be inf/NaN; they are never read.
+        weights: [N] non-negative.
+    Returns:
+        scalar.
+    """
+    weights = weights.to(values.dtype)
+    used = weights > 0
+    total = (torch.where(used, values, 0.0) * weights).sum()
+    denom = weights.sum()
+    return total / torch.where(denom > 0, denom, torch.ones_like(denom))
+
+
+def _group_index(group: Tensor | None, n: int, device: torch.device) -> tuple[Tensor, int]:
+    """Dense group index [n] in 0..G-1 and G, from arbitrary integer labels (None: one group)."""
+    if group is None:
+        return torch.zeros(n, dtype=torch.long, device=device), 1 if n else 0
+    labels, inverse = torch.unique(group, return_inverse=True)
+    return inverse, labels.numel()
+
+
+def _grouped_weighted_mean(
+    values: Tensor, weights: Tensor, inverse: Tensor, n_groups: int
+) -> Tensor:
+    """Mean over groups of the within-group weighted mean (weights renormalised per group).
+
+        result = mean_g [ sum_{i in g} w_i v_i / sum_{i in g} w_i ]  over groups with sum w > 0
+
+    Shared by IVA (group = sample) and TPA (group = position). ``inverse`` from `_group_index`.
+    """
+    weights = weights.to(values.dtype)
+    used = weights > 0
+    w = torch.where(used, weights, 0.0)
+    weighted = torch.where(used, values, 0.0) * w
+    w_sum = values.new_zeros(n_groups).index_add(0, inverse, w)
+    wv_sum = values.new_zeros(n_groups).index_add(0, inverse, weighted)
+    has_weight = w_sum > 0
+    per_group = wv_sum / torch.where(has_weight, w_sum, torch.ones_like(w_sum))
+    return masked_mean(per_group, has_weight)
+
+
+# --------------------------------------------------------------------------------------------------
+# Bucket distributions
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def log1mexp(x: Tensor) -> Tensor:
+    """log(1 - exp(x)) for x < 0, accurate over the whole range (Maechler 2012, "Accurately
+    Computing log(1 - exp(-|a|))"): log(-expm1(x)) near 0, log1p(-exp(x)) far from it.
+
+    Both branches only ever see inputs in their own range, so neither produces inf/NaN gradients
+    that a `where` would multiply by 0. At x = 0 the result is -inf (callers clamp first).
+    """
+    near_zero = x > -_LN2
+    a = torch.log(-torch.expm1(torch.where(near_zero, x, -_LN2)))
+    b = torch.log1p(-torch.exp(torch.where(near_zero, -_LN2, x)))
+    return torch.where(near_zero, a, b)
+
+
+def _tail_logprob(logp_k: Tensor) -> Tensor:
+    """Log of the mass outside the stored ids, floored at eps (see [tail floor note]).
+
+    Args:
+        logp_k: [N, k] log-probs of the stored ids, -inf at padded slots.
+    Returns:
+        [N] log(max(1 - sum exp(logp_k), ~eps)); 0 for a row with no stored id.
+    """
+    eps = torch.finfo(logp_k.dtype).eps
+    covered = torch.logsumexp(logp_k, dim=-1)
+    # Clamp before log1mexp so it is never evaluated at 0 (whose gradient is infinite).
+    return log1mexp(covered.clamp(max=math.log1p(-eps)))
+
+
+def _student_logprobs_at(student_logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Student log-probs at ``ids`` with one logsumexp per row and a gather.
+
+    Args:
+        student_logits: [N, V].
+        ids: [N, k] int64, PAD_ID (-1) at padded slots.
+    Returns:
+        logp [N, k] (compute dtype; -inf at padded slots), valid [N, k] bool.
+    """
+    logits = student_logits.to(_compute_dtype(student_logits))
+    valid = ids >= 0
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    picked = logits.gather(-1, ids.clamp_min(0)) - lse
+    return torch.where(valid, picked, _NEG_INF), valid
+
+
+def bucket_logprobs(
+    student_logits: Tensor, ids: Tensor, teacher_logprobs: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Teacher and student log-probs on the (k+1)-bucket coarsening.
+
+    Bucket i < k is token ids[:, i]; bucket k is the tail (everything else):
+        t_logp[:, k] = log(1 - sum_i exp(teacher_logprobs[:, i]))
+        s_logp[:, k] = log(1 - sum_i p_S(ids[:, i]))
+    both floored at eps of the compute dtype (see [tail floor note]).
+
+    Args:
+        student_logits: [N, V], differentiable; upcast to at least float32.
+        ids: [N, k] int64 token ids, -1 at padded slots.
+        teacher_logprobs: [N, k] exact teacher log-probs of ``ids`` (full-vocabulary log-softmax);
+            values at padded slots are ignored. No gradient is taken.
+    Returns:
+        t_logp [N, k+1], s_logp [N, k+1]: -inf at padded slots.
+        valid [N, k+1] bool: False at padded slots; the tail bucket is always valid.
+    """
+    if ids.shape != teacher_logprobs.shape or ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"shape mismatch: student_logits {tuple(student_logits.shape)}, ids {tuple(ids.shape)}, "
+            f"teacher_logprobs {tuple(teacher_logprobs.shape)} (expected [N, V], [N, k], [N, k])"
+        )
+    s_k, valid_k = _student_logprobs_at(student_logits, ids)
+    t_k = torch.where(valid_k, teacher_logprobs.detach().to(s_k.dtype), _NEG_INF)
+    t_logp = torch.cat([t_k, _tail_logprob(t_k).unsqueeze(-1)], dim=-1)
+    s_logp = torch.cat([s_k, _tail_logprob(s_k).unsqueeze(-1)], dim=-1)
+    valid = torch.cat([valid_k, torch.ones_like(valid_k[:, :1])], dim=-1)
+    return t_logp, s_logp, valid
+
+
+# --------------------------------------------------------------------------------------------------
+# Divergences on bucket distributions: (t_logp, s_logp, valid) [N, B] -> [N]
+# --------------------------------------------------------------------------------------------------
+
+
+def _sanitize(t_logp: Tensor, s_logp: Tensor, valid: Tensor) -> tuple[Tensor, Tensor]:
+    # Padded buckets become log-prob 0 in *both* distributions: identical entries contribute exactly
+    # 0 to every divergence term below, and no -inf reaches an arithmetic op whose gradient could
+    # turn 0 * inf into NaN.
+    return torch.where(valid, t_logp, 0.0), torch.where(valid, s_logp, 0.0)
+
+
+def _kl_terms(p_logp: Tensor, q_logp: Tensor) -> Tensor:
+    """Elementwise p (log p - log q), exactly 0 with zero gradient where p = 0 (0 log 0 = 0)."""
+    has_mass = p_logp > _NEG_INF
+    p = torch.where(has_mass, p_logp, 0.0)
+    q = torch.where(has_mass, q_logp, 0.0)
+    return torch.where(has_mass, p.exp() * (p - q), 0.0)
+
+
+def _log_mix(a_logp: Tensor, b_logp: Tensor, w: float) -> Tensor:
+    """log(w exp(a) + (1 - w) exp(b)), exact at w = 0 and w = 1, gradient-safe where a = b = -inf."""
+    if w == 0.0:
+        return b_logp
+    if w == 1.0:
+        return a_logp
+    empty = (a_logp == _NEG_INF) & (b_logp == _NEG_INF)
+    a = torch.where(empty, 0.0, a_logp) + math.log(w)
+    b = torch.where(empty, 0.0, b_logp) + math.log1p(-w)
+    return torch.where(empty, _NEG_INF, torch.logaddexp(a, b))
+
+
+def _check_unit(name: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value}")
+
+
+def forward_kl(t_logp: Tensor, s_logp: Tensor, valid: Tensor) -> Tensor:
+    """KL(T || S) = sum_i T_i (log T_i - log S_i) per row. Shapes: [N, B] x3 -> [N]."""
+    t, s = _sanitize(t_logp, s_logp, valid)
+    return _kl_terms(t, s).sum(-1)
+
+
+def reverse_kl(t_logp: Tensor, s_logp: Tensor, valid: Tensor) -> Tensor:
+    """KL(S || T) = sum_i S_i (log S_i - log T_i) per row. Shapes: [N, B] x3 -> [N]."""
+    t, s = _sanitize(t_logp, s_logp, valid)
+    return _kl_terms(s, t).sum(-1)
+
+
+def generalized_jsd(t_logp: Tensor, s_logp: Tensor, valid: Tensor, beta: float = 0.5) -> Tensor:
+    """Normalised generalised Jensen-Shannon divergence per row. Shapes: [N, B] x3 -> [N].
+
+        M = beta T + (1 - beta) S
+        JSD_beta = [beta KL(T || M) + (1 - beta) KL(S || M)] / (beta (1 - beta))
+                 = KL(T || M) / (1 - beta) + KL(S || M) / beta
+
+    The 1 / (beta (1 - beta)) normalisation makes the limits the KLs: KL(S || M) = O(beta^2) as
+    beta -> 0, so JSD -> KL(T || S) (forward); symmetrically JSD -> KL(S || T) (reverse) as beta -> 1.
+    beta = 0 and beta = 1 return those KLs exactly. At beta = 1/2 it is 4 x the usual JSD.
+    (Same mixture as TRL's generalized_jsd_loss / GKD, Agarwal et al. 2024, without the scale.)
+    Accuracy of the KL(S || M) / beta term degrades like eps / beta for beta very close to 0 or 1;
+    use exactly 0 or 1 for the pure KLs.
+    """
+    _check_unit("beta", beta)
+    if beta == 0.0:
+        return forward_kl(t_logp, s_logp, valid)
+    if beta == 1.0:
+        return reverse_kl(t_logp, s_logp, valid)
+    t, s = _sanitize(t_logp, s_logp, valid)
+    m = _log_mix(t, s, beta)
+    return _kl_terms(t, m).sum(-1) / (1.0 - beta) + _kl_terms(s, m).sum(-1) / beta
+
+
+def skew_forward_kl(t_logp: Tensor, s_logp: Tensor, valid: Tensor, alpha: float = 0.1) -> Tensor:
+    """Skew forward KL, KL(T || alpha T + (1 - alpha) S) per row (DistiLLM, Ko et al. 2024).
+
+    alpha = 0 is forward KL; alpha = 1 is identically 0. Shapes: [N, B] x3 -> [N].
+    """
+    _check_unit("alpha", alpha)
+    t, s = _sanitize(t_logp, s_logp, valid)
+    return _kl_terms(t, _log_mix(t, s, alpha)).sum(-1)
+
+
+def skew_reverse_kl(t_logp: Tensor, s_logp: Tensor, valid: Tensor, alpha: float = 0.1) -> Tensor:
+    """Skew reverse KL, KL(S || alpha S + (1 - alpha) T) per row (DistiLLM, Ko et al. 2024).
+
+    alpha = 0 is reverse KL; alpha = 1 is identically 0. Shapes: [N, B] x3 -> [N].
+    """
+    _check_unit("alpha", alpha)
+    t, s = _sanitize(t_logp, s_logp, valid)
+    return _kl_terms(s, _log_mix(s, t, alpha)).sum(-1)
+
+
+def tvd(t_logp: Tensor, s_logp: Tensor, valid: Tensor) -> Tensor:
+    """Total variation distance 0.5 sum_i |T_i - S_i| per row. Shapes: [N, B] x3 -> [N]."""
+    t, s = _sanitize(t_logp, s_logp, valid)
+    return 0.5 * (t.exp() - s.exp()).abs().sum(-1)
+
+
+_DIVERGENCE_FNS: dict[str, Callable[..., Tensor]] = {
+    "forward_kl": lambda t, s, v, beta, alpha: forward_kl(t, s, v),
+    "reverse_kl": lambda t, s, v, beta, alpha: reverse_kl(t, s, v),
+    "jsd": lambda t, s, v, beta, alpha: generalized_jsd(t, s, v, beta),
+    "skew_forward_kl": lambda t, s, v, beta, alpha: skew_forward_kl(t, s, v, alpha),
+    "skew_reverse_kl": lambda t, s, v, beta, alpha: skew_reverse_kl(t, s, v, alpha),
+    "tvd": lambda t, s, v, beta, alpha: tvd(t, s, v),
+}
+DIVERGENCES = tuple(_DIVERGENCE_FNS)
+"""Names accepted by `divergence` and the ``*_loss`` functions."""
+
+
+def _divergence_fn(name: str) -> Callable[..., Tensor]:
+    fn = _DIVERGENCE_FNS.get(name)
+    if fn is None:
+        raise ValueError(f"unknown divergence {name!r}; valid names: {', '.join(DIVERGENCES)}")
+    return fn
+
+
+def divergence(
+    name: str,
+    t_logp: Tensor,
+    s_logp: Tensor,
+    valid: Tensor,
+    *,
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Tensor:
+    """Per-row divergence D(T || S) [N] by name (one of DIVERGENCES).
+
+    ``beta`` is used by "jsd" only, ``alpha`` by the skew KLs only.
+    """
+    return _divergence_fn(name)(t_logp, s_logp, valid, beta, alpha)
+
+
+def _rows(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    name: str,
+    beta: float,
+    alpha: float,
+) -> tuple[Tensor, Tensor]:
+    """Per-row divergence [N] and row validity [N] (a row with no stored id is padding)."""
+    _divergence_fn(name)  # fail on a bad name before any work
+    t_logp, s_logp, valid = bucket_logprobs(student_logits, ids, teacher_logprobs)
+    values = divergence(name, t_logp, s_logp, valid, beta=beta, alpha=alpha)
+    return values, valid[:, :-1].any(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Sampled target (DESIGN 3.1, Anshumann et al. 2025)
+# --------------------------------------------------------------------------------------------------
+
+
+def sampled_forward_kl(
+    student_logits: Tensor,
+    ids: Tensor,
+    counts: Tensor,
+    n_draws: Tensor | int | None = None,
+) -> Tensor:
+    """Forward KL against an unbiased sampled teacher target, per row.
+
+    Stage 1 drew n ids from p_T with replacement and stored the unique ids with their counts; the
+    estimate q_i = c_i / n has E[q_i] = p_T(i). Per row:
+
+        loss = sum_i q_i (log q_i - log p_S(id_i))
+
+    The cross-entropy part -sum_i q_i log p_S(id_i) is linear in q, so it and its gradient
+    (p_S - q, over the vocabulary) are unbiased for those of KL(p_T || p_S). The constant
+    sum_i q_i log q_i carries no gradient; it is included so that the value is a KL between
+    distributions (>= 0, and 0 when p_S equals q on its support), which makes logs comparable with
+    the exact forward KL. Its expectation is not -H(p_T), so the *value* is biased upwards by
+    roughly (unique ids - 1) / (2 n) even when p_S = p_T. No tail bucket: q sums to 1 over the ids.
+
+    Args:
+        student_logits: [N, V], differentiable.
+        ids: [N, m] int64 unique drawn ids, -1 at padded slots.
+        counts: [N, m] draw counts, 0 at padded slots.
+        n_draws: [N] or int, draws per row; None means counts.sum(-1). Rows with n = 0 give 0.
+    Returns:
+        [N].
+    """
+    if ids.shape != counts.shape or ids.shape[0] != student_logits.shape[0]:
+        raise ValueError(
+            f"shape mismatch: student_logits {tuple(student_logits.shape)}, ids {tuple(ids.shape)}, "
+            f"counts {tuple(counts.shape)} (expected [N, V], [N, m], [N, m])"
+        )
+    s_logp, valid = _student_logprobs_at(student_logits, ids)
+    counts = torch.where(valid, counts.to(s_logp.dtype), 0.0)
+    if n_draws is None:
+        n = counts.sum(-1)
+    else:
+        n = torch.as_tensor(n_draws, dtype=s_logp.dtype, device=s_logp.device).expand(ids.shape[0])
+    q = counts / n.clamp_min(1).unsqueeze(-1)
+    q_logp = torch.where(q > 0, q.log(), _NEG_INF)
+    return _kl_terms(q_logp, s_logp).sum(-1)
+
+
+def sampled_kd_loss(
+    student_logits: Tensor, ids: Tensor, counts: Tensor, n_draws: Tensor | int | None = None
+) -> Tensor:
+    """Mean of `sampled_forward_kl` over rows with at least one draw (padding rows left out)."""
+    rows = sampled_forward_kl(student_logits, ids, counts, n_draws)
+    return masked_mean(rows, ((ids >= 0) & (counts > 0)).any(-1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Loss terms (DESIGN 4)
+# --------------------------------------------------------------------------------------------------
+
+
+def sft_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """L_SFT: mean cross-entropy over labelled positions; 0 (attached) when none is labelled.
+
+    Args:
+        logits: [..., V] (e.g. [B, T, V]); logits at position t predict labels at t (the caller has
+            already shifted).
+        labels: [...] int64, ``ignore_index`` where unlabelled.
+    Returns:
+        scalar.
+    """
+    flat = logits.reshape(-1, logits.shape[-1]).to(_compute_dtype(logits))
+    flat_labels = labels.reshape(-1)
+    per_token = F.cross_entropy(flat, flat_labels, ignore_index=ignore_index, reduction="none")
+    return masked_mean(per_token, flat_labels != ignore_index)
+
+
+def kd_loss(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Tensor:
+    """L_KD: mean over rows (response positions) of D(T || S) on the bucket distributions.
+
+    Args:
+        student_logits: [N, V]; ids, teacher_logprobs: [N, k] (see `bucket_logprobs`).
+        divergence: one of DIVERGENCES; beta (jsd) and alpha (skew KLs) as in `divergence`.
+    Returns:
+        scalar; padding rows (all ids -1) are left out; 0 when no row remains.
+    """
+    rows, row_valid = _rows(student_logits, ids, teacher_logprobs, divergence, beta, alpha)
+    return masked_mean(rows, row_valid)
+
+
+def iva_loss(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    weights: Tensor,
+    group: Tensor | None = None,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Tensor:
+    """L_IVA: saliency-weighted divergence over the stored visual positions.
+
+        L = mean_samples  sum_{v in sample} w~_v D(p_T(.|x<=v) || p_S(.|x<=v)),
+        w~_v = w_v / sum_{v' in sample, valid} w_v'
+
+    Args:
+        student_logits: [N, V] at visual positions; ids, teacher_logprobs: [N, k].
+        weights: [N] non-negative saliency s-bar of each row's position (any scale; renormalised).
+        group: [N] sample index of each row (any integer labels); None means one sample.
+        divergence, beta, alpha: as in `kd_loss`.
+    Returns:
+        scalar; samples with no valid row or zero total weight are left out; 0 when none remains.
+    """
+    rows, row_valid = _rows(student_logits, ids, teacher_logprobs, divergence, beta, alpha)
+    w = torch.where(row_valid, weights.detach().to(rows.dtype), 0.0)
+    inverse, n_groups = _group_index(group, rows.shape[0], rows.device)
+    return _grouped_weighted_mean(rows, w, inverse, n_groups)
+
+
+def tpa_loss(
+    student_logits: Tensor,
+    ids: Tensor,
+    teacher_logprobs: Tensor,
+    candidate_logprob: Tensor,
+    group: Tensor,
+    divergence: str = "forward_kl",
+    beta: float = 0.5,
+    alpha: float = 0.1,
+) -> Tensor:
+    """L_TPA: candidate-weighted divergence of the transition distributions.
+
+        L = sum_t sum_{c in C_t} w_{t,c} D(p_T(.|x<=t, c) || p_S(.|x<=t, c)) / sum_{t,c} w_{t,c},
+        w_{t,c} = p_T(c|x<=t) / sum_{c' in C_t} p_T(c'|x<=t)
+
+    Since w is normalised within each position, sum w = number of positions and L is the mean over
+    positions of the within-position weighted divergence.
+
+    Args:
+        student_logits: [N, V] at branch rows (one row per (t, c)); ids, teacher_logprobs: [N, k'].
+        candidate_logprob: [N] teacher log p_T(c|x<=t) of the row's candidate.
+        group: [N] position key: equal for the candidates of one position t, distinct across
+            positions *and samples* of the batch (e.g. a running position index).
+        divergence, beta, alpha: as in `kd_loss`.
+    Returns:
+        scalar; 0 when no valid row.
+    """
+    rows, row_valid = _rows(student_logits, ids, teacher_logprobs, divergence, beta, alpha)
+    logw = torch.where(row_valid, candidate_logprob.detach().to(rows.dtype), _NEG_INF)
+    # Shift by the group max before exp (normalised weights are unchanged; nothing underflows).
+    inverse, n_groups = _group_index(group, rows.shape[0], rows.device)
+    gmax = logw.new_full((n_groups,), _NEG_INF).scatter_reduce(0, inverse, logw, "amax")
+    shifted = logw - gmax[inverse]
+    w = torch.where(logw > _NEG_INF, shifted, _NEG_INF).exp()
+    return _grouped_weighted_mean(rows, w, inverse, n_groups)
+
+
+def attention_kl(
+    student_attn: Tensor, teacher_saliency: Tensor, mask: Tensor | None = None
+) -> Tensor:
+    """Optional IVA attention variant: mean over turns of KL(teacher map || student map).
+
+    Both maps are renormalised over the masked visual positions of each row before the KL; the
+    student map is the student's own instruction-to-visual attention (DESIGN 3.2), differentiable.
+
+    Args:
+        student_attn: [M, P] non-negative, one row per turn, P visual positions (padded).
+        teacher_saliency: [M, P] non-negative stored map s_j (any scale).
+        mask: [M, P] bool, True at real visual positions; None means all.
+    Returns:
+        scalar; rows with no position, or zero teacher or student mass, are left out.
+    """
+    dtype = _compute_dtype(student_attn)
+    if mask is None:
+        mask = torch.ones_like(student_attn, dtype=torch.bool)
+    a = torch.where(mask, student_attn.to(dtype), 0.0)
+    t = torch.where(mask, teacher_saliency.detach().to(dtype), 0.0)
+    a_sum, t_sum = a.sum(-1, keepdim=True), t.sum(-1, keepdim=True)
+    row_ok = ((a_sum > 0) & (t_sum > 0)).squeeze(-1)
+    tiny = torch.finfo(dtype).tiny
+    s_logp = a.clamp_min(tiny).log() - a_sum.clamp_min(tiny).log()
+    t_logp = t.clamp_min(tiny).log() - t_sum.clamp_min(tiny).log()
+    t_logp = torch.where(mask & (t > 0), t_logp, _NEG_INF)
+    rows = _kl_terms(t_logp, torch.where(mask, s_logp, 0.0)).sum(-1)
+    return masked_mean(rows, row_ok)
+
+
+def total_loss(
+    terms: Mapping[str, Tensor | None], weights: Mapping[str, float]
+) -> tuple[Tensor, dict[str, float]]:
+    """L = sum_name weights[name] * terms[name]  (DESIGN 4: sft + a_KD kd + l_IVA iva + l_TPA tpa).
+
+    The caller passes every weight, including the SFT one (normally 1.0), e.g.
+    ``{"sft": 1.0, "kd": a_kd, "iva": l_iva, "tpa": l_tpa}``. A weight of 0 switches a term off: its
+    entry in ``terms`` may be None or absent and is not read.
+
+    Returns:
+        (total scalar, log) where log maps each active term to its *unweighted* float value, plus
+        "total".
+    Raises:
+        ValueError: a term without a weight, a negative weight, an active term without a value or
+            not a scalar, or no active term at all.
+    """
+    unweighted = sorted(set(terms) - set(weights))
+    if unweighted:
+        raise ValueError(
+            f"loss terms without a weight: {unweighted}; weights given: {sorted(weights)}"
+        )
+    total: Tensor | None = None
+    log: dict[str, float] = {}
+    for name, w in weights.items():
+        if w < 0:
+            raise ValueError(f"loss weight {name!r} must be >= 0, got {w}")
+        if w == 0:
+            continue
+        value = terms.get(name)
+        if value is None:
+            raise ValueError(f"loss term {name!r} has weight {w} but was not computed")
+        if value.dim() != 0:
+            raise ValueError(f"loss term {name!r} must be a scalar, got shape {tuple(value.shape)}")
+        total = w * value if total is None else total + w * value
+        log[name] = float(value.detach())
+    if total is None:
+        raise ValueError(f"every loss weight is zero: {dict(weights)}")
+    log["total"] = float(total.detach())
+    return total, log
