@@ -2,6 +2,8 @@
 
     pipeline run <job> --config FILE.yaml [key.sub=value ...]   # a configured job (overrides win)
     pipeline run <job> --help                                   # every config key, typed and documented
+    pipeline verify STORE                                       # exit 1 on any inconsistency
+    pipeline inspect STORE [--sample ID --json] [--out DIR]     # statistics, one sample, PNGs
     pipeline tiny --family llava --preset teacher --out DIR     # a tiny VLM checkpoint (tests, demo)
     pipeline demo --out DIR [--quick] [--seeds N]               # the end-to-end demo
 
@@ -36,6 +38,11 @@ class Job:
 
 
 RUN_JOBS: dict[str, Job] = {
+    "teacher-dump": Job(
+        "stage1_teacher.config:DumpConfig",
+        "stage1_teacher.dump:run",
+        "Stage 1: run the teacher once and write its signals to a versioned store (resumable)",
+    ),
     "data-check": Job(
         "pipeline.data_check:DataCheckConfig",
         "pipeline.data_check:run",
@@ -72,6 +79,21 @@ def _tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify(args: argparse.Namespace) -> int:
+    from pipeline.inspect_store import main_verify
+
+    return main_verify(str(args.store))
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from pipeline.inspect_store import main_inspect
+
+    return main_inspect(
+        str(args.store), args.sample, args.json, None if args.out is None else str(args.out), args.n,
+        args.image_root, args.data,
+    )
+
+
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.demo import run_demo
 
@@ -99,6 +121,20 @@ def build_parser() -> argparse.ArgumentParser:
     tiny.add_argument("--out", type=Path, required=True)
     tiny.set_defaults(func=_tiny)
 
+    verify = sub.add_parser("verify", help="check a store: versions, checksums, index/array consistency, signal sanity")
+    verify.add_argument("store", type=Path)
+    verify.set_defaults(func=_verify)
+
+    inspect = sub.add_parser("inspect", help="print a store's statistics, one sample's signals, or write PNGs")
+    inspect.add_argument("store", type=Path)
+    inspect.add_argument("--sample", default=None, help="show this sample's stored signals")
+    inspect.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    inspect.add_argument("--out", type=Path, default=None, help="write saliency overlays and the IRS curve here")
+    inspect.add_argument("-n", type=int, default=4, help="samples to draw overlays for")
+    inspect.add_argument("--image-root", default=None, help="override the image root recorded in the store")
+    inspect.add_argument("--data", default=None, help="override the dataset path recorded in the store")
+    inspect.set_defaults(func=_inspect)
+
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded default")
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--quick", action="store_true", help="a small, fast version (for tests)")
@@ -107,7 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"run": _run, "tiny": _tiny, "demo": _demo}
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "run": _run,
+    "tiny": _tiny,
+    "verify": _verify,
+    "inspect": _inspect,
+    "demo": _demo,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

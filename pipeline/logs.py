@@ -43,3 +43,26 @@ def progress(items: Iterable[T], total: int | None = None, desc: str = "", unit:
             file=sys.stderr,
         )
     )
+
+
+class ThroughputBar:
+    """Samples done of a known total, with samples/s, tokens/s and ETA (tqdm computes rate and ETA)."""
+
+    def __init__(self, total: int, desc: str):
+        import time
+
+        self._time = time.monotonic
+        self._start = self._time()
+        self.tokens = 0
+        interactive = sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="sample", dynamic_ncols=True, file=sys.stderr,
+                        mininterval=0.2 if interactive else 10.0)
+
+    def update(self, samples: int, tokens: int) -> None:
+        self.tokens += tokens
+        elapsed = max(1e-9, self._time() - self._start)
+        self.bar.set_postfix_str(f"{self.tokens / elapsed:,.0f} tok/s", refresh=False)
+        self.bar.update(samples)
+
+    def close(self) -> None:
+        self.bar.close()

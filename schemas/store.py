@@ -124,7 +124,7 @@ def _fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` via a temporary file + fsync + os.replace, then fsync the dir."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
     try:
@@ -654,7 +654,7 @@ class ShardWriter:
             "rows_per_chunk": dict(self.rows_per_chunk),
             "chunks_per_file": self.chunks_per_file,
         }
-        _atomic_write_text(self.partial_dir / SHARD_JSON, _dumps(summary))
+        atomic_write_text(self.partial_dir / SHARD_JSON, _dumps(summary))
         for d in sorted({p.parent for p in self.partial_dir.rglob("*")} | {self.partial_dir}):
             _fsync_path(d)
         os.replace(self.partial_dir, self.final_dir)
@@ -769,7 +769,7 @@ def write_manifest(store_dir: str | os.PathLike, manifest: dict,
         "n_skipped": sum(e["n_skipped"] for e in entries),
         "skipped_reasons": dict(sorted(reasons.items())),
     })
-    _atomic_write_text(store / MANIFEST_NAME, _dumps(out))
+    atomic_write_text(store / MANIFEST_NAME, _dumps(out))
     return out
 
 

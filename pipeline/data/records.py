@@ -76,7 +76,7 @@ class Record:
             if isinstance(src, Image.Image):
                 out.append(src.convert("RGB"))
                 continue
-            if not src.is_file():
+            if not src.exists():
                 raise SampleError(self.sample_id, MISSING_IMAGE, f"image {i} not found: {src}")
             try:
                 with Image.open(src) as im:

@@ -1,0 +1,193 @@
+"""The teacher signals of one sample and how they map onto store arrays (DESIGN.md §3, §5).
+
+Stage 1 fills a :class:`SampleSignals` per sample and :func:`pack` turns it into index metadata and
+flat array rows; Stage 2 and ``pipeline inspect`` read them back with :func:`unpack`. Arrays (one
+row per entry, a sample's rows contiguous, offsets in the Parquet index):
+
+==================  =========  ===========  =====================================================
+array               dtype      row shape    one row per
+==================  =========  ===========  =====================================================
+resp_pos            int32      ()           response position t (x_{t+1} is a labelled token)
+resp_ids            int32      (k,)         response position: top-k ids of p_T(.|x<=t)
+resp_logprobs       float32    (k,)         response position: their exact log-probs
+resp_sample_n       int16      ()           response position: unique sampled ids   [sampled]
+resp_sample_ids     int32      ()           sampled unique id (flat, resp_sample_n per position)
+resp_sample_counts  int16      ()           its count out of ``draws``
+saliency            float16    ()           (turn, visual position): s_j[v], turn-major
+vis_pos             int32      ()           stored visual position v (the most salient fraction)
+vis_weight          float32    ()           s̄[v], the turn-mean saliency at v (not renormalised)
+vis_ids             int32      (k,)         stored visual position: top-k ids of p_T(.|x<=v)
+vis_logprobs        float32    (k,)         their exact log-probs
+tpa_pos             int32      ()           branch row (t, c): the position t               [transitions]
+tpa_cand            int32      ()           branch row: candidate token c
+tpa_cand_logprob    float32    ()           branch row: log p_T(c|x<=t)
+tpa_ids             int32      (k',)        branch row: top-k' ids of p_T(.|x<=t, c)
+tpa_logprobs        float32    (k',)        their exact log-probs
+==================  =========  ===========  =====================================================
+
+Log-probs are float32: they are "exact" by contract and the tail mass 1 - sum(exp) is derived from
+them. Saliency is float16 as the design fixes (it is a weight, not a probability target).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pyarrow as pa
+
+from schemas.store import ArraySpec, StoredSample, json_field
+
+META_SCHEMA = pa.schema(
+    [
+        pa.field("input_ids", pa.list_(pa.int32())),
+        pa.field("length", pa.int32()),
+        json_field("image_hashes"),
+        json_field("visual_blocks"),
+        json_field("turns"),
+    ]
+)
+
+
+def array_specs(top_k: int, transition_top_k: int, sampled: bool, transitions: bool) -> dict[str, ArraySpec]:
+    specs = {
+        "resp_pos": ArraySpec("int32"),
+        "resp_ids": ArraySpec("int32", (top_k,)),
+        "resp_logprobs": ArraySpec("float32", (top_k,)),
+        "saliency": ArraySpec("float16"),
+        "vis_pos": ArraySpec("int32"),
+        "vis_weight": ArraySpec("float32"),
+        "vis_ids": ArraySpec("int32", (top_k,)),
+        "vis_logprobs": ArraySpec("float32", (top_k,)),
+    }
+    if sampled:
+        specs |= {
+            "resp_sample_n": ArraySpec("int16"),
+            "resp_sample_ids": ArraySpec("int32"),
+            "resp_sample_counts": ArraySpec("int16"),
+        }
+    if transitions:
+        specs |= {
+            "tpa_pos": ArraySpec("int32"),
+            "tpa_cand": ArraySpec("int32"),
+            "tpa_cand_logprob": ArraySpec("float32"),
+            "tpa_ids": ArraySpec("int32", (transition_top_k,)),
+            "tpa_logprobs": ArraySpec("float32", (transition_top_k,)),
+        }
+    return specs
+
+
+def _empty(*shape, dtype=np.float32) -> np.ndarray:
+    return np.zeros(shape, dtype=dtype)
+
+
+@dataclass
+class SampleSignals:
+    """Everything Stage 1 stores for one sample (numpy, in memory)."""
+
+    sample_id: str
+    input_ids: np.ndarray  # int [T]
+    visual_blocks: list[dict]  # [{"image_index", "start", "length", "grid": [rows, cols]}]
+    turns: list[dict]  # [{"instruction": [...], "response": [...]}]
+    image_hashes: list[str]
+    resp_pos: np.ndarray  # [R]
+    resp_ids: np.ndarray  # [R, k]
+    resp_logprobs: np.ndarray  # [R, k]
+    saliency: np.ndarray  # [n_turns, |V|] (n_turns = 0 for text-only samples)
+    vis_pos: np.ndarray  # [P]
+    vis_weight: np.ndarray  # [P]
+    vis_ids: np.ndarray  # [P, k]
+    vis_logprobs: np.ndarray  # [P, k]
+    sample_ids: np.ndarray | None = None  # [R, m] padded with -1   (sampled target)
+    sample_counts: np.ndarray | None = None  # [R, m] padded with 0
+    tpa_pos: np.ndarray | None = None  # [B]
+    tpa_cand: np.ndarray | None = None  # [B]
+    tpa_cand_logprob: np.ndarray | None = None  # [B]
+    tpa_ids: np.ndarray | None = None  # [B, k']
+    tpa_logprobs: np.ndarray | None = None  # [B, k']
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_visual(self) -> int:
+        return int(sum(b["length"] for b in self.visual_blocks))
+
+
+def pack(s: SampleSignals, specs: dict[str, ArraySpec]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Index metadata and array rows of one sample, in the dtypes of ``specs``."""
+    meta = {
+        "input_ids": [int(x) for x in s.input_ids],
+        "length": int(len(s.input_ids)),
+        "image_hashes": list(s.image_hashes),
+        "visual_blocks": s.visual_blocks,
+        "turns": s.turns,
+    }
+    arrays = {
+        "resp_pos": s.resp_pos,
+        "resp_ids": s.resp_ids,
+        "resp_logprobs": s.resp_logprobs,
+        "saliency": s.saliency.reshape(-1),
+        "vis_pos": s.vis_pos,
+        "vis_weight": s.vis_weight,
+        "vis_ids": s.vis_ids,
+        "vis_logprobs": s.vis_logprobs,
+    }
+    if "resp_sample_ids" in specs:
+        if s.sample_ids is None or s.sample_counts is None:
+            raise ValueError(f"sample {s.sample_id!r}: the store expects sampled targets but none were computed")
+        valid = s.sample_counts > 0
+        arrays["resp_sample_n"] = valid.sum(axis=1)
+        arrays["resp_sample_ids"] = s.sample_ids[valid]
+        arrays["resp_sample_counts"] = s.sample_counts[valid]
+    if "tpa_pos" in specs:
+        if s.tpa_pos is None:
+            raise ValueError(f"sample {s.sample_id!r}: the store expects transitions but none were computed")
+        arrays |= {
+            "tpa_pos": s.tpa_pos,
+            "tpa_cand": s.tpa_cand,
+            "tpa_cand_logprob": s.tpa_cand_logprob,
+            "tpa_ids": s.tpa_ids,
+            "tpa_logprobs": s.tpa_logprobs,
+        }
+    return meta, {name: np.asarray(a).astype(specs[name].dtype, copy=False) for name, a in arrays.items()}
+
+
+def unpack(stored: StoredSample) -> SampleSignals:
+    """The inverse of :func:`pack` (saliency back to [n_turns, |V|], sampled targets re-padded)."""
+    m, a = stored.meta, stored.arrays
+    blocks = m["visual_blocks"]
+    n_visual = int(sum(b["length"] for b in blocks))
+    sal = a["saliency"].astype(np.float32)
+    saliency = sal.reshape(-1, n_visual) if n_visual else _empty(0, 0)
+    sample_ids = sample_counts = None
+    if "resp_sample_n" in a:
+        n = a["resp_sample_n"].astype(np.int64)
+        width = int(n.max()) if n.size else 0
+        sample_ids = np.full((len(n), width), -1, dtype=np.int64)
+        sample_counts = np.zeros((len(n), width), dtype=np.int64)
+        ends = np.cumsum(n)
+        for r, (e, k) in enumerate(zip(ends, n)):
+            sample_ids[r, :k] = a["resp_sample_ids"][e - k : e]
+            sample_counts[r, :k] = a["resp_sample_counts"][e - k : e]
+    get = a.get
+    return SampleSignals(
+        sample_id=stored.sample_id,
+        input_ids=np.asarray(m["input_ids"], dtype=np.int64),
+        visual_blocks=blocks,
+        turns=m["turns"],
+        image_hashes=m["image_hashes"],
+        resp_pos=a["resp_pos"].astype(np.int64),
+        resp_ids=a["resp_ids"].astype(np.int64),
+        resp_logprobs=a["resp_logprobs"],
+        saliency=saliency,
+        vis_pos=a["vis_pos"].astype(np.int64),
+        vis_weight=a["vis_weight"],
+        vis_ids=a["vis_ids"].astype(np.int64),
+        vis_logprobs=a["vis_logprobs"],
+        sample_ids=sample_ids,
+        sample_counts=sample_counts,
+        tpa_pos=None if get("tpa_pos") is None else a["tpa_pos"].astype(np.int64),
+        tpa_cand=None if get("tpa_cand") is None else a["tpa_cand"].astype(np.int64),
+        tpa_cand_logprob=get("tpa_cand_logprob"),
+        tpa_ids=None if get("tpa_ids") is None else a["tpa_ids"].astype(np.int64),
+        tpa_logprobs=get("tpa_logprobs"),
+    )

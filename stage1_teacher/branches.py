@@ -1,0 +1,313 @@
+"""Branch rows: transition distributions ``p(· | x≤t, c)`` without one forward per candidate (DESIGN.md §3.4).
+
+A *branch row* for ``(t, c)`` is token ``c`` appended after the sequence, with the position id a
+token right after ``x_t`` would have and an attention row that sees ``x_0 … x_t`` and itself only;
+no ordinary token sees it. The model's output at that row is ``p(· | x≤t, c)``, exactly what a plain
+forward over ``x_0 … x_t, c`` gives at its last position. Two ways to run them:
+
+* :func:`forward_with_branches` — one forward over the sequence and its branch rows together
+  (Stage 2's student: the candidates are known before the forward).
+* :func:`forward_branches_from_cache` — continue from the KV cache of an ordinary forward over the
+  sequence, feeding only the branch rows (Stage 1's teacher: the candidates are chosen from that
+  forward's own output, and the branches then cost only their own tokens).
+
+Both build their rows with :func:`_branch_rows`, so they cannot drift apart.
+
+Batches: a sample's inputs are right-padded to the batch's longest sequence (:func:`collate_model_inputs`)
+and its branch rows to the largest branch count, padded rows marked by ``branch_pos == -1``
+(:func:`pad_branches`). A padded branch row sees only itself, so it stays finite; its logits are
+meaningless. Branches only ever see ``x_0 … x_t`` with ``t`` inside the sample, so padding keys are
+never visible to them.
+
+[transformers 5.x mask note] A 4-D ``attention_mask`` is passed to the attention kernel as given:
+``masking_utils._preprocess_mask_arguments`` returns any 4-D tensor untouched (no causal or padding
+mask is built over it). Its meaning depends on the kernel: ``sdpa`` hands it to
+``torch.nn.functional.scaled_dot_product_attention`` (bool, True = may attend, shape
+``[B, 1, q, kv]``); ``eager`` *adds* it to the scores, so it must be a float mask (0 / dtype min).
+Flash-attention kernels take no dense mask and are refused here.
+
+[mRoPE note] Qwen2-VL's text model takes position ids ``[3, B, L]`` (temporal, height, width) as
+given; ``[4, B, L]`` would carry text positions first, used only to detect packed sequences when
+no mask is passed. The sequence's real ids come from ``Qwen2VLModel.get_rope_index`` (text tokens:
+all three components equal and counting on from the previous segment; an image block of
+``h × w`` merged cells occupies ``start … start + max(h, w) − 1``, and the text after it starts at
+``start + max(h, w)``). A token after ``x_t`` follows the text rule: all three components equal to
+the largest id used so far plus one, i.e. ``pos(t) + 1`` when ``x_t`` is text. When ``position_ids``
+are given the model never calls ``get_rope_index`` itself and its cached ``rope_deltas`` are unused.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Position-id layouts by model type (``config.model_type``); another family must be added explicitly.
+ROPE_1D_MODEL_TYPES = ("llava",)
+MROPE_MODEL_TYPES = ("qwen2_vl",)
+# Config attributes naming tokens that the wrapper replaces by vision features: never a branch token.
+_PLACEHOLDER_ATTRS = {"llava": ("image_token_id",), "qwen2_vl": ("image_token_id", "video_token_id")}
+# Processor outputs: per-token [1, T] tensors are right-padded (with this value), the rest concatenated.
+_PADDED_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
+_CONCAT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+# Inputs the model gets from us (explicit ids, mask, positions) rather than from the processor.
+_REPLACED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids")
+_MASK_KERNELS = ("sdpa", "eager")
+
+
+def _model_type(model) -> str:
+    model_type = model.config.model_type
+    if model_type not in ROPE_1D_MODEL_TYPES + MROPE_MODEL_TYPES:
+        raise ValueError(
+            f"branch rows are not implemented for model type {model_type!r}; "
+            f"supported: {list(ROPE_1D_MODEL_TYPES + MROPE_MODEL_TYPES)}"
+        )
+    return model_type
+
+
+def collate_model_inputs(samples: list[dict], pad_id: int) -> dict:
+    """Batch processor outputs (each a batch of one): token tensors right-padded, image tensors concatenated.
+
+    ``input_ids`` are padded with ``pad_id``, ``attention_mask`` and ``mm_token_type_ids`` with 0;
+    ``pixel_values``, ``image_grid_thw``, ``image_sizes`` are concatenated over the images of all
+    samples in order (both families take images flattened over the batch).
+    """
+    keys = set().union(*(s.keys() for s in samples))
+    unknown = keys - set(_PADDED_KEYS) - set(_CONCAT_KEYS)
+    if unknown:
+        raise ValueError(f"cannot batch processor outputs {sorted(unknown)}")
+    if any(s["input_ids"].shape[0] != 1 for s in samples):
+        raise ValueError("collate_model_inputs takes samples of batch size 1")
+    length = max(s["input_ids"].shape[1] for s in samples)
+    out: dict[str, torch.Tensor] = {}
+    for key, fill in _PADDED_KEYS.items():
+        if key not in keys:
+            continue
+        fill = pad_id if fill is None else fill
+        rows = []
+        for s in samples:
+            x = s[key] if key in s else torch.zeros_like(s["input_ids"])
+            rows.append(torch.nn.functional.pad(x, (0, length - x.shape[1]), value=fill))
+        out[key] = torch.cat(rows)
+    for key in _CONCAT_KEYS:
+        parts = [s[key] for s in samples if key in s]
+        if parts:
+            out[key] = torch.cat(parts)
+    if "attention_mask" not in out:
+        lens = torch.tensor([s["input_ids"].shape[1] for s in samples])
+        out["attention_mask"] = (torch.arange(length)[None, :] < lens[:, None]).long()
+    return out
+
+
+def pad_branches(
+    per_sample: list[tuple[torch.Tensor, torch.Tensor]],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[(branch_pos [R_b], branch_tok [R_b]), ...] -> (branch_pos [B, R], branch_tok [B, R]), padded with -1."""
+    width = max((len(p) for p, _ in per_sample), default=0)
+    pos = torch.full((len(per_sample), width), -1, dtype=torch.int64)
+    tok = torch.full((len(per_sample), width), -1, dtype=torch.int64)
+    for b, (p, t) in enumerate(per_sample):
+        if len(p) != len(t):
+            raise ValueError(f"sample {b}: {len(p)} branch positions but {len(t)} branch tokens")
+        pos[b, : len(p)] = torch.as_tensor(p, dtype=torch.int64)
+        tok[b, : len(t)] = torch.as_tensor(t, dtype=torch.int64)
+    return pos, tok
+
+
+def sequence_lengths(model_inputs: dict) -> torch.Tensor:
+    """int64 [B]: real tokens per row, from the 2-D ``attention_mask`` (checked to be right-padded)."""
+    ids = model_inputs["input_ids"]
+    mask = model_inputs.get("attention_mask")  # absent: nothing is padded
+    if mask is None:
+        return torch.full((ids.shape[0],), ids.shape[1], dtype=torch.int64, device=ids.device)
+    if mask.ndim != 2:
+        raise ValueError(f"attention_mask must be the processor's 2-D padding mask, got shape {tuple(mask.shape)}")
+    lens = mask.long().sum(dim=1)
+    right_padded = torch.arange(mask.shape[1], device=mask.device)[None, :] < lens[:, None]
+    if not torch.equal(mask.bool(), right_padded):
+        raise ValueError("branch rows need right-padded sequences (attention_mask 1…1 0…0 per row)")
+    return lens
+
+
+def sequence_position_ids(model, model_inputs: dict) -> torch.Tensor:
+    """The position ids the model uses for its sequence: [B, T] (1-D RoPE) or [3, B, T] (mRoPE).
+
+    Passed explicitly to the ordinary forward of :func:`forward_branches_from_cache`'s caller, so the
+    cache and the branch rows are built on the same ids.
+    """
+    ids = model_inputs["input_ids"]
+    lens = sequence_lengths(model_inputs)
+    batch, length = ids.shape
+    text = torch.arange(length, device=ids.device)[None, :].expand(batch, length)
+    if _model_type(model) in ROPE_1D_MODEL_TYPES:
+        return text  # what the text model itself uses without a cache; right padding leaves it exact
+    if "mm_token_type_ids" not in model_inputs:
+        if "image_grid_thw" in model_inputs:
+            raise ValueError("Qwen2-VL inputs with images need the processor's mm_token_type_ids")
+        return text[None].expand(3, batch, length)  # text only: the model's own default
+    mask = (torch.arange(length, device=ids.device)[None, :] < lens[:, None]).long()
+    position_ids, _ = model.model.get_rope_index(
+        ids,
+        model_inputs["mm_token_type_ids"],
+        image_grid_thw=model_inputs.get("image_grid_thw"),  # absent: a text-only batch
+        attention_mask=mask,
+    )
+    return position_ids
+
+
+def _next_text_positions(position_ids: torch.Tensor) -> torch.Tensor:
+    """[B, T]: the position id of a text token placed right after ``x_t`` (see [mRoPE note]).
+
+    Largest id over components and over ``x_0 … x_t``, plus one: ``pos(t) + 1`` after text, and the
+    id ``get_rope_index`` gives the text after an image block when ``x_t`` is its last cell.
+    """
+    flat = position_ids if position_ids.ndim == 2 else position_ids.amax(dim=0)
+    return flat.cummax(dim=-1).values + 1
+
+
+def placeholder_ids(model) -> list[int]:
+    """Token ids a branch row may not hold (image/video placeholders and vision markers)."""
+    return [int(getattr(model.config, attr)) for attr in _PLACEHOLDER_ATTRS[_model_type(model)]]
+
+
+def _branch_rows(
+    model,
+    position_ids: torch.Tensor,
+    seq_lens: torch.Tensor,
+    branch_pos: torch.Tensor,
+    branch_tok: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The branch rows of a batch: (token ids [B, R], position ids [B, R] | [3, B, R], keys [B, R, T + R]).
+
+    ``keys[b, r]`` is the attention row of branch ``r`` over [T sequence keys, R branch keys]: the
+    sequence up to and including ``branch_pos[b, r]``, and the branch itself. Padded rows
+    (``branch_pos == -1``) see only themselves and hold a harmless token.
+    """
+    batch, length = position_ids.shape[-2:]
+    if branch_pos.ndim != 2 or branch_pos.shape != branch_tok.shape or branch_pos.shape[0] != batch:
+        raise ValueError(
+            f"branch_pos and branch_tok must both be [B={batch}, R], got {tuple(branch_pos.shape)} "
+            f"and {tuple(branch_tok.shape)}"
+        )
+    device = position_ids.device
+    branch_pos, branch_tok = branch_pos.to(device).long(), branch_tok.to(device).long()
+    n_rows = branch_pos.shape[1]
+    valid = branch_pos >= 0
+    if (branch_pos < -1).any() or (branch_pos >= seq_lens.to(device)[:, None]).any():
+        raise ValueError("branch_pos must be a position inside its sample (0 <= t < length), or -1 for padding")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    placeholders = placeholder_ids(model)
+    real_tok = branch_tok[valid]
+    if ((real_tok < 0) | (real_tok >= vocab)).any():
+        raise ValueError(f"branch_tok must be token ids in [0, {vocab})")
+    if torch.isin(real_tok, torch.tensor(placeholders, device=device)).any():
+        raise ValueError(f"branch_tok contains a vision placeholder token {placeholders}; it cannot be a branch token")
+    pad_tok = min(set(range(len(placeholders) + 1)) - set(placeholders))
+    tokens = torch.where(valid, branch_tok, pad_tok)
+
+    positions = _next_text_positions(position_ids).gather(1, branch_pos.clamp_min(0))
+    positions = torch.where(valid, positions, 0)
+    if position_ids.ndim == 3:  # mRoPE: a text token has three equal components
+        positions = positions[None].expand(position_ids.shape[0], batch, n_rows)
+
+    sees_seq = torch.arange(length, device=device)[None, None, :] <= branch_pos[:, :, None]  # [B, R, T]
+    sees_self = torch.eye(n_rows, dtype=torch.bool, device=device)[None].expand(batch, n_rows, n_rows)
+    return tokens, positions, torch.cat([sees_seq, sees_self], dim=-1)
+
+
+def _kernel_mask(model, allowed: torch.Tensor) -> torch.Tensor:
+    """A bool [B, 1, q, kv] mask (True = may attend) in the form the model's attention kernel uses as given."""
+    kernel = model.config.get_text_config()._attn_implementation
+    if kernel == "sdpa":
+        return allowed
+    if kernel == "eager":
+        dtype = model.dtype
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
+    raise ValueError(f"branch rows need a dense 4-D attention mask; attention kernel {kernel!r} takes none (use one of {_MASK_KERNELS})")
+
+
+def _as_batch(branch_pos, branch_tok) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    branch_pos, branch_tok = torch.as_tensor(branch_pos), torch.as_tensor(branch_tok)
+    single = branch_pos.ndim == 1
+    if single:
+        branch_pos, branch_tok = branch_pos[None], branch_tok[None]
+    return branch_pos, branch_tok, single
+
+
+def forward_with_branches(
+    model, model_inputs: dict, branch_pos: torch.Tensor, branch_tok: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One forward over the sequence and its branch rows (sequence logits are unchanged by the branches).
+
+    model_inputs: the processor's outputs for a batch (``input_ids`` [B, T], right-padded
+    ``attention_mask``, images as usual). branch_pos, branch_tok: [B, R] (padding: pos −1), or [R]
+    when B = 1. Returns ``seq_logits`` [B, T, V] and ``branch_logits`` [B, R, V] ([T, V] and [R, V]
+    for 1-D branch inputs): ``branch_logits[b, r]`` are the logits of ``p(· | x≤t, c)`` with
+    ``t = branch_pos[b, r]``, ``c = branch_tok[b, r]``. Gradients flow (no ``no_grad`` here).
+    """
+    branch_pos, branch_tok, single = _as_batch(branch_pos, branch_tok)
+    ids = model_inputs["input_ids"]
+    if single and ids.shape[0] != 1:
+        raise ValueError(f"1-D branch_pos needs a batch of one, got batch {ids.shape[0]}")
+    batch, length = ids.shape
+    seq_pos = sequence_position_ids(model, model_inputs)
+    tokens, positions, branch_keys = _branch_rows(model, seq_pos, sequence_lengths(model_inputs), branch_pos, branch_tok)
+    n_rows = tokens.shape[1]
+
+    # Sequence rows: causal over the sequence, never a branch key. Right-padded rows only see the
+    # real tokens before them plus padding, as in an ordinary forward; padded rows are ignored.
+    causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
+    seq_keys = torch.cat([causal, causal.new_zeros(length, n_rows)], dim=-1)[None].expand(batch, -1, -1)
+    allowed = torch.cat([seq_keys, branch_keys], dim=1)[:, None]  # [B, 1, T + R, T + R]
+
+    extra = {k: v for k, v in model_inputs.items() if k not in _REPLACED_KEYS}
+    out = model(
+        input_ids=torch.cat([ids, tokens], dim=1),
+        attention_mask=_kernel_mask(model, allowed),
+        position_ids=torch.cat([seq_pos, positions], dim=-1),
+        use_cache=False,
+        **extra,
+    )
+    seq_logits, branch_logits = out.logits[:, :length], out.logits[:, length:]
+    return (seq_logits[0], branch_logits[0]) if single else (seq_logits, branch_logits)
+
+
+def forward_branches_from_cache(
+    model,
+    past_key_values,
+    position_ids: torch.Tensor,
+    branch_pos: torch.Tensor,
+    branch_tok: torch.Tensor,
+    seq_lens: torch.Tensor | int,
+) -> torch.Tensor:
+    """Branch logits from the KV cache of an ordinary forward over the sequence; costs only the branch tokens.
+
+    past_key_values: the ``DynamicCache`` of ``model(**model_inputs, position_ids=position_ids,
+    use_cache=True)`` over the (right-padded) batch, holding T keys per layer. position_ids: that
+    forward's ids, from :func:`sequence_position_ids` ([B, T] or [3, B, T]). branch_pos, branch_tok:
+    [B, R] (padding: pos −1) or [R] when B = 1. seq_lens: [B] real lengths (or an int when B = 1).
+    Returns ``branch_logits`` [B, R, V] ([R, V] for 1-D inputs).
+
+    The branch keys are appended to the cache for the forward and cropped off afterwards, so the
+    cache is as it was and branches can be run in several chunks.
+    """
+    branch_pos, branch_tok, single = _as_batch(branch_pos, branch_tok)
+    length = past_key_values.get_seq_length()
+    if position_ids.shape[-1] != length:
+        raise ValueError(f"position_ids cover {position_ids.shape[-1]} tokens but the cache holds {length}")
+    seq_lens = torch.as_tensor(seq_lens, device=position_ids.device).reshape(-1)
+    tokens, positions, branch_keys = _branch_rows(model, position_ids, seq_lens, branch_pos, branch_tok)
+    n_rows = tokens.shape[1]
+    if n_rows == 0:
+        vocab = model.get_output_embeddings().weight.shape[0]
+        empty = torch.zeros((tokens.shape[0], 0, vocab), dtype=model.dtype, device=tokens.device)
+        return empty[0] if single else empty
+    out = model(
+        input_ids=tokens,
+        attention_mask=_kernel_mask(model, branch_keys[:, None]),  # [B, 1, R, T + R]
+        position_ids=positions,
+        past_key_values=past_key_values,
+        use_cache=True,
+    )
+    past_key_values.crop(-n_rows)
+    return out.logits[0] if single else out.logits

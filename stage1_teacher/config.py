@@ -1,0 +1,117 @@
+"""Configuration of ``pipeline run teacher-dump`` (DESIGN.md §3, §5, §6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pipeline.config import check
+from pipeline.data import DataConfig
+
+
+@dataclass
+class TeacherConfig:
+    path: str
+    """Hugging Face checkpoint directory of the teacher VLM (config.json, safetensors, processor files)."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights and compute dtype; `auto` is bfloat16 on GPU and float32 on CPU. Log-probs are always computed in float32."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where each worker runs the teacher; `auto` uses the worker's GPU when it has one."""
+
+    def __post_init__(self):
+        check(bool(self.path), "path", "must name the teacher checkpoint directory")
+
+
+@dataclass
+class SampledConfig:
+    enabled: bool = False
+    """Also store the unbiased sampled target (ids drawn from p_T with replacement, unique ids with counts)."""
+    draws: int = 50
+    """Draws per response position (about 12 unique ids at 50)."""
+
+    def __post_init__(self):
+        check(1 <= self.draws <= 32767, "draws", f"must be in [1, 32767], got {self.draws}")
+
+
+@dataclass
+class TransitionsConfig:
+    enabled: bool = True
+    """Store transition statistics for TPA (branch rows after plausible alternative tokens)."""
+    candidates: int = 4
+    """K: alternative tokens per selected position (the teacher's top tokens other than the gold one)."""
+    top_k: int = 16
+    """k': token ids (with exact log-probs) kept of each candidate's transition distribution."""
+    min_prob: float = 0.01
+    """p_min: a candidate needs at least this teacher probability."""
+    min_alt_mass: float = 0.05
+    """epsilon: a position is selected only if 1 - p_T(gold) is at least this."""
+    max_positions: int = 64
+    """M: at most this many positions per sample, highest alternative mass first."""
+
+    def __post_init__(self):
+        check(self.candidates >= 1, "candidates", f"must be >= 1, got {self.candidates}")
+        check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        check(0.0 <= self.min_prob < 1.0, "min_prob", f"must be in [0, 1), got {self.min_prob}")
+        check(0.0 <= self.min_alt_mass < 1.0, "min_alt_mass", f"must be in [0, 1), got {self.min_alt_mass}")
+        check(self.max_positions >= 1, "max_positions", f"must be >= 1, got {self.max_positions}")
+
+
+@dataclass
+class SignalsConfig:
+    top_k: int = 64
+    """k: token ids (with exact log-probs from the full-vocabulary log-softmax) kept per response and visual position."""
+    temperature: float = 1.0
+    """tau_dump: temperature of every stored distribution; Stage 2 refuses to train at another one."""
+    saliency_layers: Literal["auto"] | list[int] = "auto"
+    """Text layers whose instruction-to-visual attention forms the saliency maps; `auto` picks argmax IRS from calibration."""
+    calibration_samples: int = 256
+    """Samples (from the start of the data) used to compute the per-layer IRS table."""
+    visual_fraction: float = 0.25
+    """rho: store visual-position distributions for this most-salient fraction of visual tokens."""
+    sampled: SampledConfig = field(default_factory=SampledConfig)
+    """The optional sampled response target."""
+    transitions: TransitionsConfig = field(default_factory=TransitionsConfig)
+    """Transition statistics for TPA."""
+
+    def __post_init__(self):
+        check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        check(0.0 <= self.visual_fraction <= 1.0, "visual_fraction", f"must be in [0, 1], got {self.visual_fraction}")
+        check(self.calibration_samples >= 1, "calibration_samples", f"must be >= 1, got {self.calibration_samples}")
+        if isinstance(self.saliency_layers, list):
+            check(bool(self.saliency_layers), "saliency_layers", "must be `auto` or a non-empty list of layer indices")
+            check(all(x >= 0 for x in self.saliency_layers), "saliency_layers", "layer indices must be >= 0")
+
+
+@dataclass
+class OutputConfig:
+    dir: str
+    """The store directory (created if absent). A re-run resumes: complete shards are kept, partial ones redone."""
+    shard_size: int = 256
+    """Samples per shard; a shard is the unit of work of one worker and of resume."""
+
+    def __post_init__(self):
+        check(bool(self.dir), "dir", "must name the store directory")
+        check(self.shard_size >= 1, "shard_size", f"must be >= 1, got {self.shard_size}")
+
+
+@dataclass
+class DumpConfig:
+    teacher: TeacherConfig
+    """The teacher model."""
+    data: DataConfig
+    """The conversations to run the teacher on."""
+    output: OutputConfig
+    """Where the store goes."""
+    signals: SignalsConfig = field(default_factory=SignalsConfig)
+    """What is computed and stored."""
+    workers: int = 0
+    """Ray actors (one per GPU when GPUs exist, else CPU actors); 0 runs in this process without Ray."""
+    batch_size: int = 4
+    """Samples per teacher forward (right-padded)."""
+    seed: int = 0
+    """Seed of the sampled target's draws (each sample's draws depend only on this seed and its id)."""
+
+    def __post_init__(self):
+        check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")

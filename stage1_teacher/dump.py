@@ -1,0 +1,227 @@
+"""``pipeline run teacher-dump``: run the teacher once and write a complete, verified store.
+
+Top to bottom: read the records, plan shards, check the store's settings (resume or refuse),
+calibrate the saliency layer (IRS), run every incomplete shard (in-process or on Ray actors),
+write the manifest last, print a summary.
+
+Resume: settings go to ``dump.json`` before any shard is written. A re-run with equal settings
+keeps complete shards, deletes partial ones and redoes them; with different settings it refuses
+and names the settings that differ. Shard contents do not depend on the worker count, the batch
+size or the order shards run in, so a resumed store equals an uninterrupted one sample for sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.config import to_dict
+from pipeline.data import BadRecord, iter_records
+from pipeline.errors import PipelineError
+from pipeline.fingerprints import (
+    chat_template_fingerprint,
+    config_fingerprint,
+    dataset_fingerprint,
+    processor_fingerprint,
+    tokenizer_fingerprint,
+    weights_fingerprint,
+)
+from pipeline.processors import load_processor
+from schemas.signals import array_specs
+from schemas.store import (
+    atomic_write_text,
+    list_complete_shards,
+    read_manifest,
+    remove_partial_shards,
+    shard_name,
+    write_manifest,
+)
+from stage1_teacher.config import DumpConfig
+from stage1_teacher.executors import make_executor
+
+log = logging.getLogger("stage1.dump")
+
+SETTINGS_FILE = "dump.json"
+CALIBRATION_FILE = "calibration.json"
+STORE_KIND = "alignti-teacher-store"
+
+
+class StoreMismatchError(PipelineError):
+    """An existing store was written with other settings; mixing would corrupt it."""
+
+
+def store_settings(cfg: DumpConfig, processor) -> dict:
+    """Everything that determines the store's contents (and nothing that does not, like workers)."""
+    teacher = Path(cfg.teacher.path)
+    return {
+        "kind": STORE_KIND,
+        "teacher": {
+            "path": str(teacher.resolve()),
+            "model_type": json.loads((teacher / "config.json").read_text())["model_type"],
+            "config_fingerprint": config_fingerprint(teacher),
+            "weights_fingerprint": weights_fingerprint(teacher),
+            "dtype": cfg.teacher.dtype,
+        },
+        "tokenizer": {"fingerprint": tokenizer_fingerprint(processor.tokenizer), "size": len(processor.tokenizer)},
+        "chat_template_fingerprint": chat_template_fingerprint(processor),
+        "chat_template": processor.chat_template,
+        "processor_fingerprint": processor_fingerprint(processor),
+        "dataset": {**to_dict(cfg.data), "fingerprint": dataset_fingerprint(cfg.data.path)},
+        "signals": to_dict(cfg.signals),
+        "shard_size": cfg.output.shard_size,
+        "seed": cfg.seed,
+    }
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += _diff(a[k], b[k], key + ".")
+        elif a.get(k) != b.get(k):
+            out.append(f"{key}: store has {a.get(k)!r}, this run has {b.get(k)!r}")
+    return out
+
+
+def check_or_claim_store(store: Path, settings: dict) -> None:
+    """Write the settings to a new store, or check them against an existing one."""
+    path = store / SETTINGS_FILE
+    if path.is_file():
+        existing = json.loads(path.read_text())
+        diff = _diff(existing, settings)
+        if diff:
+            raise StoreMismatchError(
+                f"{store} was written with other settings; refusing to mix. Use another output.dir, or delete "
+                "the store to start over. Differences:\n  " + "\n  ".join(diff)
+            )
+        return
+    if store.exists() and any(store.iterdir()):
+        raise StoreMismatchError(f"{store} exists, is not empty and is not a teacher store (no {SETTINGS_FILE})")
+    store.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True))
+
+
+def run(cfg: DumpConfig) -> dict:
+    t0 = time.time()
+    store = Path(cfg.output.dir)
+    processor = load_processor(cfg.teacher.path)
+    settings = store_settings(cfg, processor)
+    check_or_claim_store(store, settings)
+    if (store / "manifest.json").is_file():
+        manifest = read_manifest(store)
+        log.info("%s is complete (%d samples); nothing to do", store, manifest["n_samples"])
+        return manifest
+
+    records = list(iter_records(cfg.data))
+    n_shards = max(1, math.ceil(len(records) / cfg.output.shard_size))
+    shards = {
+        shard_name(i): records[i * cfg.output.shard_size : (i + 1) * cfg.output.shard_size] for i in range(n_shards)
+    }
+    removed = remove_partial_shards(store)
+    if removed:
+        log.info("removed %d partial shard(s) of an interrupted run: %s", len(removed), ", ".join(removed))
+    done = set(list_complete_shards(store))
+    todo = {name: recs for name, recs in shards.items() if name not in done}
+    log.info(
+        "%d records in %d shard(s); %d complete, %d to do", len(records), n_shards, len(done & set(shards)), len(todo)
+    )
+
+    specs = array_specs(
+        cfg.signals.top_k,
+        cfg.signals.transitions.top_k,
+        sampled=cfg.signals.sampled.enabled,
+        transitions=cfg.signals.transitions.enabled,
+    )
+    with make_executor(cfg) as executor:
+        layers, irs = calibrate(cfg, store, executor, records)
+        executor.run_shards(todo, specs, layers, n_samples=sum(len(r) for r in todo.values()))
+
+    stats = signal_bytes(store, specs)
+    manifest = write_manifest(
+        store,
+        {
+            **settings,
+            "pipeline_version": __version__,
+            "saliency": {"layers": layers, "irs": {str(k): v for k, v in irs.items()} if irs else None},
+            "signal_bytes": stats,
+            "created_unix": int(time.time()),
+        },
+        shards=list(shards),
+    )
+    wall = time.time() - t0
+    print_summary(store, manifest, stats, wall)
+    return manifest
+
+
+def calibrate(cfg: DumpConfig, store: Path, executor, records) -> tuple[list[int], dict[int, float] | None]:
+    """The saliency layers: named in the config, or argmax IRS (computed once, kept for resume)."""
+    if cfg.signals.saliency_layers != "auto":
+        return list(cfg.signals.saliency_layers), None
+    path = store / CALIBRATION_FILE
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        log.info("calibration from %s: layers %s", path.name, saved["layers"])
+        return saved["layers"], {int(k): v for k, v in saved["irs"].items()}
+    usable = [r for r in records if not isinstance(r, BadRecord) and r.images]
+    subset = usable[: cfg.signals.calibration_samples]
+    if not subset:
+        raise PipelineError(
+            "saliency_layers=auto needs samples with images to calibrate on; none found. Name the layers instead "
+            "(signals.saliency_layers=[...])"
+        )
+    log.info("calibrating saliency layers (IRS) on %d samples", len(subset))
+    irs = executor.calibrate(subset)
+    best = max(irs, key=lambda layer: irs[layer])
+    layers = [best]
+    atomic_write_text(path, json.dumps({"layers": layers, "irs": {str(k): v for k, v in irs.items()}}, indent=2))
+    log.info("IRS per layer: %s -> layers %s", ", ".join(f"{k}:{v:.4f}" for k, v in sorted(irs.items())), layers)
+    return layers, irs
+
+
+def signal_bytes(store: Path, specs) -> dict:
+    """Stored bytes of each signal, in total and per response token (compressed, on disk)."""
+    total: dict[str, int] = {}
+    n_resp = 0
+    for name in list_complete_shards(store):
+        shard = json.loads((store / "shards" / name / "shard.json").read_text())
+        n_resp += shard["rows"].get("resp_pos", 0)
+        for rel, f in shard["files"].items():
+            parts = Path(rel).parts
+            key = parts[1] if parts[0] == "arrays.zarr" and len(parts) > 2 else "index"
+            total[key] = total.get(key, 0) + f["bytes"]
+    groups = {
+        "response_topk": ["resp_pos", "resp_ids", "resp_logprobs"],
+        "response_sampled": ["resp_sample_n", "resp_sample_ids", "resp_sample_counts"],
+        "saliency": ["saliency"],
+        "visual_topk": ["vis_pos", "vis_weight", "vis_ids", "vis_logprobs"],
+        "transitions": ["tpa_pos", "tpa_cand", "tpa_cand_logprob", "tpa_ids", "tpa_logprobs"],
+        "index": ["index"],
+    }
+    out = {"response_tokens": n_resp}
+    for g, names in groups.items():
+        b = sum(total.get(n, 0) for n in names)
+        if b:
+            out[g] = {"bytes": b, "bytes_per_response_token": b / max(1, n_resp)}
+    return out
+
+
+def print_summary(store: Path, manifest: dict, stats: dict, wall: float) -> None:
+    lines = [
+        f"teacher-dump complete: {store}",
+        f"  samples written  {manifest['n_samples']}",
+        f"  samples skipped  {manifest['n_skipped']} {manifest.get('skipped_reasons') or ''}",
+        f"  response tokens  {stats['response_tokens']}",
+        f"  saliency layers  {manifest['saliency']['layers']}",
+        "  bytes per response token:",
+    ]
+    for g, v in stats.items():
+        if isinstance(v, dict):
+            lines.append(f"    {g:<18} {v['bytes_per_response_token']:10.1f}  ({v['bytes'] / 1e6:.2f} MB)")
+    lines.append(f"  wall time        {wall:.1f} s")
+    print("\n".join(lines))
+
