@@ -43,6 +43,11 @@ RUN_JOBS: dict[str, Job] = {
         "stage1_teacher.dump:run",
         "Stage 1: run the teacher once and write its signals to a versioned store (resumable)",
     ),
+    "distill": Job(
+        "stage2_student.config:DistillConfig",
+        "stage2_student.distill:run",
+        "Stage 2: train a student against a teacher store (SFT, KD, IVA, TPA); resumable",
+    ),
     "data-check": Job(
         "pipeline.data_check:DataCheckConfig",
         "pipeline.data_check:run",

@@ -65,6 +65,7 @@ def store_settings(cfg: DumpConfig, processor) -> dict:
             "config_fingerprint": config_fingerprint(teacher),
             "weights_fingerprint": weights_fingerprint(teacher),
             "dtype": cfg.teacher.dtype,
+            "text_layers": int(_text_config(teacher)["num_hidden_layers"]),
         },
         "tokenizer": {"fingerprint": tokenizer_fingerprint(processor.tokenizer), "size": len(processor.tokenizer)},
         "chat_template_fingerprint": chat_template_fingerprint(processor),
@@ -75,6 +76,11 @@ def store_settings(cfg: DumpConfig, processor) -> dict:
         "shard_size": cfg.output.shard_size,
         "seed": cfg.seed,
     }
+
+
+def _text_config(model_dir: Path) -> dict:
+    config = json.loads((model_dir / "config.json").read_text())
+    return config.get("text_config", config)
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:

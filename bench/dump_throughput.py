@@ -1,0 +1,279 @@
+"""Teacher-dump throughput against a bare forward of the same model on the same batches.
+
+Modes, timed in interleaved repetitions over the same pre-encoded batches:
+
+* bare    ``model(**collated_inputs, use_cache=False)``: SDPA, full logits, no cache, nothing else.
+          The floor: what any teacher pass costs.
+* (a)     ``Teacher.signals`` with transitions off: probe on L*, logits kept at response + visual
+          positions only, top-k, saliency maps, visual top-k. Target: >= 0.85 of bare throughput.
+* (b)     ``Teacher.signals`` with transitions on: (a) plus the KV cache and the branch rows as a
+          cache continuation. Its extra cost should track the extra (branch) tokens it computes.
+
+Encoding (tokenizer + image processor) is outside (a) and (b): the batches are encoded once. Then one
+end-to-end ``stage1_teacher.dump.run`` (workers=0, settings of (b)) on the same data gives samples/s
+including model load, encoding, writing shards and the manifest.
+
+The teacher is random-init, so its distributions are near-uniform and no candidate would pass the
+default p_min = 0.01 (1/vocab ~ 0.002): transitions here use p_min = 0 and epsilon = 0, i.e. every
+response position is selected with K candidates (up to M per sample), the most branch rows the
+defaults allow. A trained teacher selects fewer.
+
+    python bench/dump_throughput.py [--quick] [--device cuda --dtype bfloat16 --samples 512 --batch-size 16]
+"""
+
+from __future__ import annotations
+
+import time
+
+from common import (
+    BENCH_SPEC,
+    Workdir,
+    base_parser,
+    build_shapes_data,
+    build_teacher,
+    check_device,
+    chunks,
+    dump_config,
+    encode_file,
+    environment,
+    fmt_spread,
+    interleaved,
+    sync,
+    per_rep_ratio,
+    spec_dict,
+    stats,
+    table,
+    write_results,
+)
+
+import torch  # noqa: E402  (after common: it sets up sys.path and offline mode)
+
+from stage1_teacher.branches import collate_model_inputs  # noqa: E402
+from stage1_teacher.config import SignalsConfig, TeacherConfig, TransitionsConfig  # noqa: E402
+import stage1_teacher.teacher as teacher_module  # noqa: E402
+from stage1_teacher.teacher import Teacher  # noqa: E402
+
+TARGET_A = 0.85
+
+
+def parse_args():
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=64, help="synthetic records (multi-turn)")
+    p.add_argument("--turns", type=int, default=3, help="question/answer turns per record")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--reps", type=int, default=5, help="timed rounds per mode (interleaved)")
+    p.add_argument("--layer", type=int, default=None, help="saliency layer L* (default: the middle layer)")
+    p.add_argument("--top-k", type=int, default=64)
+    p.add_argument("--min-prob", type=float, default=0.0, help="transitions p_min (see module docstring)")
+    p.add_argument("--min-alt-mass", type=float, default=0.0, help="transitions epsilon")
+    p.add_argument("--max-length", type=int, default=2048)
+    p.add_argument("--skip-end-to-end", action="store_true", help="do not run dump.run")
+    args = p.parse_args()
+    if args.quick:
+        args.samples, args.reps = min(args.samples, 8), min(args.reps, 2)
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    check_device(args.device)
+    spec = BENCH_SPEC
+    layer = spec.layers // 2 if args.layer is None else args.layer
+    transitions = TransitionsConfig(min_prob=args.min_prob, min_alt_mass=args.min_alt_mass)
+    signals_off = SignalsConfig(
+        top_k=args.top_k, saliency_layers=[layer], transitions=TransitionsConfig(enabled=False)
+    )
+    signals_on = SignalsConfig(top_k=args.top_k, saliency_layers=[layer], transitions=transitions)
+
+    with Workdir(args.workdir, "dump") as work:
+        print(f"building teacher {spec} and {args.samples} synthetic records in {work}", flush=True)
+        teacher_dir = build_teacher(work / "teacher", spec)
+        data = build_shapes_data(work / "data", args.samples, args.turns)
+
+        t0 = time.perf_counter()
+        teacher = Teacher(TeacherConfig(str(teacher_dir), dtype=args.dtype, device=args.device), signals_on, seed=0)
+        load_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        encoded = encode_file(data, teacher.processor, args.max_length)
+        encode_s = time.perf_counter() - t0
+        batches = chunks(encoded, args.batch_size)
+        device = teacher.device
+        collated = [
+            {k: v.to(device) for k, v in collate_model_inputs([e.model_inputs for e in b], teacher.pad_id).items()}
+            for b in batches
+        ]
+        n_samples = len(encoded)
+        seq_tokens = sum(e.length for e in encoded)
+        padded_tokens = sum(int(c["input_ids"].numel()) for c in collated)
+
+        def bare() -> None:
+            with torch.inference_mode():
+                for inputs in collated:
+                    teacher.model(**inputs, use_cache=False)
+
+        # Where (b)'s extra time goes: the branch continuation is timed inside each (b) pass by
+        # wrapping the function the teacher calls (this process only; the wrapper costs two syncs).
+        branch_calls: list[float] = []
+        continuation = teacher_module.forward_branches_from_cache
+
+        def timed_continuation(*a, **kw):
+            sync(args.device)
+            t = time.perf_counter()
+            out = continuation(*a, **kw)
+            sync(args.device)
+            branch_calls.append(time.perf_counter() - t)
+            return out
+
+        teacher_module.forward_branches_from_cache = timed_continuation
+        branch_s: list[float] = []  # per (b) pass: seconds in the continuation
+
+        def signals_with(cfg: SignalsConfig):
+            def run() -> list:
+                teacher.signals_cfg = cfg
+                branch_calls.clear()
+                out = [teacher.signals(b, [layer]) for b in batches]
+                if cfg.transitions.enabled:
+                    branch_s.append(sum(branch_calls))
+                return out
+
+            return run
+
+        modes = {"bare": bare, "a": signals_with(signals_off), "b": signals_with(signals_on)}
+
+        # Branch rows that (b) computes: real ones, and as run (each batch padded to its widest sample).
+        branch_rows = branch_padded = 0
+        for batch_out in signals_with(signals_on)():
+            counts = [len(s.tpa_pos) for s in batch_out]
+            branch_rows += sum(counts)
+            branch_padded += max(counts) * len(counts)
+        resp_tokens = sum(len(e.response_positions) for e in encoded)
+        vis_tokens = sum(len(e.visual_positions) for e in encoded)
+
+        branch_s.clear()
+        print(f"timing {args.reps} interleaved rounds of {list(modes)} over {len(batches)} batches", flush=True)
+        times = interleaved(modes, args.reps, args.device, warmup=1)
+
+        e2e = None
+        if not args.skip_end_to_end:
+            cfg = dump_config(
+                teacher_dir,
+                data,
+                work / "store",
+                {
+                    "teacher.device": args.device,
+                    "teacher.dtype": args.dtype,
+                    "data.max_length": args.max_length,
+                    "signals.top_k": args.top_k,
+                    "signals.saliency_layers": [layer],
+                    "signals.transitions.min_prob": args.min_prob,
+                    "signals.transitions.min_alt_mass": args.min_alt_mass,
+                    "batch_size": args.batch_size,
+                    "workers": 0,
+                },
+            )
+            from stage1_teacher.dump import run
+
+            del teacher  # one teacher in memory at a time
+            t0 = time.perf_counter()
+            manifest = run(cfg)
+            wall = time.perf_counter() - t0
+            signals_b = stats(times["b"])["median"]
+            e2e = {
+                "wall_s": wall,
+                "samples": manifest["n_samples"],
+                "samples_per_s": manifest["n_samples"] / wall,
+                # Estimated breakdown from the measurements above (same model, same data).
+                "teacher_load_s": load_s,
+                "encode_s": encode_s,
+                "signals_b_s": signals_b,
+                "rest_s": wall - load_s - encode_s - signals_b,
+            }
+
+    per_sample = {name: stats([n_samples / t for t in ts]) for name, ts in times.items()}
+    per_token = {name: stats([seq_tokens / t for t in ts]) for name, ts in times.items()}
+    ratio_a = per_rep_ratio(times["bare"], times["a"])  # throughput ratio = time ratio inverted
+    ratio_b = per_rep_ratio(times["bare"], times["b"])
+    cost_b_over_a = per_rep_ratio(times["b"], times["a"])
+    branch_frac = branch_rows / seq_tokens
+    branch_frac_padded = branch_padded / padded_tokens
+    # (b) - (a) split: the continuation itself, and the rest (KV cache kept, candidate selection, top-k').
+    cont = stats(branch_s[-args.reps :])
+    extra = stats([b - a for a, b in zip(times["a"], times["b"])])
+
+    labels = {
+        "bare": "bare forward (full logits)",
+        "a": "(a) signals, transitions off",
+        "b": "(b) signals, transitions on",
+    }
+    ratios = {"bare": "1", "a": fmt_spread(ratio_a), "b": fmt_spread(ratio_b)}
+    print()
+    print(
+        f"{n_samples} samples, {seq_tokens} sequence tokens ({seq_tokens / n_samples:.0f}/sample: "
+        f"{vis_tokens / n_samples:.0f} visual, {resp_tokens / n_samples:.1f} response), batch {args.batch_size}, "
+        f"{args.device} {args.dtype}, torch threads {torch.get_num_threads()}; median [min..max] of {args.reps} rounds"
+    )
+    print(
+        table(
+            ["mode", "s/pass", "samples/s", "seq tokens/s", "throughput / bare"],
+            [
+                [labels[m], fmt_spread(stats(times[m])), fmt_spread(per_sample[m], 2), fmt_spread(per_token[m], 0), ratios[m]]
+                for m in modes
+            ],
+        )
+    )
+    verdict = "meets" if ratio_a["median"] >= TARGET_A else "MISSES"
+    print(f"(a)/bare median {ratio_a['median']:.3f}: {verdict} the {TARGET_A} target")
+    print(
+        f"(b) branch rows: {branch_rows} ({branch_rows / n_samples:.1f}/sample) = {branch_frac:.1%} of sequence tokens "
+        f"({branch_frac_padded:.1%} as padded in batches); (b)/(a) time {fmt_spread(cost_b_over_a)} "
+        f"-> cost growth {cost_b_over_a['median'] - 1:+.1%} vs token growth {branch_frac:+.1%}"
+    )
+    print(
+        f"(b)-(a) per pass {fmt_spread(extra)} s, of which the branch continuation {fmt_spread(cont)} s "
+        f"(bare forward on all sequence tokens: {stats(times['bare'])['median']:.3f} s)"
+    )
+    if e2e:
+        print(
+            f"end-to-end dump.run (workers=0, settings of (b)): {e2e['samples']} samples in {e2e['wall_s']:.1f} s = "
+            f"{e2e['samples_per_s']:.2f} samples/s; est. breakdown: teacher load {e2e['teacher_load_s']:.1f} s, "
+            f"encode {e2e['encode_s']:.1f} s, signals {e2e['signals_b_s']:.1f} s, "
+            f"rest (fingerprints, writing, manifest) {e2e['rest_s']:.1f} s"
+        )
+
+    path = write_results(
+        "dump_throughput",
+        {
+            "env": environment(args.device, args.dtype),
+            "args": vars(args),
+            "spec": spec_dict(spec),
+            "saliency_layer": layer,
+            "samples": n_samples,
+            "batches": len(batches),
+            "sequence_tokens": seq_tokens,
+            "padded_tokens": padded_tokens,
+            "visual_tokens": vis_tokens,
+            "response_tokens": resp_tokens,
+            "seconds_per_pass": {m: stats(t) for m, t in times.items()},
+            "samples_per_s": per_sample,
+            "sequence_tokens_per_s": per_token,
+            "throughput_ratio_a_over_bare": ratio_a,
+            "throughput_ratio_b_over_bare": ratio_b,
+            "time_ratio_b_over_a": cost_b_over_a,
+            "extra_s_b_minus_a": extra,
+            "branch_continuation_s": cont,
+            "branch_rows": branch_rows,
+            "branch_rows_padded": branch_padded,
+            "branch_fraction_of_sequence_tokens": branch_frac,
+            "branch_fraction_padded": branch_frac_padded,
+            "target_a_over_bare": TARGET_A,
+            "end_to_end": e2e,
+            "encode_s": encode_s,
+            "teacher_load_s": load_s,
+        },
+        args.out,
+    )
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

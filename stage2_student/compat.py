@@ -1,0 +1,80 @@
+"""Refuse a student that cannot use a teacher store (DESIGN.md §4 temperature, §5.1 reuse).
+
+A store serves any student whose tokenizer fingerprint and chat template equal the teacher's: then
+every text token of a sample is the same id at a position the segment spans can map (data.remap).
+What is *not* compared, on purpose:
+
+* the embedding matrix size: padded rows (e.g. 152064 vs 151936) are a property of the model, not
+  of the tokenizer (``tokenizer_fingerprint`` hashes vocabulary, merges and special tokens only);
+  what matters is that every stored id is a real token of the student (`check_ids_in_vocab`);
+* the image processor: a student may see fewer visual tokens; its geometry is checked per sample
+  in data.remap (integer pooling of the teacher's grid, or refused naming both grids).
+
+Temperature is fixed at dump time: training at another one is refused, never approximated.
+"""
+
+from __future__ import annotations
+
+import math
+
+from pipeline.errors import PipelineError
+from pipeline.fingerprints import chat_template_fingerprint, tokenizer_fingerprint
+from schemas import StoreFormatError
+
+
+class IncompatibleStudentError(PipelineError):
+    """The student (tokenizer, chat template, temperature, vocabulary or visual geometry) cannot
+    use the store; the message names the store's side and the student's."""
+
+
+def manifest_value(manifest: dict, *keys: str):
+    """manifest[k0][k1]...; a missing key is a format problem of the store, named as such."""
+    value = manifest
+    for i, k in enumerate(keys):
+        if not isinstance(value, dict) or k not in value:
+            raise StoreFormatError(f"store manifest has no {'.'.join(keys[: i + 1])!r}; not a teacher store of this format")
+        value = value[k]
+    return value
+
+
+def check_compatible(manifest: dict, student_processor, temperature: float | None = None) -> None:
+    """Raise IncompatibleStudentError unless the student can train on the store of ``manifest``.
+
+    Checks, in order: tokenizer fingerprint, chat template fingerprint, and (when ``temperature`` is
+    given) the training temperature against the dump temperature ``signals.temperature``.
+    """
+    store_tok = manifest_value(manifest, "tokenizer", "fingerprint")
+    student_tok = tokenizer_fingerprint(student_processor.tokenizer)
+    if store_tok != student_tok:
+        raise IncompatibleStudentError(
+            f"the store's teacher tokenizer {store_tok[:12]} vs the student's {student_tok[:12]}; "
+            "a store serves only students with the teacher's tokenizer (same vocabulary, merges and "
+            "special tokens; padded embedding rows are fine)"
+        )
+    store_tpl = manifest_value(manifest, "chat_template_fingerprint")
+    student_tpl = chat_template_fingerprint(student_processor)
+    if store_tpl != student_tpl:
+        raise IncompatibleStudentError(
+            f"the store's teacher chat template {store_tpl[:12]} vs the student's {student_tpl[:12]}; "
+            "a store serves only students with the teacher's chat template (the token sequences would differ)"
+        )
+    if temperature is not None:
+        dumped = float(manifest_value(manifest, "signals", "temperature"))
+        if not math.isclose(float(temperature), dumped, rel_tol=1e-9, abs_tol=0.0):
+            raise IncompatibleStudentError(
+                f"trained at τ={float(temperature)} but the store was dumped at τ={dumped}; "
+                f"re-dump or train at {dumped}"
+            )
+
+
+def check_ids_in_vocab(max_id: int, student_vocab_size: int, where: str = "the store") -> None:
+    """Every stored token id must index a row of the student's vocabulary (``0 <= id < size``).
+
+    ``student_vocab_size``: the number of real tokens (``len(tokenizer)``) for the strict check of
+    DESIGN 5.1, or the student's output-embedding rows when padded rows may be targeted.
+    """
+    if max_id >= student_vocab_size:
+        raise IncompatibleStudentError(
+            f"{where} holds token id {max_id} but the student's vocabulary has {student_vocab_size} tokens "
+            f"(ids 0..{student_vocab_size - 1}); every stored id must be a real token of the student"
+        )

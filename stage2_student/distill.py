@@ -1,0 +1,289 @@
+"""``pipeline run distill``: train a student against a teacher store, no teacher in memory.
+
+Top to bottom: load the store's manifest and the student, refuse an incompatible pair, build the
+optimiser and the deterministic data stream, resume from the run's latest checkpoint if there is
+one, train with per-term loss logging, save the student in HF format with its provenance.
+
+The data order is a pure function of (seed, epoch, shard sizes), so resume state is the step and
+the data position; a resumed run sees the same batches and reproduces the same losses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader
+
+from pipeline import __version__
+from pipeline.config import save_config, to_dict
+from pipeline.errors import PipelineError
+from pipeline.logs import progress
+from schemas.store import fingerprint, read_manifest
+from stage1_teacher.branches import forward_with_branches
+from stage1_teacher.probe import capture
+from stage2_student import losses as L
+from stage2_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from stage2_student.compat import check_compatible
+from stage2_student.config import DistillConfig
+from stage2_student.data import StoreDataset, StudentBatch
+from stage2_student.student import load_student, map_layer, save_student, text_layers
+
+log = logging.getLogger("stage2.distill")
+
+
+def lr_lambda(cfg):
+    t = cfg.train
+
+    def factor(step: int) -> float:
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        progress = (step - t.warmup_steps) / max(1, t.steps - t.warmup_steps)
+        if t.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def run_fingerprint(cfg: DistillConfig) -> str:
+    """What must not change between a run and its resume (steps may grow; logging may change)."""
+    d = to_dict(cfg)
+    d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "checkpoint_every", "log_every")}
+    d["data"] = {k: v for k, v in d["data"].items() if k != "num_workers"}
+    return fingerprint(d)
+
+
+class LossLog:
+    """Per-step loss terms: JSONL (machine-readable) and TensorBoard (offline event files)."""
+
+    def __init__(self, run_dir: Path):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.jsonl = (run_dir / "losses.jsonl").open("a")
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+
+    def write(self, step: int, terms: dict[str, float], lr: float) -> None:
+        rec = {"step": step, "lr": lr, **terms}
+        self.jsonl.write(json.dumps(rec) + "\n")
+        self.jsonl.flush()
+        for k, v in terms.items():
+            self.tb.add_scalar(f"loss/{k}", v, step)
+        self.tb.add_scalar("lr", lr, step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()
+
+
+def _truncate_log(run_dir: Path, step: int) -> None:
+    """Drop log lines past ``step`` (written after the checkpoint a resume starts from)."""
+    path = run_dir / "losses.jsonl"
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: int | None) -> tuple[torch.Tensor, dict[str, float]]:
+    """One micro-batch: one student forward (sequence + TPA branch rows), every active loss term."""
+    lc = cfg.loss
+    inputs = batch.model_inputs
+    tpa = batch.tpa if lc.tpa > 0 else None
+    attn = None
+    probe = (
+        capture(model, [attn_layer], batch.saliency.rows, batch.saliency.cols)
+        if lc.iva_attention > 0
+        else contextlib.nullcontext()
+    )
+    with probe as p:
+        if tpa is not None and tpa.branch_pos.numel():
+            seq_logits, branch_logits = forward_with_branches(model, inputs, tpa.branch_pos, tpa.branch_tok)
+        else:
+            seq_logits, branch_logits = model(**inputs).logits, None
+        if p is not None:
+            attn = [p.block(b) for b in range(inputs["input_ids"].shape[0])]
+
+    terms: dict[str, torch.Tensor | None] = {"sft": None, "kd": None, "iva": None, "tpa": None, "iva_attention": None}
+    if lc.sft > 0:
+        terms["sft"] = L.sft_loss(seq_logits[:, :-1], batch.labels[:, 1:])
+    kw = dict(divergence=lc.divergence, beta=lc.beta, alpha=lc.alpha)
+    if lc.kd > 0:
+        kd = batch.kd
+        rows = seq_logits[kd.batch, kd.pos]
+        if lc.target == "sampled":
+            terms["kd"] = L.sampled_kd_loss(rows, kd.sampled_ids, kd.sampled_counts)
+        else:
+            terms["kd"] = L.kd_loss(rows, kd.ids, kd.logprobs, **kw)
+    if lc.iva > 0:
+        iva = batch.iva
+        rows = seq_logits[iva.batch, iva.pos]
+        terms["iva"] = L.iva_loss(rows, iva.ids, iva.logprobs, iva.weights, group=iva.batch, **kw)
+    if tpa is not None:
+        if branch_logits is None:
+            terms["tpa"] = seq_logits.sum() * 0.0  # no branch rows in this batch
+        else:
+            rows = branch_logits[tpa.batch, tpa.row]
+            terms["tpa"] = L.tpa_loss(rows, tpa.ids, tpa.logprobs, tpa.candidate_logprob, tpa.group, **kw)
+    if attn is not None:
+        sal = batch.saliency
+        student_maps, teacher_maps = [], []
+        for b, block in enumerate(attn):
+            for j, turn_rows in enumerate(sal.turn_rows[b]):
+                if len(turn_rows) and block.shape[1]:
+                    student_maps.append(block[turn_rows].mean(0))
+                    teacher_maps.append(sal.maps[b][j])
+        if student_maps:
+            terms["iva_attention"] = L.attention_kl(torch.stack(student_maps), torch.stack(teacher_maps))
+        else:
+            terms["iva_attention"] = seq_logits.sum() * 0.0
+    weights = {"sft": lc.sft, "kd": lc.kd, "iva": lc.iva, "tpa": lc.tpa, "iva_attention": lc.iva_attention}
+    return L.total_loss(terms, weights)
+
+
+def run(cfg: DistillConfig) -> dict:
+    t0 = time.time()
+    run_dir = Path(cfg.output.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    manifest = read_manifest(cfg.store.dir)
+    torch.manual_seed(cfg.seed)
+    model, processor = load_student(cfg.student, manifest["chat_template"], cfg.seed)
+    temperature = cfg.loss.temperature if cfg.loss.temperature is not None else manifest["signals"]["temperature"]
+    check_compatible(manifest, processor, temperature)
+    if cfg.loss.target == "sampled" and not manifest["signals"]["sampled"]["enabled"]:
+        raise PipelineError(f"loss.target=sampled but the store {cfg.store.dir} was dumped without sampled targets")
+    if cfg.loss.tpa > 0 and not manifest["signals"]["transitions"]["enabled"]:
+        raise PipelineError(f"loss.tpa > 0 but the store {cfg.store.dir} has no transition statistics")
+
+    attn_layer = None
+    if cfg.loss.iva_attention > 0:
+        t_layer = manifest["saliency"]["layers"][0]
+        t_layers = manifest["teacher"]["text_layers"]
+        attn_layer = cfg.loss.iva_attention_layer
+        if attn_layer is None:
+            attn_layer = map_layer(t_layer, t_layers, text_layers(model))
+
+    precision = cfg.train.precision
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() else "no"
+    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    fp = run_fingerprint(cfg)
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is not None:
+        state = json.loads((ckpt / "state.json").read_text())
+        if state["run_fingerprint"] != fp:
+            raise PipelineError(
+                f"{run_dir} holds a run with other settings (checkpoint {ckpt.name}); use another output.dir "
+                "or delete it to start over"
+            )
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
+        _truncate_log(run_dir, step)
+        log.info("resuming %s from %s (step %d, epoch %d, batch %d)", run_dir, ckpt.name, step, epoch, batch_in_epoch)
+    save_config(cfg, run_dir / "config.yaml")
+
+    dataset = StoreDataset(
+        store_dir=cfg.store.dir,
+        processor=processor,
+        max_length=cfg.data.max_length,
+        batch_size=cfg.train.batch_size,
+        seed=cfg.seed,
+        data_path=cfg.data.path,
+        image_root=cfg.data.image_root,
+        start=(epoch, batch_in_epoch),
+        verify_checksums=cfg.store.verify_checksums,
+        with_saliency=cfg.loss.iva_attention > 0,
+        temperature=temperature,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    if dataset.batches_this_rank == 0:
+        raise PipelineError(f"store {cfg.store.dir} has no samples to train on")
+    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model.train()
+    logger = LossLog(run_dir) if accelerator.is_main_process else None
+    stream = batch_stream(dataset, epoch, batch_in_epoch, cfg.data.num_workers)
+    last_terms: dict[str, float] = {}
+    try:
+        for step_index in progress(range(step, cfg.train.steps), total=cfg.train.steps - step, desc="distill", unit="step"):
+            accumulated: dict[str, float] = {}
+            for _ in range(cfg.train.grad_accum):
+                epoch, batch_in_epoch, batch = next(stream)
+                batch = batch.to(accelerator.device)
+                with accelerator.accumulate(model):
+                    loss, terms = compute_losses(model, batch, cfg, attn_layer)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                    optimizer.step()
+                    if accelerator.sync_gradients:
+                        scheduler.step()
+                    optimizer.zero_grad()
+                for k, v in terms.items():
+                    accumulated[k] = accumulated.get(k, 0.0) + v / cfg.train.grad_accum
+            step = step_index + 1
+            last_terms = accumulated
+            if logger is not None and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
+                logger.write(step, accumulated, scheduler.get_last_lr()[0])
+            if cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0 and step < cfg.train.steps:
+                _checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, fp, epoch, batch_in_epoch)
+    finally:
+        if logger is not None:
+            logger.close()
+
+    _checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, fp, epoch, batch_in_epoch)
+    final = save_student(
+        accelerator.unwrap_model(model),
+        processor,
+        run_dir / "final",
+        {
+            "pipeline_version": __version__,
+            "config": to_dict(cfg),
+            "store": {
+                "dir": str(Path(cfg.store.dir).resolve()),
+                "manifest_sha256": fingerprint(manifest),
+                "teacher": manifest["teacher"],
+                "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
+            },
+            "steps": step,
+            "final_loss": last_terms,
+        },
+    )
+    log.info("student saved to %s (%d steps, %.1f s)", final, step, time.time() - t0)
+    return {"final": str(final), "steps": step, "last": last_terms}
+
+
+def batch_stream(dataset, epoch: int, batch_in_epoch: int, num_workers: int):
+    """Yield (epoch, batches done in that epoch, batch) forever, from a data position on.
+
+    One DataLoader per epoch: its workers read and collate ahead of the training step."""
+    while True:
+        dataset.start = (epoch, batch_in_epoch)
+        loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                            prefetch_factor=4 if num_workers else None)
+        for batch in loader:
+            batch_in_epoch += 1
+            yield epoch, batch_in_epoch, batch
+        epoch, batch_in_epoch = epoch + 1, 0
+
+
+def _checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, fp, epoch, batch_in_epoch):
+    if not accelerator.is_main_process:
+        return
+    save_checkpoint(
+        run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
+        {"run_fingerprint": fp, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+         "rng": torch.get_rng_state().tolist()},
+    )

@@ -1,0 +1,109 @@
+"""Students: an HF VLM checkpoint, or a language model + a vision encoder + a new projector.
+
+Composition is how a 0.5B–2B student is usually born: a small causal LM that shares the teacher's
+tokenizer, a CLIP/SigLIP vision tower, and a randomly initialised LLaVA-style MLP projector. The
+result is a stock ``LlavaForConditionalGeneration`` with a stock ``LlavaProcessor``, so the trained
+student saves and loads with ``save_pretrained``/``from_pretrained`` and needs no code of ours.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoTokenizer,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+)
+
+from pipeline.errors import PipelineError
+from pipeline.processors import load_processor
+from stage2_student.config import StudentConfig
+
+IMAGE_TOKEN = "<image>"
+
+
+def load_student(cfg: StudentConfig, chat_template: str, seed: int = 0):
+    """(model, processor) of the student, in float32 on CPU (the trainer moves and casts it)."""
+    if cfg.path is not None:
+        model = AutoModelForImageTextToText.from_pretrained(cfg.path, dtype=torch.float32, trust_remote_code=False)
+        return model, load_processor(cfg.path)
+    return compose_student(cfg.language_model, cfg.vision_model, chat_template, cfg.vision_feature_layer, seed)
+
+
+def _vision_tower(vision_dir: str):
+    config = AutoConfig.from_pretrained(vision_dir)
+    vision_config = getattr(config, "vision_config", config)  # a full CLIP checkpoint or a vision-only one
+    if vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
+        raise PipelineError(
+            f"{vision_dir}: vision model type {vision_config.model_type!r} is not supported for composition "
+            "(CLIP or SigLIP vision towers)"
+        )
+    model = AutoModel.from_pretrained(vision_dir, dtype=torch.float32, trust_remote_code=False)
+    return getattr(model, "vision_model", model), vision_config
+
+
+def compose_student(language_model: str, vision_model: str, chat_template: str, feature_layer: int = -1, seed: int = 0):
+    """A LLaVA student from a causal LM directory and a vision encoder directory, projector new."""
+    lm = AutoModelForCausalLM.from_pretrained(language_model, dtype=torch.float32, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(language_model, trust_remote_code=False)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    if image_token_id is None or image_token_id == tokenizer.unk_token_id:
+        raise PipelineError(f"{language_model}: the tokenizer has no {IMAGE_TOKEN} token for image placeholders")
+    vision, vision_config = _vision_tower(vision_model)
+    image_processor = AutoImageProcessor.from_pretrained(vision_model)
+    side = vision_config.image_size // vision_config.patch_size
+    strategy = "default" if vision_config.model_type == "clip_vision_model" else "full"  # CLIP has a CLS token
+    config = LlavaConfig(
+        vision_config=vision_config.to_dict(),
+        text_config=lm.config.to_dict(),
+        image_token_index=image_token_id,
+        image_seq_length=side * side,
+        vision_feature_layer=feature_layer,
+        vision_feature_select_strategy=strategy,
+    )
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    # Pretrained parts in; only the projector keeps its fresh initialisation.
+    model.model.language_model.load_state_dict(lm.get_decoder().state_dict())
+    model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
+    model.model.vision_tower.vision_model.load_state_dict(vision.state_dict())
+    processor = LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=vision_config.patch_size,
+        vision_feature_select_strategy=strategy,
+        num_additional_image_tokens=1 if strategy == "default" else 0,
+        image_token=IMAGE_TOKEN,
+        chat_template=chat_template,
+    )
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    return model, processor
+
+
+def text_layers(model) -> int:
+    return int(model.config.get_text_config().num_hidden_layers)
+
+
+def map_layer(teacher_layer: int, teacher_layers: int, student_layers: int) -> int:
+    """The student layer at the same relative depth as ``teacher_layer``."""
+    return min(student_layers - 1, max(0, math.floor((teacher_layer + 0.5) * student_layers / teacher_layers)))
+
+
+def save_student(model, processor, out_dir: Path, provenance: dict) -> Path:
+    """``save_pretrained`` for model and processor, and provenance.json beside them."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    processor.save_pretrained(out_dir)
+    (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True))
+    return out_dir

@@ -1,0 +1,431 @@
+"""Stage 2 data: remapping teacher signals onto a student's sequence, the epoch order, compatibility
+checks, and StoreDataset batches (workers, determinism, resume) on real stores of tiny teachers."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_image
+from test_dump import dump_config, make_dataset
+from torch.utils.data import DataLoader
+
+from pipeline.data import EncodedSample, encode, read_records
+from pipeline.data.encode import IGNORE_INDEX, TurnPositions, VisualBlock
+from pipeline.tiny import build_tiny_vlm
+from schemas import StoreReader
+from schemas.signals import SampleSignals, unpack
+from stage1_teacher.branches import forward_with_branches
+from stage1_teacher.dump import run
+from stage1_teacher.probe import capture
+from stage2_student import losses as L
+from stage2_student.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab
+from stage2_student.data import (
+    StoreDataset,
+    StudentDataError,
+    batches_per_epoch,
+    epoch_order,
+    epoch_samples,
+    remap,
+)
+
+# --------------------------------------------------------------------------------------------------
+# fixtures: one store per family (10 samples in shards of 4, 4, 2), students built from presets
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("s2data"), n=10)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_teacher_dir, data_file) -> Path:
+    out = tmp_path_factory.mktemp("s2store") / "store"
+    run(dump_config(tiny_teacher_dir, data_file, out))
+    return out
+
+
+@pytest.fixture(scope="module")
+def student(family):
+    return build_tiny_vlm(family, "student", seed=1)
+
+
+@pytest.fixture(scope="module")
+def pooled(family):
+    return build_tiny_vlm(family, "student-pooled", seed=1)
+
+
+def pairs(store: Path, data_file: Path, processor):
+    """(teacher signals, student encoding) of every stored sample."""
+    reader = StoreReader(store)
+    records = {r.sample_id: r for r in read_records(data_file)}
+    return [(unpack(reader.get(sid)), encode(records[sid], processor, 400)) for sid in reader.sample_ids()]
+
+
+# --------------------------------------------------------------------------------------------------
+# remap
+
+
+def test_remap_same_grid_is_identity(store, data_file, student):
+    for teacher, enc in pairs(store, data_file, student[1]):
+        assert [tuple(b["grid"]) for b in teacher.visual_blocks] == [b.grid for b in enc.visual_blocks]
+        tg = remap(teacher, enc)
+        np.testing.assert_array_equal(tg.resp_pos, teacher.resp_pos)
+        np.testing.assert_array_equal(tg.resp_ids, teacher.resp_ids)
+        np.testing.assert_array_equal(tg.vis_pos, teacher.vis_pos)
+        np.testing.assert_array_equal(tg.vis_ids, teacher.vis_ids)
+        np.testing.assert_array_equal(tg.vis_logprobs, teacher.vis_logprobs)
+        np.testing.assert_array_equal(tg.vis_weight, teacher.vis_weight)
+        if teacher.n_visual:
+            np.testing.assert_array_equal(tg.saliency, teacher.saliency)
+        else:  # text only: no visual position, one empty map per turn
+            assert tg.saliency.shape == (len(enc.turns), 0)
+        np.testing.assert_array_equal(tg.tpa_pos, teacher.tpa_pos)
+        np.testing.assert_array_equal(tg.labels, enc.labels)
+
+
+def test_remap_pooled_student_on_a_real_store(store, data_file, pooled):
+    n_pooled = 0
+    for teacher, enc in pairs(store, data_file, pooled[1]):
+        tg = remap(teacher, enc)
+        # Text positions map through the segment spans: same tokens, shifted by the lost visual tokens.
+        np.testing.assert_array_equal(enc.input_ids[tg.resp_pos], teacher.input_ids[teacher.resp_pos])
+        np.testing.assert_array_equal(enc.input_ids[tg.tpa_pos], teacher.input_ids[teacher.tpa_pos])
+        np.testing.assert_array_equal(tg.resp_pos, enc.response_positions)
+        # Saliency: area sum, checked by hand on the reshaped map of each block; totals kept.
+        t_off = s_off = 0
+        for tb, sb in zip(teacher.visual_blocks, enc.visual_blocks):
+            (R, C), (r, c) = tb["grid"], sb.grid
+            assert (R // r, C // c) == (2, 2)
+            n_pooled += 1
+            t_map = teacher.saliency[:, t_off : t_off + R * C].reshape(-1, R, C)
+            s_map = tg.saliency[:, s_off : s_off + r * c].reshape(-1, r, c)
+            for i in range(r):
+                for j in range(c):
+                    expected = t_map[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].sum(axis=(1, 2))
+                    np.testing.assert_allclose(s_map[:, i, j], expected, rtol=1e-5, atol=1e-7)
+            t_off, s_off = t_off + R * C, s_off + r * c
+        if teacher.n_visual:
+            np.testing.assert_allclose(tg.saliency.sum(1), teacher.saliency.sum(1), rtol=1e-5)
+            np.testing.assert_allclose(tg.saliency.sum(1), 1.0, atol=2e-3)  # stored in float16
+        # Visual rows: on the student's visual positions, one per merged cell, sub-normalised.
+        assert set(tg.vis_pos) <= set(enc.visual_positions)
+        assert len(tg.vis_pos) == len(set(tg.vis_pos)) <= len(teacher.vis_pos)
+        assert np.isclose(tg.vis_weight.sum(), teacher.vis_weight.sum(), rtol=1e-5)
+        assert (np.exp(tg.vis_logprobs).sum(1) <= 1 + 1e-5).all()
+    assert n_pooled > 0
+
+
+def _hand_case(teacher_grid=(2, 4), student_grid=(1, 2)):
+    """Teacher: text [10, 11], an image block, text [12, 13]; the student sees the same image pooled."""
+    R, C = teacher_grid
+    r, c = student_grid
+    t_ids = np.array([10, 11] + [3] * (R * C) + [12, 13])
+    s_ids = np.array([10, 11] + [3] * (r * c) + [12, 13])
+    T = len(t_ids)
+    sal = np.array([[0.05, 0.10, 0.15, 0.20, 0.01, 0.09, 0.25, 0.15][: R * C]], dtype=np.float32)
+    # stored cells 0 (r0c0), 1 (r0c1), 5 (r1c1) -> student cell 0; cell 6 (r1c2) -> student cell 1
+    teacher = SampleSignals(
+        sample_id="hand",
+        input_ids=t_ids,
+        visual_blocks=[{"image_index": 0, "start": 2, "length": R * C, "grid": [R, C]}],
+        turns=[{"instruction": [1], "response": [T - 2]}],
+        image_hashes=["h"],
+        resp_pos=np.array([T - 2]),
+        resp_ids=np.array([[13, 12]]),
+        resp_logprobs=np.log(np.array([[0.9, 0.05]], dtype=np.float32)),
+        saliency=sal,
+        vis_pos=np.array([2, 3, 7, 8]),
+        vis_weight=np.array([0.2, 0.1, 0.3, 0.05], dtype=np.float32),
+        vis_ids=np.array([[5, 7], [7, 8], [5, 9], [9, 5]]),
+        vis_logprobs=np.log(np.array([[0.5, 0.3], [0.6, 0.2], [0.5, 0.3], [0.7, 0.1]], dtype=np.float32)),
+        tpa_pos=np.array([T - 2, T - 2]),
+        tpa_cand=np.array([12, 11]),
+        tpa_cand_logprob=np.log(np.array([0.05, 0.01], dtype=np.float32)),
+        tpa_ids=np.array([[13], [13]]),
+        tpa_logprobs=np.log(np.array([[0.5], [0.4]], dtype=np.float32)),
+    )
+    labels = np.full(len(s_ids), IGNORE_INDEX)
+    labels[-1] = 13
+    enc = EncodedSample(
+        sample_id="hand",
+        input_ids=s_ids,
+        labels=labels,
+        visual_blocks=[VisualBlock(0, 2, r * c, (r, c))],
+        turns=[TurnPositions(instruction=np.array([1]), response=np.array([len(s_ids) - 2]))],
+        image_hashes=["h"],
+        model_inputs={},
+    )
+    return teacher, enc
+
+
+def test_remap_pooled_hand_computed():
+    teacher, enc = _hand_case()
+    tg = remap(teacher, enc)
+    # saliency [0.05 0.10 0.15 0.20 / 0.01 0.09 0.25 0.15] -> [0.05+0.10+0.01+0.09, 0.15+0.20+0.25+0.15]
+    np.testing.assert_allclose(tg.saliency, [[0.25, 0.75]], rtol=1e-6)
+    np.testing.assert_array_equal(tg.vis_pos, [2, 3])
+    np.testing.assert_allclose(tg.vis_weight, [0.6, 0.05], rtol=1e-6)
+    # cell 0 = mean of 3 cells over the union {5, 7, 8, 9}: 5 -> (0.5+0+0.5)/3, 7 -> (0.3+0.6)/3,
+    # 9 -> 0.3/3, 8 -> 0.2/3; top-2 kept: 5, 7. Cell 1 is the single stored cell 6, unchanged.
+    np.testing.assert_array_equal(tg.vis_ids, [[5, 7], [9, 5]])
+    np.testing.assert_allclose(np.exp(tg.vis_logprobs), [[1.0 / 3, 0.3], [0.7, 0.1]], rtol=1e-6)
+    np.testing.assert_array_equal(tg.resp_pos, [4])
+    np.testing.assert_array_equal(tg.tpa_pos, [4, 4])
+    np.testing.assert_array_equal(tg.labels, enc.labels)
+
+
+def test_remap_pooled_pads_a_short_union():
+    teacher, enc = _hand_case()
+    teacher.vis_pos, teacher.vis_weight = teacher.vis_pos[3:], teacher.vis_weight[3:]
+    teacher.vis_ids = np.array([[9, -1]])
+    teacher.vis_logprobs = np.array([[np.log(0.7), -np.inf]], dtype=np.float32)
+    tg = remap(teacher, enc)
+    np.testing.assert_array_equal(tg.vis_ids, [[9, -1]])
+    assert tg.vis_logprobs[0, 1] == -np.inf
+
+
+def test_remap_refuses_non_integer_geometry():
+    teacher, enc = _hand_case(teacher_grid=(3, 3), student_grid=(2, 2))
+    teacher.vis_pos, teacher.vis_weight = teacher.vis_pos[:1], teacher.vis_weight[:1]
+    teacher.vis_ids, teacher.vis_logprobs = teacher.vis_ids[:1], teacher.vis_logprobs[:1]
+    with pytest.raises(IncompatibleStudentError, match=r"'hand'.*3x3.*2x2"):
+        remap(teacher, enc)
+
+
+def test_remap_refuses_other_text_naming_the_sample():
+    teacher, enc = _hand_case()
+    enc.input_ids = enc.input_ids.copy()
+    enc.input_ids[-1] = 14
+    with pytest.raises(IncompatibleStudentError, match=r"sample 'hand'.*tokenizer or chat template"):
+        remap(teacher, enc)
+    teacher, enc = _hand_case()
+    enc.visual_blocks = []
+    with pytest.raises(IncompatibleStudentError, match=r"sample 'hand'.*1 image block.*0"):
+        remap(teacher, enc)
+
+
+# --------------------------------------------------------------------------------------------------
+# compatibility
+
+
+def test_check_compatible(store, family, student, pooled):
+    manifest = StoreReader(store).manifest
+    check_compatible(manifest, student[1], temperature=1.0)
+    check_compatible(manifest, pooled[1])  # another image processor is fine: geometry is per sample
+
+    _, other = build_tiny_vlm(family, "student", vocab_size=600)
+    with pytest.raises(IncompatibleStudentError) as e:
+        check_compatible(manifest, other)
+    store_fp = manifest["tokenizer"]["fingerprint"]
+    assert f"teacher tokenizer {store_fp[:12]} vs the student's" in str(e.value)
+    from pipeline.fingerprints import tokenizer_fingerprint
+
+    assert tokenizer_fingerprint(other.tokenizer)[:12] in str(e.value)
+
+    _, templated = build_tiny_vlm(family, "student")
+    templated.chat_template = templated.chat_template.replace("<|im_start|>", "<|im_start|> ")
+    with pytest.raises(IncompatibleStudentError, match="chat template .* vs the student's"):
+        check_compatible(manifest, templated)
+
+    with pytest.raises(IncompatibleStudentError) as e:
+        check_compatible(manifest, student[1], temperature=2.0)
+    assert "trained at τ=2.0 but the store was dumped at τ=1.0; re-dump or train at 1.0" in str(e.value)
+
+
+def test_padded_embedding_rows_are_fine_but_ids_must_exist(store, family):
+    model, processor = build_tiny_vlm(family, "student")
+    vocab = len(processor.tokenizer)
+    model.resize_token_embeddings(vocab + 64)  # padded rows: a model property, not a tokenizer one
+    check_compatible(StoreReader(store).manifest, processor)
+    check_ids_in_vocab(vocab - 1, vocab)
+    check_ids_in_vocab(vocab + 10, model.get_output_embeddings().weight.shape[0])
+    with pytest.raises(IncompatibleStudentError, match=f"token id {vocab}.*{vocab} tokens"):
+        check_ids_in_vocab(vocab, vocab)
+
+
+def test_dataset_refuses_ids_outside_the_vocab(store, student):
+    ds = StoreDataset(store, student[1], batch_size=2, vocab_size=8)
+    with pytest.raises(IncompatibleStudentError, match=r"sample 's\d\d' of the store holds token id"):
+        next(iter(ds))
+
+
+# --------------------------------------------------------------------------------------------------
+# order
+
+SIZES = {"shard-00002": 7, "shard-00000": 10, "shard-00001": 0, "shard-00003": 3}
+
+
+def test_epoch_order_is_a_pure_cover_of_consecutive_blocks():
+    order = epoch_order(3, 0, SIZES, 4)
+    assert order == epoch_order(3, 0, dict(reversed(SIZES.items())), 4)  # pure, dict order irrelevant
+    assert order != epoch_order(3, 1, SIZES, 4)
+    assert order != epoch_order(4, 0, SIZES, 4)
+    seen = Counter()
+    for shard, start, stop in order:
+        assert 0 <= start < stop <= SIZES[shard] and stop - start <= 4 and start % 4 == 0
+        seen.update((shard, i) for i in range(start, stop))
+    assert seen == Counter({(s, i): 1 for s, n in SIZES.items() for i in range(n)})
+
+
+def test_epoch_samples_shuffle_within_windows():
+    blocks = epoch_order(3, 2, SIZES, 2)
+    samples = epoch_samples(3, 2, SIZES, 2, window_blocks=3)
+    assert samples == epoch_samples(3, 2, SIZES, 2, window_blocks=3)
+    assert sorted(samples) == sorted((s, i) for s, n in SIZES.items() for i in range(n))
+    pos = 0
+    for w in range(0, len(blocks), 3):  # each window holds exactly the samples of its blocks
+        members = {(s, i) for s, a, b in blocks[w : w + 3] for i in range(a, b)}
+        assert set(samples[pos : pos + len(members)]) == members
+        pos += len(members)
+    assert samples != [(s, i) for s, a, b in blocks for i in range(a, b)]  # shuffled inside windows
+    assert batches_per_epoch(SIZES, 3) == 7 and batches_per_epoch(SIZES, 3, drop_last=True) == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# StoreDataset
+
+
+def _fields(batch) -> dict:
+    """Every tensor (and the ids and position) of a batch, flattened, by name."""
+    out = {"ids": batch.sample_ids, "pos": batch.position, "labels": batch.labels}
+    out |= {f"in.{k}": v for k, v in batch.model_inputs.items()}
+
+    def add(name, value):
+        if isinstance(value, list) and value and not isinstance(value[0], str):
+            for i, v in enumerate(value):
+                add(f"{name}.{i}", v)
+        else:
+            out[name] = value
+
+    for group in ("kd", "iva", "saliency", "tpa"):
+        for name, value in vars(getattr(batch, group)).items():
+            add(f"{group}.{name}", value)
+    return out
+
+
+def assert_same_batches(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        fx, fy = _fields(x), _fields(y)
+        assert fx.keys() == fy.keys()
+        for k in fx:
+            if isinstance(fx[k], torch.Tensor):
+                assert torch.equal(fx[k], fy[k]), k
+            else:
+                assert fx[k] == fy[k], k
+
+
+def _dataset(store, processor, **kw):
+    return StoreDataset(store, processor, **{"batch_size": 3, "seed": 5, "block_size": 2, "window_blocks": 2, **kw})
+
+
+def test_dataset_every_sample_once_any_workers(store, student):
+    ds = _dataset(store, student[1])
+    ids = StoreReader(store).sample_ids()
+    serial = list(DataLoader(ds, batch_size=None, num_workers=0))
+    parallel = list(DataLoader(ds, batch_size=None, num_workers=2))
+    for batches in (serial, parallel):
+        flat = [sid for b in batches for sid in b.sample_ids]
+        assert sorted(flat) == sorted(ids)  # every sample exactly once
+        assert [b.position for b in batches] == [(0, i) for i in range(batches_per_epoch(ds.shard_sizes, 3))]
+    assert_same_batches(serial, parallel)  # same batches, same order
+    assert_same_batches(serial, list(_dataset(store, student[1])))  # a second run
+    ds.set_epoch(1)
+    other = [b.sample_ids for b in ds]
+    assert other != [b.sample_ids for b in serial]
+    assert sorted(s for b in other for s in b) == sorted(ids)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataset_resume_yields_the_remaining_batches(store, student, workers):
+    full = list(_dataset(store, student[1], start=(1, 0)))
+    for start in (1, 2):
+        resumed = list(DataLoader(_dataset(store, student[1], start=(1, start)), batch_size=None, num_workers=workers))
+        assert_same_batches(resumed, full[start:])
+
+
+def test_dataset_ranks_split_the_batches(store, student):
+    full = [b.sample_ids for b in _dataset(store, student[1])]
+    r0 = [b.sample_ids for b in _dataset(store, student[1], rank=0, world_size=2)]
+    r1 = _dataset(store, student[1], rank=1, world_size=2)
+    assert r0 == full[0::2] and [b.sample_ids for b in r1] == full[1::2]
+    r1.start = (0, 1)  # resume counts the batches this rank has yielded
+    assert [b.sample_ids for b in r1] == full[3::2]
+    with pytest.raises(ValueError, match="out of range"):
+        r1.start = (0, r1.batches_this_rank + 1)
+
+
+@pytest.mark.parametrize("preset", ["student", "student-pooled"])
+def test_batch_layout_feeds_the_student_and_the_losses(store, family, preset):
+    model, processor = build_tiny_vlm(family, preset, seed=1)
+    ds = _dataset(store, processor, temperature=1.0)
+    for batch in ds:
+        B, T = batch.labels.shape
+        assert batch.model_inputs["input_ids"].shape == (B, T)
+        seq_logits, branch_logits = forward_with_branches(
+            model, batch.model_inputs, batch.tpa.branch_pos, batch.tpa.branch_tok
+        )
+        R = batch.tpa.branch_pos.shape[1]
+        assert seq_logits.shape == (B, T, model.config.get_text_config().vocab_size)
+        assert branch_logits.shape == (B, R, seq_logits.shape[-1])
+        assert torch.isfinite(seq_logits).all() and torch.isfinite(branch_logits).all()
+        # Row layouts index real positions of the right kind.
+        kd, iva, tpa = batch.kd, batch.iva, batch.tpa
+        assert (batch.labels[kd.batch, kd.pos + 1] != IGNORE_INDEX).all()  # x_{t+1} is a label
+        image_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+        assert len(iva.pos) and (batch.model_inputs["input_ids"][iva.batch, iva.pos] == image_id).all()
+        branch_t = tpa.branch_pos[tpa.batch, tpa.row]
+        assert (branch_t >= 0).all() and torch.equal(tpa.branch_tok[tpa.batch, tpa.row], tpa.branch_tok[tpa.branch_pos >= 0])
+        assert len(set(zip(tpa.batch.tolist(), branch_t.tolist()))) == len(tpa.group.unique())
+        # Saliency rows in capture's form; the student's own attention map aligns against them.
+        sal = batch.saliency
+        for b in range(B):
+            assert sal.maps[b].shape == (len(sal.turn_rows[b]), len(sal.cols[b]))
+            assert (batch.model_inputs["input_ids"][b, sal.cols[b]] == image_id).all()
+            if len(sal.cols[b]):
+                assert torch.allclose(sal.maps[b].sum(-1), torch.ones(1), atol=2e-3)
+        with capture(model, [0], sal.rows, sal.cols) as probe:
+            model(**batch.model_inputs)
+        student_maps, teacher_maps = [], []
+        for b in range(B):
+            block = probe.block(b)
+            for j, turn in enumerate(sal.turn_rows[b]):
+                if len(turn) and block.shape[1]:
+                    student_maps.append(block[turn].mean(0))
+                    teacher_maps.append(sal.maps[b][j])
+        terms = {
+            "sft": L.sft_loss(seq_logits[:, :-1], batch.labels[:, 1:]),
+            "kd": L.kd_loss(seq_logits[kd.batch, kd.pos], kd.ids, kd.logprobs),
+            "sampled": L.sampled_kd_loss(seq_logits[kd.batch, kd.pos], kd.sampled_ids, kd.sampled_counts),
+            "iva": L.iva_loss(seq_logits[iva.batch, iva.pos], iva.ids, iva.logprobs, iva.weights, group=iva.batch),
+            "tpa": L.tpa_loss(branch_logits[tpa.batch, tpa.row], tpa.ids, tpa.logprobs, tpa.candidate_logprob, tpa.group),
+        }
+        if student_maps:
+            pad = torch.nn.utils.rnn.pad_sequence
+            mask = pad([torch.ones(len(m), dtype=torch.bool) for m in teacher_maps], batch_first=True)
+            terms["attention"] = L.attention_kl(pad(student_maps, batch_first=True), pad(teacher_maps, batch_first=True), mask)
+        for name, value in terms.items():
+            assert torch.isfinite(value) and value > 0, name
+
+
+def test_dataset_image_hash_mismatch_names_the_sample(store, data_file, student, tmp_path):
+    copy = tmp_path / "data"
+    shutil.copytree(data_file.parent, copy)
+    write_image(copy / "img" / "4.png", 32, 32, seed=99)  # s04's image changed since the dump
+    ds = _dataset(store, student[1], data_path=copy / "data.json", batch_size=10)
+    with pytest.raises(StudentDataError, match=r"sample 's04': image 0 has sha256 .* but the store was dumped from"):
+        list(ds)
+
+
+def test_dataset_missing_record_is_named(store, student, tmp_path):
+    records = json.loads(Path(StoreReader(store).manifest["dataset"]["path"]).read_text())
+    short = tmp_path / "data.json"
+    short.write_text(json.dumps([r for r in records if r["id"] != "s07"]))
+    with pytest.raises(StudentDataError, match="sample 's07'"):
+        _dataset(store, student[1], data_path=short, image_root=Path(StoreReader(store).manifest["dataset"]["path"]).parent)
