@@ -10,6 +10,7 @@ round) and then summarised, so a slow moment hits both sides of one ratio instea
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -17,7 +18,8 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -134,22 +136,63 @@ def timed(fn: Callable[[], object], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def interleaved(modes: dict[str, Callable[[], object]], reps: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
-    """Seconds per call of each mode over ``reps`` rounds; the mode order rotates every round.
+def interleaved(
+    modes: dict[str, Callable[[int], object]], reps: int, device: str, units: int = 1, warmup: int = 1
+) -> dict[str, list[float]]:
+    """Seconds per round of each mode: ``reps`` rounds, each calling every mode on units 0..units-1.
 
-    ``warmup`` untimed rounds first (allocator, oneDNN/cuBLAS plans, lazy inits).
+    The modes alternate *unit by unit* (mode order rotating with the unit and the round), so a burst
+    of load from another process lands on all modes alike instead of on one mode's whole pass; a
+    mode's time for a round is the sum over units. ``warmup`` untimed rounds first (allocator,
+    oneDNN/cuBLAS plans, lazy inits).
     """
     names = list(modes)
     for _ in range(warmup):
-        for name in names:
-            modes[name]()
+        for u in range(units):
+            for name in names:
+                modes[name](u)
     sync(device)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(reps):
-        order = names[r % len(names) :] + names[: r % len(names)]
-        for name in order:
-            times[name].append(timed(modes[name], device))
+        acc = dict.fromkeys(names, 0.0)
+        for u in range(units):
+            k = (r + u) % len(names)
+            for name in names[k:] + names[:k]:
+                acc[name] += timed(lambda: modes[name](u), device)
+        for name in names:
+            times[name].append(acc[name])
     return times
+
+
+@contextmanager
+def clocked(owner: object, attr: str, calls: list[float], device: str = "cpu") -> Iterator[None]:
+    """Time every call of ``owner.attr`` (a module function or a class's method) into ``calls``.
+
+    For breaking a run down by phase without touching the code under test: the attribute is
+    replaced by a timing wrapper in this process only, and restored on exit.
+    """
+    original = getattr(owner, attr)
+
+    @functools.wraps(original)
+    def wrapper(*args, **kwargs):
+        sync(device)
+        t0 = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            sync(device)
+            calls.append(time.perf_counter() - t0)
+
+    setattr(owner, attr, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, attr, original)
+
+
+def load_average() -> tuple[float, float, float]:
+    """1/5/15-minute load averages: recorded with results, since other work on the machine skews them."""
+    return os.getloadavg()
 
 
 def stats(xs: Sequence[float]) -> dict:
@@ -210,6 +253,7 @@ def environment(device: str, dtype: str) -> dict:
         "device": device,
         "dtype": dtype,
         "time_unix": int(time.time()),
+        "load_average": load_average(),
     }
     import transformers
 

@@ -24,6 +24,7 @@ defaults allow. A trained teacher selects fewer.
 from __future__ import annotations
 
 import time
+from contextlib import ExitStack
 
 from common import (
     BENCH_SPEC,
@@ -33,12 +34,13 @@ from common import (
     build_teacher,
     check_device,
     chunks,
+    clocked,
     dump_config,
     encode_file,
     environment,
     fmt_spread,
     interleaved,
-    sync,
+    load_average,
     per_rep_ratio,
     spec_dict,
     stats,
@@ -50,7 +52,10 @@ import torch  # noqa: E402  (after common: it sets up sys.path and offline mode)
 
 from stage1_teacher.branches import collate_model_inputs  # noqa: E402
 from stage1_teacher.config import SignalsConfig, TeacherConfig, TransitionsConfig  # noqa: E402
+import stage1_teacher.shards as shards_module  # noqa: E402
 import stage1_teacher.teacher as teacher_module  # noqa: E402
+from schemas.store import ShardWriter  # noqa: E402
+from stage1_teacher import executors  # noqa: E402
 from stage1_teacher.teacher import Teacher  # noqa: E402
 
 TARGET_A = 0.85
@@ -106,35 +111,20 @@ def main() -> None:
         seq_tokens = sum(e.length for e in encoded)
         padded_tokens = sum(int(c["input_ids"].numel()) for c in collated)
 
-        def bare() -> None:
-            with torch.inference_mode():
-                for inputs in collated:
-                    teacher.model(**inputs, use_cache=False)
+        @torch.inference_mode()
+        def bare(i: int) -> None:
+            teacher.model(**collated[i], use_cache=False)
 
-        # Where (b)'s extra time goes: the branch continuation is timed inside each (b) pass by
-        # wrapping the function the teacher calls (this process only; the wrapper costs two syncs).
+        # Where (b)'s extra time goes: the branch continuation is timed inside (b) by wrapping the
+        # function the teacher calls (in this process only; the wrapper adds two device syncs).
         branch_calls: list[float] = []
-        continuation = teacher_module.forward_branches_from_cache
-
-        def timed_continuation(*a, **kw):
-            sync(args.device)
-            t = time.perf_counter()
-            out = continuation(*a, **kw)
-            sync(args.device)
-            branch_calls.append(time.perf_counter() - t)
-            return out
-
-        teacher_module.forward_branches_from_cache = timed_continuation
-        branch_s: list[float] = []  # per (b) pass: seconds in the continuation
+        stack = ExitStack()
+        stack.enter_context(clocked(teacher_module, "forward_branches_from_cache", branch_calls, args.device))
 
         def signals_with(cfg: SignalsConfig):
-            def run() -> list:
+            def run(i: int) -> list:
                 teacher.signals_cfg = cfg
-                branch_calls.clear()
-                out = [teacher.signals(b, [layer]) for b in batches]
-                if cfg.transitions.enabled:
-                    branch_s.append(sum(branch_calls))
-                return out
+                return teacher.signals(batches[i], [layer])
 
             return run
 
@@ -142,16 +132,22 @@ def main() -> None:
 
         # Branch rows that (b) computes: real ones, and as run (each batch padded to its widest sample).
         branch_rows = branch_padded = 0
-        for batch_out in signals_with(signals_on)():
-            counts = [len(s.tpa_pos) for s in batch_out]
+        for i in range(len(batches)):
+            counts = [len(s.tpa_pos) for s in signals_with(signals_on)(i)]
             branch_rows += sum(counts)
             branch_padded += max(counts) * len(counts)
         resp_tokens = sum(len(e.response_positions) for e in encoded)
         vis_tokens = sum(len(e.visual_positions) for e in encoded)
 
-        branch_s.clear()
-        print(f"timing {args.reps} interleaved rounds of {list(modes)} over {len(batches)} batches", flush=True)
-        times = interleaved(modes, args.reps, args.device, warmup=1)
+        print(f"timing {args.reps} rounds of {list(modes)}, alternating batch by batch over {len(batches)} batches", flush=True)
+        load_before = load_average()
+        times = interleaved(modes, args.reps, args.device, units=len(batches), warmup=1)
+        load_after = load_average()
+        # The continuation's calls of the timed rounds (the last ones), summed per round.
+        per_round = len(branch_calls) // (args.reps + 1 + 1)  # counting pass + warmup + reps rounds
+        timed_calls = branch_calls[len(branch_calls) - per_round * args.reps :]
+        branch_s = [sum(timed_calls[r * per_round : (r + 1) * per_round]) for r in range(args.reps)]
+        stack.close()
 
         e2e = None
         if not args.skip_end_to_end:
@@ -174,19 +170,31 @@ def main() -> None:
             from stage1_teacher.dump import run
 
             del teacher  # one teacher in memory at a time
-            t0 = time.perf_counter()
-            manifest = run(cfg)
-            wall = time.perf_counter() - t0
-            signals_b = stats(times["b"])["median"]
+            # Phases of the real run, clocked from outside (see common.clocked).
+            phase = {"shards": [], "encode": [], "signals": [], "pack_write": []}
+            with ExitStack() as clocks:
+                clocks.enter_context(clocked(executors.InProcessExecutor, "run_shards", phase["shards"], args.device))
+                clocks.enter_context(clocked(shards_module, "encode", phase["encode"]))
+                clocks.enter_context(clocked(Teacher, "signals", phase["signals"], args.device))
+                clocks.enter_context(clocked(shards_module, "pack", phase["pack_write"]))
+                clocks.enter_context(clocked(ShardWriter, "add", phase["pack_write"]))
+                t0 = time.perf_counter()
+                manifest = run(cfg)
+                wall = time.perf_counter() - t0
+            took = {k: sum(v) for k, v in phase.items()}
             e2e = {
                 "wall_s": wall,
                 "samples": manifest["n_samples"],
                 "samples_per_s": manifest["n_samples"] / wall,
-                # Estimated breakdown from the measurements above (same model, same data).
-                "teacher_load_s": load_s,
-                "encode_s": encode_s,
-                "signals_b_s": signals_b,
-                "rest_s": wall - load_s - encode_s - signals_b,
+                "shards_phase_s": took["shards"],
+                "samples_per_s_shards_phase": manifest["n_samples"] / took["shards"],
+                "encode_s": took["encode"],
+                "signals_s": took["signals"],
+                "pack_and_add_s": took["pack_write"],
+                # shard finalisation (Parquet index, checksums, fsync, rename) and the progress bar
+                "shard_other_s": took["shards"] - took["encode"] - took["signals"] - took["pack_write"],
+                # processor load, settings + fingerprints, Teacher load, manifest
+                "outside_shards_s": wall - took["shards"],
             }
 
     per_sample = {name: stats([n_samples / t for t in ts]) for name, ts in times.items()}
@@ -197,7 +205,7 @@ def main() -> None:
     branch_frac = branch_rows / seq_tokens
     branch_frac_padded = branch_padded / padded_tokens
     # (b) - (a) split: the continuation itself, and the rest (KV cache kept, candidate selection, top-k').
-    cont = stats(branch_s[-args.reps :])
+    cont = stats(branch_s)
     extra = stats([b - a for a, b in zip(times["a"], times["b"])])
 
     labels = {
@@ -210,7 +218,8 @@ def main() -> None:
     print(
         f"{n_samples} samples, {seq_tokens} sequence tokens ({seq_tokens / n_samples:.0f}/sample: "
         f"{vis_tokens / n_samples:.0f} visual, {resp_tokens / n_samples:.1f} response), batch {args.batch_size}, "
-        f"{args.device} {args.dtype}, torch threads {torch.get_num_threads()}; median [min..max] of {args.reps} rounds"
+        f"{args.device} {args.dtype}, torch threads {torch.get_num_threads()}; median [min..max] of {args.reps} rounds; "
+        f"load average {load_before[0]:.2f} -> {load_after[0]:.2f}"
     )
     print(
         table(
@@ -234,10 +243,13 @@ def main() -> None:
     )
     if e2e:
         print(
-            f"end-to-end dump.run (workers=0, settings of (b)): {e2e['samples']} samples in {e2e['wall_s']:.1f} s = "
-            f"{e2e['samples_per_s']:.2f} samples/s; est. breakdown: teacher load {e2e['teacher_load_s']:.1f} s, "
-            f"encode {e2e['encode_s']:.1f} s, signals {e2e['signals_b_s']:.1f} s, "
-            f"rest (fingerprints, writing, manifest) {e2e['rest_s']:.1f} s"
+            f"end-to-end dump.run (workers=0, settings of (b)), one run: {e2e['samples']} samples in {e2e['wall_s']:.2f} s "
+            f"= {e2e['samples_per_s']:.2f} samples/s ({e2e['samples_per_s_shards_phase']:.2f} samples/s in the shard phase)"
+        )
+        print(
+            f"  shard phase {e2e['shards_phase_s']:.2f} s = encode {e2e['encode_s']:.2f} + signals {e2e['signals_s']:.2f} "
+            f"+ pack/add {e2e['pack_and_add_s']:.2f} + finalise {e2e['shard_other_s']:.2f}; outside it "
+            f"(processor, fingerprints, teacher load, manifest) {e2e['outside_shards_s']:.2f} s"
         )
 
     path = write_results(
@@ -269,6 +281,7 @@ def main() -> None:
             "end_to_end": e2e,
             "encode_s": encode_s,
             "teacher_load_s": load_s,
+            "load_average_before_after_timing": [load_before, load_after],
         },
         args.out,
     )

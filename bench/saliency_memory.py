@@ -210,7 +210,7 @@ def main() -> None:
         loaded = {m: load(teacher_dir, data, m, args.device, args.dtype) for m in MODES}
         enc = loaded["fused"][0]
         maps = {m: loaded[m][1](layer) for m in ("fused", "eager")}
-        times = interleaved({m: (lambda f=loaded[m][1]: f(layer)) for m in MODES}, args.reps, args.device, warmup=1)
+        times = interleaved({m: (lambda u, f=loaded[m][1]: f(layer)) for m in MODES}, args.reps, args.device, warmup=1)
         del loaded
 
     map_diff = float((maps["fused"] - maps["eager"]).abs().max())

@@ -268,3 +268,24 @@ def save_tiny_vlm(out_dir: str | Path, family: str, spec: TinySpec | str = "teac
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
+
+
+def save_tiny_parts(out_dir: str | Path, spec: TinySpec | str = "student", seed: int = 0) -> tuple[Path, Path]:
+    """A tiny causal LM (``out/lm``, with the shared tokenizer) and a tiny CLIP vision encoder
+    (``out/vision``, with its image processor): the parts a composed student is built from."""
+    from transformers import CLIPVisionModel, LlamaForCausalLM
+
+    if isinstance(spec, str):
+        spec = PRESETS[spec]
+    out = Path(out_dir)
+    tok = build_tokenizer()
+    model, processor = build_llava(spec, tok, seed)
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(model.config.text_config)
+    lm.generation_config.eos_token_id = tok.convert_tokens_to_ids(EOS_TURN)
+    lm.save_pretrained(out / "lm")
+    tok.save_pretrained(out / "lm")
+    vision = CLIPVisionModel(model.config.vision_config)
+    vision.save_pretrained(out / "vision")
+    processor.image_processor.save_pretrained(out / "vision")
+    return out / "lm", out / "vision"

@@ -141,7 +141,11 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
                     student_maps.append(block[turn_rows].mean(0))
                     teacher_maps.append(sal.maps[b][j])
         if student_maps:
-            terms["iva_attention"] = L.attention_kl(torch.stack(student_maps), torch.stack(teacher_maps))
+            # turns of different samples have different |V|: pad to the widest and mask
+            width = max(m.shape[0] for m in student_maps)
+            pad = lambda rows: torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[0])) for r in rows])  # noqa: E731
+            mask = torch.stack([torch.arange(width, device=seq_logits.device) < m.shape[0] for m in student_maps])
+            terms["iva_attention"] = L.attention_kl(pad(student_maps), pad(teacher_maps), mask)
         else:
             terms["iva_attention"] = seq_logits.sum() * 0.0
     weights = {"sft": lc.sft, "kd": lc.kd, "iva": lc.iva, "tpa": lc.tpa, "iva_attention": lc.iva_attention}

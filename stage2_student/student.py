@@ -16,7 +16,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoImageProcessor,
-    AutoModel,
     AutoModelForCausalLM,
     AutoModelForImageTextToText,
     AutoTokenizer,
@@ -41,15 +40,16 @@ def load_student(cfg: StudentConfig, chat_template: str, seed: int = 0):
 
 
 def _vision_tower(vision_dir: str):
+    """The vision encoder (a CLIP/SigLIP vision-only checkpoint, or the vision half of a full one)."""
+    from transformers import CLIPVisionModel, SiglipVisionModel
+
     config = AutoConfig.from_pretrained(vision_dir)
-    vision_config = getattr(config, "vision_config", config)  # a full CLIP checkpoint or a vision-only one
-    if vision_config.model_type not in ("clip_vision_model", "siglip_vision_model"):
-        raise PipelineError(
-            f"{vision_dir}: vision model type {vision_config.model_type!r} is not supported for composition "
-            "(CLIP or SigLIP vision towers)"
-        )
-    model = AutoModel.from_pretrained(vision_dir, dtype=torch.float32, trust_remote_code=False)
-    return getattr(model, "vision_model", model), vision_config
+    kind = getattr(config, "vision_config", config).model_type
+    classes = {"clip_vision_model": CLIPVisionModel, "siglip_vision_model": SiglipVisionModel}
+    if kind not in classes:
+        raise PipelineError(f"{vision_dir}: vision model type {kind!r} cannot be composed (CLIP or SigLIP vision towers)")
+    model = classes[kind].from_pretrained(vision_dir, dtype=torch.float32, trust_remote_code=False)
+    return model, model.config
 
 
 def compose_student(language_model: str, vision_model: str, chat_template: str, feature_layer: int = -1, seed: int = 0):
@@ -76,7 +76,7 @@ def compose_student(language_model: str, vision_model: str, chat_template: str, 
     # Pretrained parts in; only the projector keeps its fresh initialisation.
     model.model.language_model.load_state_dict(lm.get_decoder().state_dict())
     model.lm_head.load_state_dict(lm.get_output_embeddings().state_dict())
-    model.model.vision_tower.vision_model.load_state_dict(vision.state_dict())
+    model.model.vision_tower.load_state_dict(vision.state_dict())
     processor = LlavaProcessor(
         image_processor=image_processor,
         tokenizer=tokenizer,

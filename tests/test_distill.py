@@ -1,0 +1,203 @@
+"""Stage 2 end to end: one store trains students of different sizes (one with a pooled grid),
+losses fall, exports load and generate, a crashed run resumes to the same losses, refusals."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_dump import dump_config, make_dataset
+from transformers import AutoModelForImageTextToText
+
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.processors import load_processor
+from pipeline.tiny import TinySpec, save_tiny_parts, save_tiny_vlm
+from schemas import StoreFormatError
+from stage1_teacher.dump import run as dump
+from stage2_student import distill as distill_module
+from stage2_student.compat import IncompatibleStudentError
+from stage2_student.config import DistillConfig
+from stage2_student.distill import run
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, tiny_teacher_dir) -> Path:
+    root = tmp_path_factory.mktemp("s2")
+    data = make_dataset(root / "data", n=8)
+    out = root / "store"
+    dump(dump_config(tiny_teacher_dir, data, out, **{"signals.transitions.max_positions": 4}))
+    return out
+
+
+@pytest.fixture(scope="module")
+def llava_store(tmp_path_factory) -> Path:
+    """A store of the llava family alone, for checks that need one family only."""
+    root = tmp_path_factory.mktemp("s2-llava")
+    teacher = save_tiny_vlm(root / "teacher", "llava", "teacher")
+    data = make_dataset(root / "data", n=8)
+    out = root / "store"
+    dump(dump_config(teacher, data, out, **{"signals.transitions.max_positions": 4}))
+    return out
+
+
+def distill_config(store: Path, out: Path, student: dict, **over) -> DistillConfig:
+    values = {
+        "store.dir": str(store),
+        "output.dir": str(out),
+        "train.steps": 8,
+        "train.batch_size": 4,
+        "train.lr": 0.003,
+        "train.schedule": "constant",
+        "loss.kd": 1.0,
+        "loss.iva": 1.0,
+        "loss.tpa": 1.0,
+        "data.num_workers": 0,
+        "data.max_length": 400,
+        **{f"student.{k}": v for k, v in student.items()},
+        **over,
+    }
+    return load_config(DistillConfig, None, [f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in values.items()])
+
+
+def losses(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("preset", ["student", "student-pooled"])
+def test_one_store_trains_students_of_two_sizes(store, tmp_path, family, preset):
+    student_dir = save_tiny_vlm(tmp_path / "init", family, preset, seed=1)
+    out = tmp_path / "run"
+    result = run(distill_config(store, out, {"path": str(student_dir)}))
+    log = losses(out)
+    assert [r["step"] for r in log] == list(range(1, 9))
+    assert all(r["tpa"] > 0 and r["iva"] > 0 and r["kd"] > 0 for r in log)  # every term active and fed
+    first, last = np.mean([r["total"] for r in log[:2]]), np.mean([r["total"] for r in log[-2:]])
+    assert last < first, f"loss did not fall: {first:.4f} -> {last:.4f}"
+    # the export is a plain HF checkpoint that loads and generates
+    final = Path(result["final"])
+    model = AutoModelForImageTextToText.from_pretrained(final).eval()
+    processor = load_processor(final)
+    msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour?"}]}]
+    text = processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    from PIL import Image
+
+    image = Image.open(next((store.parent / "data" / "img").glob("*.png")))
+    inputs = processor(text=text, images=[image], return_tensors="pt", add_special_tokens=False)
+    generated = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert generated.shape[1] > inputs["input_ids"].shape[1]
+    provenance = json.loads((final / "provenance.json").read_text())
+    assert provenance["store"]["tokenizer_fingerprint"] == json.loads((store / "manifest.json").read_text())["tokenizer"]["fingerprint"]
+    assert (out / "tensorboard").is_dir() and any((out / "tensorboard").iterdir())
+
+
+def test_composed_student_from_lm_and_vision_encoder(llava_store, tmp_path):
+    store = llava_store
+    lm, vision = save_tiny_parts(tmp_path / "parts", "student")
+    out = tmp_path / "run"
+    run(distill_config(store, out, {"language_model": str(lm), "vision_model": str(vision)}, **{"train.steps": 3}))
+    model = AutoModelForImageTextToText.from_pretrained(out / "final")
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert len(losses(out)) == 3
+
+
+def test_crash_and_resume_reproduces_the_losses(store, tmp_path, monkeypatch, family):
+    student_dir = save_tiny_vlm(tmp_path / "init", family, "student", seed=1)
+    over = {"train.steps": 6, "train.checkpoint_every": 2, "train.schedule": "cosine", "train.warmup_steps": 1}
+    straight = tmp_path / "straight"
+    run(distill_config(store, straight, {"path": str(student_dir)}, **over))
+
+    crashed = tmp_path / "crashed"
+    real = distill_module.compute_losses
+    calls = {"n": 0}
+
+    def crash_on_fifth(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise RuntimeError("simulated crash")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_module, "compute_losses", crash_on_fifth)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(distill_config(store, crashed, {"path": str(student_dir)}, **over))
+    assert (crashed / "checkpoints" / "latest").read_text() == "step-000004"
+    monkeypatch.setattr(distill_module, "compute_losses", real)
+    run(distill_config(store, crashed, {"path": str(student_dir)}, **over))
+
+    a, b = losses(straight), losses(crashed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for key in ("total", "sft", "kd", "iva", "tpa", "lr"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+
+
+def test_resume_with_other_settings_is_refused(llava_store, tmp_path):
+    store = llava_store
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    out = tmp_path / "run"
+    run(distill_config(store, out, {"path": str(student_dir)}, **{"train.steps": 2}))
+    with pytest.raises(PipelineError, match="holds a run with other settings"):
+        run(distill_config(store, out, {"path": str(student_dir)}, **{"train.steps": 2, "loss.kd": 0.5}))
+
+
+def test_refuses_another_tokenizer(store, tmp_path, family):
+    from pipeline.tiny import build_tiny_vlm
+
+    model, processor = build_tiny_vlm(family, "student", vocab_size=600)
+    d = tmp_path / "other"
+    model.save_pretrained(d)
+    processor.save_pretrained(d)
+    with pytest.raises(IncompatibleStudentError, match="tokenizer"):
+        run(distill_config(store, tmp_path / "run", {"path": str(d)}))
+
+
+def test_refuses_another_temperature(llava_store, tmp_path):
+    store = llava_store
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    with pytest.raises(IncompatibleStudentError, match="τ=2.0"):
+        run(distill_config(store, tmp_path / "run", {"path": str(student_dir)}, **{"loss.temperature": 2.0}))
+
+
+def test_refuses_incompatible_geometry(llava_store, tmp_path):
+    store = llava_store  # the fixed-grid family gives a 4x4 teacher grid on every image
+    spec = TinySpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, image_size=24, patch=8)  # 3x3 grid
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", spec)
+    with pytest.raises(PipelineError, match="4x4.*3x3"):
+        run(distill_config(store, tmp_path / "run", {"path": str(student_dir)}))
+
+
+def test_refuses_a_corrupted_shard(llava_store, tmp_path):
+    store = llava_store
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    chunk = next(p for p in sorted((copy / "shards" / "shard-00000" / "arrays.zarr" / "resp_ids").rglob("*")) if p.is_file() and p.name != "zarr.json")
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    with pytest.raises(StoreFormatError, match="shard-00000"):
+        run(distill_config(copy, tmp_path / "run", {"path": str(student_dir)}, **{"store.verify_checksums": True}))
+
+
+def test_sampled_target_and_attention_variant(llava_store, tmp_path):
+    store = llava_store
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    out = tmp_path / "run"
+    run(distill_config(store, out, {"path": str(student_dir)}, **{
+        "train.steps": 2, "loss.target": "sampled", "loss.iva_attention": 1.0, "loss.tpa": 0.0,
+    }))
+    log = losses(out)
+    assert all(np.isfinite(r["total"]) and r["iva_attention"] > 0 and r["kd"] > 0 for r in log)
+
+
+def test_sft_only_recipe_has_only_the_sft_term(llava_store, tmp_path):
+    store = llava_store
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    out = tmp_path / "run"
+    run(distill_config(store, out, {"path": str(student_dir)}, **{"train.steps": 2, "loss.kd": 0.0, "loss.iva": 0.0, "loss.tpa": 0.0}))
+    assert set(losses(out)[0]) == {"step", "lr", "sft", "total"}
+    torch.testing.assert_close(torch.tensor(losses(out)[0]["sft"]), torch.tensor(losses(out)[0]["total"]))
