@@ -138,13 +138,12 @@ def timed(fn: Callable[[], object], device: str) -> float:
 
 def interleaved(
     modes: dict[str, Callable[[int], object]], reps: int, device: str, units: int = 1, warmup: int = 1
-) -> dict[str, list[float]]:
-    """Seconds per round of each mode: ``reps`` rounds, each calling every mode on units 0..units-1.
+) -> dict[str, list[list[float]]]:
+    """Seconds of every call: ``result[mode][round][unit]``, ``reps`` rounds over units 0..units-1.
 
     The modes alternate *unit by unit* (mode order rotating with the unit and the round), so a burst
-    of load from another process lands on all modes alike instead of on one mode's whole pass; a
-    mode's time for a round is the sum over units. ``warmup`` untimed rounds first (allocator,
-    oneDNN/cuBLAS plans, lazy inits).
+    of load from another process lands on all modes alike instead of on one mode's whole pass.
+    ``warmup`` untimed rounds first (allocator, oneDNN/cuBLAS plans, lazy inits).
     """
     names = list(modes)
     for _ in range(warmup):
@@ -152,16 +151,32 @@ def interleaved(
             for name in names:
                 modes[name](u)
     sync(device)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    times: dict[str, list[list[float]]] = {n: [] for n in names}
     for r in range(reps):
-        acc = dict.fromkeys(names, 0.0)
+        for name in names:
+            times[name].append([0.0] * units)
         for u in range(units):
             k = (r + u) % len(names)
             for name in names[k:] + names[:k]:
-                acc[name] += timed(lambda: modes[name](u), device)
-        for name in names:
-            times[name].append(acc[name])
+                times[name][r][u] = timed(lambda: modes[name](u), device)
     return times
+
+
+def round_sums(unit_times: list[list[float]]) -> list[float]:
+    """Per round, the sum over units: the time of one whole pass."""
+    return [sum(row) for row in unit_times]
+
+
+def unit_ratio(num: list[list[float]], den: list[list[float]]) -> dict:
+    """Median and quartiles of num/den over every (round, unit) pair: each pair ran back to back, so
+    a load burst that hits one call of one mode is an outlier here instead of inflating a whole pass."""
+    xs = sorted(a / b for rn, rd in zip(num, den) for a, b in zip(rn, rd))
+    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
+    return {"median": statistics.median(xs), "p25": q[0], "p75": q[2], "n": len(xs)}
+
+
+def fmt_quartiles(s: dict, digits: int = 3) -> str:
+    return f"{s['median']:.{digits}f} [{s['p25']:.{digits}f}..{s['p75']:.{digits}f}]"
 
 
 @contextmanager

@@ -27,7 +27,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 from common import (
@@ -43,6 +42,7 @@ from common import (
     peak_rss_kb,
     per_rep_ratio,
     reset_peak_rss,
+    round_sums,
     rss_kb,
     spec_dict,
     stats,
@@ -210,7 +210,8 @@ def main() -> None:
         loaded = {m: load(teacher_dir, data, m, args.device, args.dtype) for m in MODES}
         enc = loaded["fused"][0]
         maps = {m: loaded[m][1](layer) for m in ("fused", "eager")}
-        times = interleaved({m: (lambda u, f=loaded[m][1]: f(layer)) for m in MODES}, args.reps, args.device, warmup=1)
+        unit_times = interleaved({m: (lambda u, f=loaded[m][1]: f(layer)) for m in MODES}, args.reps, args.device)
+        times = {m: round_sums(t) for m, t in unit_times.items()}
         del loaded
 
     map_diff = float((maps["fused"] - maps["eager"]).abs().max())

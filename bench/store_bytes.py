@@ -37,7 +37,6 @@ from common import (
     write_results,
 )
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from pipeline.tiny import TinySpec, build_tiny_vlm  # noqa: E402
@@ -65,13 +64,13 @@ UNIT_ROWS = {
 
 def parse_args():
     p = base_parser(__doc__.splitlines()[0])
-    p.add_argument("--samples", type=int, default=64, help="synthetic records (multi-turn)")
+    p.add_argument("--samples", type=int, default=400, help="synthetic records (multi-turn)")
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--logit-scale", type=float, default=25.0, help="LM-head scale of the random teacher (see docstring)")
     p.add_argument("--shard-size", type=int, default=256)
     args = p.parse_args()
     if args.quick:
-        args.samples = min(args.samples, 16)
+        args.samples = min(args.samples, 32)
     return args
 
 

@@ -73,6 +73,13 @@ def parse_args():
 # child
 
 
+def _torch_threads(_actor=None) -> int:
+    """torch's intra-op threads where this runs (in an actor: through ``__ray_call__``)."""
+    import torch
+
+    return torch.get_num_threads()
+
+
 def child(args) -> None:
     import torch
 
@@ -88,7 +95,7 @@ def child(args) -> None:
             t0 = time.perf_counter()
             ray.get([a.__ray_ready__.remote() for a in self.actors])  # every actor has built its Teacher
             phases["wait_actors_s"] = time.perf_counter() - t0
-            phases["actor_threads"] = ray.get(ray.remote(num_cpus=1)(torch.get_num_threads).remote())
+            phases["actor_threads"] = ray.get([a.__ray_call__.remote(_torch_threads) for a in self.actors])
             t0 = time.perf_counter()
             orig(self, todo, specs, layers, n_samples)
             phases["shards_s"] = time.perf_counter() - t0
@@ -97,7 +104,7 @@ def child(args) -> None:
 
     def timed_inprocess(orig):
         def run_shards(self, todo, specs, layers, n_samples):
-            phases["actor_threads"] = torch.get_num_threads()
+            phases["actor_threads"] = [torch.get_num_threads()]
             t0 = time.perf_counter()
             orig(self, todo, specs, layers, n_samples)
             phases["shards_s"] = time.perf_counter() - t0
@@ -163,7 +170,9 @@ def main() -> None:
                     "--device", args.device, "--dtype", args.dtype,
                 ]
                 print(f"round {r}: {name} ...", flush=True)
-                subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
+                proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                if proc.returncode:
+                    raise SystemExit(f"{name} failed:\n{proc.stderr[-4000:]}")
                 results[name].append(json.loads(out.read_text()))
 
     n = results[names[0]][0]["samples"]
@@ -188,7 +197,7 @@ def main() -> None:
         table(
             ["configuration", "threads/worker", "shards s", "samples/s (shards)", "total s", "samples/s (total)"],
             [
-                [name, summary[name]["threads_per_worker"], fmt_spread(summary[name]["shards_s"], 2),
+                [name, ",".join(map(str, summary[name]["threads_per_worker"])), fmt_spread(summary[name]["shards_s"], 2),
                  fmt_spread(summary[name]["samples_per_s"], 2), fmt_spread(summary[name]["total_s"], 1),
                  fmt_spread(summary[name]["samples_per_s_end_to_end"], 2)]
                 for name in names

@@ -117,18 +117,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--save-config", type=Path, default=None, help="also write the resolved config here")
     run.add_argument("-h", "--help", dest="help_config", action="store_true", help="list the job's config keys")
     # Overrides (key.sub=value) are the arguments argparse does not know; main() collects them.
-    run.set_defaults(func=_run)
 
     tiny = sub.add_parser("tiny", help="write a tiny VLM checkpoint built from a config (offline)")
     tiny.add_argument("--family", choices=["llava", "qwen2_vl"], required=True)
     tiny.add_argument("--preset", default="teacher", help="teacher | student | student-pooled")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--out", type=Path, required=True)
-    tiny.set_defaults(func=_tiny)
 
     verify = sub.add_parser("verify", help="check a store: versions, checksums, index/array consistency, signal sanity")
     verify.add_argument("store", type=Path)
-    verify.set_defaults(func=_verify)
 
     inspect = sub.add_parser("inspect", help="print a store's statistics, one sample's signals, or write PNGs")
     inspect.add_argument("store", type=Path)
@@ -138,13 +135,11 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("-n", type=int, default=4, help="samples to draw overlays for")
     inspect.add_argument("--image-root", default=None, help="override the image root recorded in the store")
     inspect.add_argument("--data", default=None, help="override the dataset path recorded in the store")
-    inspect.set_defaults(func=_inspect)
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded default")
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--quick", action="store_true", help="a small, fast version (for tests)")
     demo.add_argument("--seeds", type=int, default=1, help="repeat each training run with this many seeds")
-    demo.set_defaults(func=_demo)
     return p
 
 
@@ -165,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.overrides = extra
     setup_logging(args.verbose)
     try:
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return 2

@@ -50,3 +50,43 @@ def write_json(path: Path, records: list, jsonl: bool = False) -> Path:
     else:
         path.write_text(json.dumps(records))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher(family):
+    """(model, processor) of the tiny teacher of ``family``, built in memory."""
+    from pipeline.tiny import build_tiny_vlm
+
+    return build_tiny_vlm(family, "teacher", seed=0)
+
+
+def two_image_record(directory: Path, sample_id: str = "mm"):
+    """A system prompt and two turns; the second image stands inside the second instruction."""
+    from pipeline.data.records import Record, Turn
+
+    a = write_image(directory / "a.png", 32, 32, seed=1)
+    b = write_image(directory / "b.png", 32, 48, seed=2)
+    return Record(
+        sample_id,
+        [
+            Turn("system", "You are a helpful assistant."),
+            Turn("user", "<image>\nWhat colour is the shape at the top left?"),
+            Turn("assistant", "red"),
+            Turn("user", "Now compare with <image> this one: which is bigger?"),
+            Turn("assistant", "the first one"),
+        ],
+        [a, b],
+    )
+
+
+def corrupt_chunk(store: Path, shard: str, array: str) -> Path:
+    """Flip one byte in the middle of a chunk file of ``array`` in ``shard``; return the file."""
+    chunk = next(
+        p
+        for p in sorted((store / "shards" / shard / "arrays.zarr" / array).rglob("*"))
+        if p.is_file() and p.name != "zarr.json"
+    )
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    return chunk

@@ -15,7 +15,6 @@ from conftest import write_image
 
 from pipeline.data.encode import encode
 from pipeline.data.records import Record, Turn
-from pipeline.tiny import build_tiny_vlm
 from stage1_teacher.branches import (
     collate_model_inputs,
     forward_branches_from_cache,
@@ -34,9 +33,8 @@ def logp(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def teacher(family):
-    model, processor = build_tiny_vlm(family, "teacher", seed=0)
-    return model, processor
+def teacher(tiny_teacher):
+    return tiny_teacher
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,15 @@ from pipeline.config import load_config
 REPO = Path(__file__).resolve().parents[1]
 
 
+def test_parser_and_command_table_agree():
+    import argparse
+
+    from pipeline.cli import COMMANDS, build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == set(COMMANDS)
+
+
 def test_every_job_resolves_to_a_config_class_and_a_function():
     for name, job in RUN_JOBS.items():
         cls, fn = resolve(job.config), resolve(job.function)

@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import write_image, write_json
+from conftest import two_image_record, write_image, write_json
 
 from pipeline.data import DataConfig, SampleError, iter_encoded
 from pipeline.data.encode import IGNORE_INDEX, encode, to_messages
@@ -84,19 +84,7 @@ def test_text_only_single_turn(processor):
 
 
 def test_multi_turn_multi_image_with_tags_anywhere(processor, tmp_path):
-    a = write_image(tmp_path / "a.png", 32, 32, seed=1)
-    b = write_image(tmp_path / "b.png", 32, 48, seed=2)
-    rec = Record(
-        "mm",
-        [
-            Turn("system", "You are a helpful assistant."),
-            Turn("user", "<image>\nWhat colour is the shape at the top left?"),
-            Turn("assistant", "red"),
-            Turn("user", "Now compare with <image> this one: which is bigger?"),
-            Turn("assistant", "the first one"),
-        ],
-        [a, b],
-    )
+    rec = two_image_record(tmp_path)
     enc = encode(rec, processor, 1024)
     tok, img = processor.tokenizer, image_token_id(processor)
     # visual blocks: in order, contiguous runs of the image token, nothing else is an image token

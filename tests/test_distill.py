@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import corrupt_chunk
 from test_dump import dump_config, make_dataset
 from transformers import AutoModelForImageTextToText
 
@@ -174,10 +175,7 @@ def test_refuses_a_corrupted_shard(llava_store, tmp_path):
     store = llava_store
     copy = tmp_path / "store"
     shutil.copytree(store, copy)
-    chunk = next(p for p in sorted((copy / "shards" / "shard-00000" / "arrays.zarr" / "resp_ids").rglob("*")) if p.is_file() and p.name != "zarr.json")
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    corrupt_chunk(copy, "shard-00000", "resp_ids")
     student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
     with pytest.raises(StoreFormatError, match="shard-00000"):
         run(distill_config(copy, tmp_path / "run", {"path": str(student_dir)}, **{"store.verify_checksums": True}))

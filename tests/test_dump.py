@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import write_image, write_json
+from conftest import corrupt_chunk, write_image, write_json
 from transformers import AutoModelForImageTextToText
 
 from pipeline.cli import main
@@ -263,10 +263,7 @@ def test_rerun_of_complete_store_does_nothing_and_mismatch_is_refused(store, tin
 def test_corrupted_shard_fails_verify_naming_it(store, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(store, copy)
-    chunk = next(p for p in sorted((copy / "shards" / "shard-00001" / "arrays.zarr" / "resp_logprobs").rglob("*")) if p.is_file() and p.name != "zarr.json")
-    data = bytearray(chunk.read_bytes())
-    data[len(data) // 2] ^= 0xFF
-    chunk.write_bytes(bytes(data))
+    corrupt_chunk(copy, "shard-00001", "resp_logprobs")
     problems = verify(copy)
     assert problems and any("shard-00001" in p for p in problems)
     assert main(["verify", str(copy)]) == 1

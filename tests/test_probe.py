@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import write_image
+from conftest import two_image_record
 
 from pipeline.data.encode import encode
 from pipeline.data.records import Record, Turn
-from pipeline.tiny import build_tiny_vlm
 from stage1_teacher.probe import (
     PROBE_ATTENTION,
     IrsItem,
@@ -28,9 +27,8 @@ ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def teacher(family):
-    model, processor = build_tiny_vlm(family, "teacher", seed=0)
-    return model, processor
+def teacher(tiny_teacher):
+    return tiny_teacher
 
 
 @pytest.fixture(scope="module")
@@ -38,19 +36,8 @@ def samples(teacher, tmp_path_factory):
     """A multi-turn two-image sample, a shorter single-turn one, and one with an image-only turn."""
     _, processor = teacher
     d = tmp_path_factory.mktemp("probe-img")
-    a = write_image(d / "a.png", 32, 32, seed=1)
-    b = write_image(d / "b.png", 32, 48, seed=2)
-    long = Record(
-        "long",
-        [
-            Turn("system", "You are a helpful assistant."),
-            Turn("user", "<image>\nWhat colour is the shape at the top left?"),
-            Turn("assistant", "red"),
-            Turn("user", "Now compare with <image> this one: which is bigger?"),
-            Turn("assistant", "the first one"),
-        ],
-        [a, b],
-    )
+    long = two_image_record(d, "long")
+    a, b = long.images
     short = Record("short", [Turn("user", "<image>\nHow many blue shapes?"), Turn("assistant", "two")], [b])
     empty = Record(
         "empty",
