@@ -22,7 +22,14 @@ defaults allow (K = 4 per position, up to M = 64 positions); a trained teacher s
 
 The batches come from ``StoreDataset`` once and are reused; the modes alternate step by step
 (``common.interleaved``). Step times are reported as median [p25..p75] over all (round, batch)
-steps; ratios are taken per (round, batch), both sides from the same batch back to back.
+steps; ratios are taken per (round, batch), both sides from the same batch back to back. Each
+step's process CPU time is recorded too.
+
+CPU runs use one torch thread by default (``--threads``): on the shared 2-core machine, with
+another job on one core, two OpenMP threads stall on each other at every op and step times swing
+5x (one run: (b) 987..3355 ms p25..p75, (a)/(b) 0.96..1.13 between runs); at one thread the IQR
+is a few percent and the CPU time matches the wall time. The ratios compare work, which the
+thread count hardly changes.
 
     python bench/distill_step.py [--quick] [--device cuda --dtype bfloat16]
 """
@@ -101,6 +108,8 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=8, help="samples per training step (the distill default)")
     p.add_argument("--reps", type=int, default=5, help="timed rounds over all batches per mode (interleaved)")
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU, 0 for torch's default; "
+                   "see the module docstring for why 1")
     args = p.parse_args()
     if args.quick:
         args.samples, args.reps = min(args.samples, 16), min(args.reps, 2)
@@ -123,6 +132,8 @@ def quartiles(xs: list[float]) -> dict:
 def main() -> None:
     args = parse_args()
     check_device(args.device)
+    if args.threads and args.device == "cpu":
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     amp_dtype = getattr(torch, args.dtype)
 
@@ -202,11 +213,25 @@ def main() -> None:
             finish("c", loss)
             last_terms["c"] = {"sft": float(sft.detach()), "kd_dense": float(kl.detach()), "total": float(loss.detach())}
 
-        modes = {"a": offline("a", cfg_a), "b": offline("b", cfg_b), "c": online}
+        # Process CPU time of every call as well: unlike wall time it barely moves when other work
+        # takes the cores (at 1 thread; with more, idle OpenMP threads spin and count too).
+        cpu_calls: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+
+        def cpu_timed(mode: str, fn):
+            def run(i: int) -> None:
+                t0 = time.process_time()
+                fn(i)
+                cpu_calls[mode].append(time.process_time() - t0)
+
+            return run
+
+        modes = {m: cpu_timed(m, fn) for m, fn in (("a", offline("a", cfg_a)), ("b", offline("b", cfg_b)), ("c", online))}
         print(f"timing {args.reps} rounds of {list(modes)}, alternating step by step over {len(batches)} batches", flush=True)
         load_before = load_average()
         unit_times = interleaved(modes, args.reps, args.device, units=len(batches))
         load_after = load_average()
+        n_units = len(batches)  # calls per mode: one warm-up round, then the timed rounds, unit by unit
+        unit_cpu = {m: [c[n_units * (r + 1) : n_units * (r + 2)] for r in range(args.reps)] for m, c in cpu_calls.items()}
 
     times = {m: round_sums(t) for m, t in unit_times.items()}
     step_ms = {m: quartiles([1000 * x for row in t for x in row]) for m, t in unit_times.items()}
@@ -214,6 +239,8 @@ def main() -> None:
     ratio_cb = unit_ratio(unit_times["c"], unit_times["b"])
     pass_ab, pass_ac = per_rep_ratio(times["a"], times["b"]), per_rep_ratio(times["a"], times["c"])
     pass_cb = per_rep_ratio(times["c"], times["b"])
+    cpu_ms = {m: quartiles([1000 * x for row in t for x in row]) for m, t in unit_cpu.items()}
+    cpu_ab, cpu_ac = unit_ratio(unit_cpu["a"], unit_cpu["b"]), unit_ratio(unit_cpu["a"], unit_cpu["c"])
 
     labels = {
         "a": "(a) offline Align-TI (kd=iva=tpa=1)",
@@ -245,6 +272,11 @@ def main() -> None:
     verdict = "meets" if ratio_ab["median"] <= TARGET_A_OVER_B else "MISSES"
     print(f"(a)/(b): {fmt_quartiles(ratio_ab)} per step, {fmt_spread(pass_ab)} per pass: {verdict} the <= {TARGET_A_OVER_B} target")
     print(f"(a)/(c): {fmt_quartiles(ratio_ac)} per step, {fmt_spread(pass_ac)} per pass")
+    print(
+        f"process CPU time per step, ms: (a) {fmt_quartiles(cpu_ms['a'], 0)}, (b) {fmt_quartiles(cpu_ms['b'], 0)}, "
+        f"(c) {fmt_quartiles(cpu_ms['c'], 0)}; CPU-time ratios per step (a)/(b) {fmt_quartiles(cpu_ab)}, "
+        f"(a)/(c) {fmt_quartiles(cpu_ac)}"
+    )
     print("last step's loss terms: " + "; ".join(
         f"{m} " + " ".join(f"{k}={v:.3f}" for k, v in last_terms[m].items()) for m in modes
     ))
@@ -273,6 +305,10 @@ def main() -> None:
             "step_ms": step_ms,
             "seconds_per_pass": {m: stats(t) for m, t in times.items()},
             "unit_seconds": unit_times,
+            "unit_cpu_seconds": unit_cpu,
+            "cpu_step_ms": cpu_ms,
+            "cpu_step_ratio_a_over_b": cpu_ab,
+            "cpu_step_ratio_a_over_c": cpu_ac,
             "step_ratio_a_over_b": ratio_ab,
             "step_ratio_a_over_c": ratio_ac,
             "step_ratio_c_over_b": ratio_cb,

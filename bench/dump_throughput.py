@@ -51,14 +51,16 @@ from common import (
     write_results,
 )
 
-import torch  # noqa: E402  (after common: it sets up sys.path and offline mode)
+# After common: it puts the project root on sys.path and sets offline mode.
+import torch  # noqa: E402
 
-from stage1_teacher.branches import collate_model_inputs  # noqa: E402
-from stage1_teacher.config import SignalsConfig, TeacherConfig, TransitionsConfig  # noqa: E402
 import stage1_teacher.shards as shards_module  # noqa: E402
 import stage1_teacher.teacher as teacher_module  # noqa: E402
 from schemas.store import ShardWriter  # noqa: E402
 from stage1_teacher import executors  # noqa: E402
+from stage1_teacher.branches import collate_model_inputs  # noqa: E402
+from stage1_teacher.config import SignalsConfig, TeacherConfig, TransitionsConfig  # noqa: E402
+from stage1_teacher.dump import run as dump_run  # noqa: E402
 from stage1_teacher.teacher import Teacher  # noqa: E402
 
 TARGET_A = 0.85
@@ -76,6 +78,8 @@ def parse_args():
     p.add_argument("--min-alt-mass", type=float, default=0.0, help="transitions epsilon")
     p.add_argument("--max-length", type=int, default=2048)
     p.add_argument("--skip-end-to-end", action="store_true", help="do not run dump.run")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, all cores); 1 is steadier when other work shares the CPU")
     args = p.parse_args()
     if args.quick:
         args.samples, args.reps = min(args.samples, 8), min(args.reps, 2)
@@ -85,6 +89,8 @@ def parse_args():
 def main() -> None:
     args = parse_args()
     check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     spec = BENCH_SPEC
     layer = spec.layers // 2 if args.layer is None else args.layer
     transitions = TransitionsConfig(min_prob=args.min_prob, min_alt_mass=args.min_alt_mass)
@@ -171,8 +177,6 @@ def main() -> None:
                     "workers": 0,
                 },
             )
-            from stage1_teacher.dump import run
-
             del teacher  # one teacher in memory at a time
             # Phases of the real run, clocked from outside (see common.clocked).
             phase = {"shards": [], "encode": [], "signals": [], "pack_write": []}
@@ -183,7 +187,7 @@ def main() -> None:
                 clocks.enter_context(clocked(shards_module, "pack", phase["pack_write"]))
                 clocks.enter_context(clocked(ShardWriter, "add", phase["pack_write"]))
                 t0 = time.perf_counter()
-                manifest = run(cfg)
+                manifest = dump_run(cfg)
                 wall = time.perf_counter() - t0
             took = {k: sum(v) for k, v in phase.items()}
             e2e = {

@@ -64,6 +64,8 @@ def parse_args():
     p.add_argument("--layer", type=int, default=None, help="saliency layer L* (default: the middle layer)")
     p.add_argument("--rounds", type=int, default=2, help="memory: fresh subprocesses per mode (interleaved)")
     p.add_argument("--reps", type=int, default=5, help="time: interleaved rounds of warm forwards in one process")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch CPU threads (default: torch's, all cores); 1 is steadier when other work shares the CPU")
     # internal: one measurement in a fresh process
     p.add_argument("--child", choices=MODES, help=argparse_suppress())
     p.add_argument("--model", type=Path, help=argparse_suppress())
@@ -114,7 +116,8 @@ def long_record(data_json: Path, processor, target: int) -> tuple[Path, int]:
 
 
 def load(model_dir: Path, data: Path, mode: str, device: str, dtype: str):
-    """(model, inputs, saliency) for ``mode``: ``saliency()`` runs one forward and returns the turn maps."""
+    """(encoded sample, saliency) for ``mode``: ``saliency(layer)`` runs one forward and returns the
+    turn maps [n_turns, |V|] of ``layer`` (an empty tensor for ``plain``)."""
     from transformers import AutoModelForImageTextToText
 
     from pipeline.data import encode, read_records
@@ -181,6 +184,8 @@ def child(args) -> None:
 def main() -> None:
     args = parse_args()
     check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
     spec = BENCH_SPEC
@@ -201,7 +206,7 @@ def main() -> None:
                     sys.executable, __file__, "--child", mode, "--model", str(teacher_dir), "--data", str(data),
                     "--result", str(out), "--layer", str(layer),
                     "--device", args.device, "--dtype", args.dtype,
-                ]
+                ] + (["--threads", str(args.threads)] if args.threads else [])
                 subprocess.run(cmd, check=True)
                 results[mode].append(json.loads(out.read_text()))
 

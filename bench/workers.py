@@ -11,7 +11,11 @@ Reported per dump:
            (the bench wraps that method in its own subprocess): the steady-state throughput
 * total    the whole ``dump.run`` wall time, including ``ray.init``, actor start and teacher load
 
-Speed-up = shards time with 1 worker / with 2 workers, per round. ``--with-inprocess`` adds
+Speed-up = shards time with 1 worker / with 2 workers, per round. Two workers need both cores, so
+the shard phase's CPU is accounted: "worker cores" = the workers' CPU seconds / wall seconds (2.0 is
+two fully busy actors), "other cores" = what the rest of the machine used meanwhile (this dump's
+driver and Ray daemons, and any other process). A speed-up short of 2 with "other cores" near 1 means
+the machine was not free, not that the dump does not scale. ``--with-inprocess`` adds
 workers=0 (no Ray) with 1 thread and with all threads, as a reference for what Ray costs and for
 one process using both cores itself.
 
@@ -52,7 +56,7 @@ def parse_args():
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--shard-size", type=int, default=12)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--rounds", type=int, default=2, help="dumps per configuration (alternating)")
+    p.add_argument("--rounds", type=int, default=3, help="dumps per configuration (alternating)")
     p.add_argument("--min-prob", type=float, default=0.0, help="transitions p_min (random teacher: see dump_throughput.py)")
     p.add_argument("--min-alt-mass", type=float, default=0.0, help="transitions epsilon")
     p.add_argument("--with-inprocess", action="store_true", help="also workers=0 with 1 thread and with all threads")
@@ -80,6 +84,18 @@ def _torch_threads(_actor=None) -> int:
     return torch.get_num_threads()
 
 
+def _cpu_seconds(_actor=None) -> float:
+    """CPU seconds this process has used, all threads (in an actor: through ``__ray_call__``)."""
+    return time.process_time()
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds all processes on the machine have used since boot (/proc/stat, all cores)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def child(args) -> None:
     import torch
 
@@ -96,18 +112,29 @@ def child(args) -> None:
             ray.get([a.__ray_ready__.remote() for a in self.actors])  # every actor has built its Teacher
             phases["wait_actors_s"] = time.perf_counter() - t0
             phases["actor_threads"] = ray.get([a.__ray_call__.remote(_torch_threads) for a in self.actors])
+            # Who got the CPU during the shard phase: each actor's own CPU seconds, and the machine's
+            # (everything: this dump's driver and Ray daemons, and anyone else's work).
+            cpu0 = ray.get([a.__ray_call__.remote(_cpu_seconds) for a in self.actors])
+            busy0 = _machine_busy_seconds()
             t0 = time.perf_counter()
             orig(self, todo, specs, layers, n_samples)
             phases["shards_s"] = time.perf_counter() - t0
+            busy1 = _machine_busy_seconds()
+            cpu1 = ray.get([a.__ray_call__.remote(_cpu_seconds) for a in self.actors])
+            phases["worker_cpu_s"] = [b - a for a, b in zip(cpu0, cpu1)]
+            phases["machine_busy_s"] = busy1 - busy0
 
         return run_shards
 
     def timed_inprocess(orig):
         def run_shards(self, todo, specs, layers, n_samples):
             phases["actor_threads"] = [torch.get_num_threads()]
+            cpu0, busy0 = time.process_time(), _machine_busy_seconds()
             t0 = time.perf_counter()
             orig(self, todo, specs, layers, n_samples)
             phases["shards_s"] = time.perf_counter() - t0
+            phases["worker_cpu_s"] = [time.process_time() - cpu0]
+            phases["machine_busy_s"] = _machine_busy_seconds() - busy0
 
         return run_shards
 
@@ -128,11 +155,21 @@ def child(args) -> None:
             "workers": args.workers,
         },
     )
+    load_before = os.getloadavg()[0]
     t0 = time.perf_counter()
     manifest = run(cfg)
     total = time.perf_counter() - t0
     args.result.write_text(
-        json.dumps({**phases, "total_s": total, "samples": manifest["n_samples"], "shards": len(manifest["shards"])})
+        json.dumps(
+            {
+                **phases,
+                "total_s": total,
+                "samples": manifest["n_samples"],
+                "shards": len(manifest["shards"]),
+                # 1-minute load average (all processes on the machine, Ray's own included) around the run
+                "load_average_1min": [load_before, os.getloadavg()[0]],
+            }
+        )
     )
 
 
@@ -186,6 +223,10 @@ def main() -> None:
             "total_s": stats([x["total_s"] for x in rs]),
             "samples_per_s_end_to_end": stats([x["samples"] / x["total_s"] for x in rs]),
             "threads_per_worker": rs[0]["actor_threads"],
+            "load_average_1min_after": [x["load_average_1min"][1] for x in rs],
+            # cores' worth of CPU the workers got, and that everything else on the machine took
+            "worker_cores": stats([sum(x["worker_cpu_s"]) / x["shards_s"] for x in rs]),
+            "other_cores": stats([(x["machine_busy_s"] - sum(x["worker_cpu_s"])) / x["shards_s"] for x in rs]),
         }
     speedup = per_rep_ratio([x["shards_s"] for x in results["ray 1 worker"]], [x["shards_s"] for x in results["ray 2 workers"]])
     speedup_total = per_rep_ratio([x["total_s"] for x in results["ray 1 worker"]], [x["total_s"] for x in results["ray 2 workers"]])
@@ -195,11 +236,13 @@ def main() -> None:
           f"median [min..max] of {args.rounds} dump(s) per configuration")
     print(
         table(
-            ["configuration", "threads/worker", "shards s", "samples/s (shards)", "total s", "samples/s (total)"],
+            ["configuration", "threads/worker", "shards s", "samples/s (shards)", "total s", "samples/s (total)",
+             "worker cores", "other cores"],
             [
                 [name, ",".join(map(str, summary[name]["threads_per_worker"])), fmt_spread(summary[name]["shards_s"], 2),
                  fmt_spread(summary[name]["samples_per_s"], 2), fmt_spread(summary[name]["total_s"], 1),
-                 fmt_spread(summary[name]["samples_per_s_end_to_end"], 2)]
+                 fmt_spread(summary[name]["samples_per_s_end_to_end"], 2),
+                 fmt_spread(summary[name]["worker_cores"], 2), fmt_spread(summary[name]["other_cores"], 2)]
                 for name in names
             ],
         )

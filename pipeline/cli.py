@@ -53,6 +53,11 @@ RUN_JOBS: dict[str, Job] = {
         "pipeline.data_check:run",
         "encode a dataset with a model's processor; report usable and skipped samples",
     ),
+    "eval": Job(
+        "stage2_student.evaluate:EvalConfig",
+        "stage2_student.evaluate:run",
+        "score a checkpoint's greedy answers on a question file, turn by turn; optionally its agreement with a teacher store",
+    ),
 }
 
 

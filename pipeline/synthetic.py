@@ -128,12 +128,7 @@ def make_record(sample_id: str, image_rel: str, items: list[Item], grid: int, tu
     conversations, answers = [], []
     for j, kind in enumerate(kinds):
         q, a = _question(kind, items, grid, rng)
-        suffix = {
-            "exact": " Answer with one word or number.",
-            "yesno": " Answer yes or no.",
-            "choice": " Answer with the letter.",
-        }[ANSWER_KIND[kind]]
-        conversations.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q + suffix})
+        conversations.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q})
         conversations.append({"from": "gpt", "value": a})
         answers.append(a)
     return {"id": sample_id, "image": image_rel, "conversations": conversations, "question_types": kinds, "answers": answers}

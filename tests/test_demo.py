@@ -4,25 +4,54 @@ from __future__ import annotations
 
 import json
 
-from pipeline.cli import main
+from PIL import Image
+
+from pipeline.cli import RUN_JOBS, main, resolve
 from pipeline.config import load_config
-from pipeline.data_check import DataCheckConfig
+from pipeline.demo import METHODS, QUICK
+from pipeline.inspect_store import verify
 
 
-def test_demo_quick(tmp_path):
+def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--quick"]) == 0
+    assert main(["demo", "--out", str(out), "--quick", "--seeds", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "| student | method | test accuracy (%) | KL to teacher (test) |" in printed
+
+    # data: three splits on disjoint images
+    images = {}
     for split in ("train", "val", "test"):
         records = json.loads((out / "data" / f"{split}.json").read_text())
         assert records and all((out / "data" / r["image"]).is_file() for r in records)
-    train = {r["image"] for r in json.loads((out / "data" / "train.json").read_text())}
-    test = {r["image"] for r in json.loads((out / "data" / "test.json").read_text())}
-    assert not train & test  # disjoint images
-    for name in ("teacher", "student", "student-pooled"):
-        assert (out / "models" / name / "model.safetensors").is_file()
-    cfg = load_config(DataCheckConfig, out / "configs" / "data-check.yaml")
-    assert cfg.model == str(out / "models" / "teacher")
-    report = json.loads((out / "reports" / "data-check.json").read_text())
-    assert report["samples_ok"] == 40 and report["samples_skipped"] == 0
-    summary = json.loads((out / "summary.json").read_text())
-    assert summary["train_samples_ok"] == 40
+        images[split] = {r["image"] for r in records}
+    assert not images["train"] & images["test"] and not images["train"] & images["val"]
+
+    # the teacher, its stores, each verified
+    assert (out / "runs" / "teacher" / "final" / "model.safetensors").is_file()
+    for store in ("bootstrap", "train", "test"):
+        assert verify(out / "stores" / store) == [], store
+
+    # students: every size x method x seed trained, exported, evaluated against the teacher store
+    summary = json.loads((out / "reports" / "summary.json").read_text())
+    assert len(summary["runs"]) == len(QUICK.students) * len(METHODS) * 2
+    for run in summary["runs"]:
+        name = f"{run['size']}-{run['method']}-s{run['seed']}"
+        assert (out / "runs" / name / "final" / "provenance.json").is_file()
+        report = json.loads((out / "reports" / f"eval-{name}.json").read_text())
+        assert report["accuracy"] == run["accuracy"] and report["agreement"]["forward_kl"] >= 0
+    assert {(r["size"], r["method"]) for r in summary["rows"]} == {(s, m) for s in QUICK.students for m in METHODS}
+    assert all(r["n_seeds"] == 2 for r in summary["rows"])
+    assert (out / "reports" / "summary.md").read_text().startswith("Teacher test accuracy")
+
+    # pictures
+    with Image.open(out / "reports" / "accuracy.png") as im:
+        assert im.size[0] > 100
+    assert list((out / "reports" / "saliency").glob("saliency_*.png"))
+
+    # every step's config reloads with its job's config class
+    configs = sorted((out / "configs").glob("*.yaml"))
+    job_of = {"dump": "teacher-dump", "train": "distill", "eval": "eval"}
+    assert len(configs) == 3 + 1 + 1 + len(summary["runs"]) * 2
+    for path in configs:
+        job = job_of[path.stem.split("-")[0]]
+        load_config(resolve(RUN_JOBS[job].config), path)

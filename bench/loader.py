@@ -1,0 +1,407 @@
+"""Stage 2 loader throughput: StoreDataset against raw memory-mapped arrays of the same data.
+
+Modes, each a whole epoch over the same batches (the epoch-0 order of ``StoreDataset``), timed in
+interleaved rounds:
+
+* store w0      ``DataLoader(StoreDataset, batch_size=None, num_workers=0)``: zarr block reads,
+                unpack, re-encoding every sample with the student processor (chat template,
+                tokenizer, image decode + preprocessing), remap, collate. What ``distill`` runs
+                with ``data.num_workers=0``.
+* store w2      the same with 2 worker processes (prefetch 4), a fresh DataLoader per epoch as
+                ``distill.batch_stream`` makes one: worker start-up is part of the epoch.
+* read_block    ``StoreReader.read_block`` alone over every block of the epoch (a fresh reader, as
+                each loader pass opens one): the zarr/Parquet part of the store path.
+* raw full      every array a batch is built from (student token ids, labels, preprocessed
+                pixel_values, response top-k, IVA rows, TPA rows), written once in their final
+                dtypes to ``np.memmap`` (.npy) files with per-sample offsets; a pass slices them
+                and calls the same ``collate``: the tensors equal the store path's (checked).
+* raw tokens    only token ids, labels and the response top-k ids/logprobs from memmaps, built
+                into input_ids / attention_mask / labels / KD rows (checked equal to the store's).
+
+Target: store samples/s >= 0.5 x raw. Loader rates do not depend on the teacher's size, so the
+store is dumped by a small teacher with the benchmark geometry (64x64 images, 64 visual tokens,
+top-k 64, transitions with p_min = 0 as in distill_step.py). After the timed rounds one
+instrumented ``store w0`` pass splits the store path into its phases (``common.clocked``).
+
+    python bench/loader.py [--quick] [--device cuda --dtype bfloat16]   (device: the dump's teacher only)
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from contextlib import ExitStack
+from dataclasses import fields, is_dataclass
+from types import SimpleNamespace
+
+from common import (
+    BENCH_SPEC,
+    Workdir,
+    base_parser,
+    build_shapes_data,
+    build_teacher,
+    check_device,
+    clocked,
+    dump_config,
+    environment,
+    fmt_spread,
+    interleaved,
+    load_average,
+    per_rep_ratio,
+    round_sums,
+    spec_dict,
+    stats,
+    table,
+    write_results,
+)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402  (after common: it sets up sys.path and offline mode)
+from torch.utils.data import DataLoader  # noqa: E402
+
+import stage2_student.data as data_module  # noqa: E402
+from pipeline.data import Record  # noqa: E402
+from pipeline.data.encode import IGNORE_INDEX  # noqa: E402
+from pipeline.processors import load_processor  # noqa: E402
+from pipeline.tiny import TinySpec  # noqa: E402
+from schemas import StoreReader  # noqa: E402
+from stage1_teacher.dump import run as dump  # noqa: E402
+from stage2_student.data import StoreDataset, StudentTargets, collate, epoch_order, epoch_samples  # noqa: E402
+
+TARGET = 0.5
+
+# Loader rates depend on the store's contents (geometry, k, rows), not on the teacher's width.
+DUMP_SPEC = TinySpec(
+    hidden=128,
+    layers=2,
+    heads=4,
+    kv_heads=2,
+    intermediate=344,
+    vision_hidden=BENCH_SPEC.vision_hidden,
+    vision_layers=BENCH_SPEC.vision_layers,
+    vision_heads=BENCH_SPEC.vision_heads,
+    image_size=BENCH_SPEC.image_size,
+    patch=BENCH_SPEC.patch,
+    max_positions=BENCH_SPEC.max_positions,
+)
+
+# StudentTargets fields in the raw layout, with their dtypes in a batch.
+_TARGET_ARRAYS = {
+    "labels": np.int64,
+    "resp_pos": np.int64,
+    "resp_ids": np.int64,
+    "resp_logprobs": np.float32,
+    "vis_pos": np.int64,
+    "vis_weight": np.float32,
+    "vis_ids": np.int64,
+    "vis_logprobs": np.float32,
+    "tpa_pos": np.int64,
+    "tpa_cand": np.int64,
+    "tpa_cand_logprob": np.float32,
+    "tpa_ids": np.int64,
+    "tpa_logprobs": np.float32,
+}
+_MINIMAL = ("input_ids", "labels", "resp_pos", "resp_ids", "resp_logprobs")
+
+
+def parse_args():
+    p = base_parser(__doc__.splitlines()[0])
+    p.add_argument("--samples", type=int, default=128, help="synthetic records (multi-turn)")
+    p.add_argument("--turns", type=int, default=3, help="question/answer turns per record")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--reps", type=int, default=5, help="timed epochs per mode (interleaved)")
+    args = p.parse_args()
+    if args.quick:
+        args.samples, args.reps = min(args.samples, 32), min(args.reps, 2)
+    return args
+
+
+class RawArrays:
+    """Per-sample arrays concatenated along axis 0 in one .npy memmap per name, with offsets."""
+
+    def __init__(self, root, per_sample: dict[str, list[np.ndarray]]):
+        root.mkdir(parents=True, exist_ok=True)
+        self.data, self.offsets = {}, {}
+        for name, arrays in per_sample.items():
+            flat = np.concatenate(arrays)
+            mm = np.lib.format.open_memmap(root / f"{name}.npy", mode="w+", dtype=flat.dtype, shape=flat.shape)
+            mm[:] = flat
+            mm.flush()
+            del mm
+            self.data[name] = np.load(root / f"{name}.npy", mmap_mode="r")
+            self.offsets[name] = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int64)
+
+    def get(self, name: str, i: int) -> np.ndarray:
+        o = self.offsets[name]
+        return np.array(self.data[name][o[i] : o[i + 1]])  # a copy: the read
+
+
+def assert_same(a, b, where: str) -> None:
+    """Tensors, lists, dicts and dataclasses of them equal (NaN/-inf padding compare equal)."""
+    if isinstance(a, torch.Tensor):
+        if a.shape != b.shape or a.dtype != b.dtype or not torch.equal(torch.nan_to_num(a), torch.nan_to_num(b)):
+            raise AssertionError(f"{where}: {tuple(a.shape)} {a.dtype} vs {tuple(b.shape)} {b.dtype}")
+    elif is_dataclass(a):
+        for f in fields(a):
+            assert_same(getattr(a, f.name), getattr(b, f.name), f"{where}.{f.name}")
+    elif isinstance(a, dict):
+        if sorted(a) != sorted(b):
+            raise AssertionError(f"{where}: keys {sorted(a)} vs {sorted(b)}")
+        for k in a:
+            assert_same(a[k], b[k], f"{where}[{k}]")
+    elif isinstance(a, (list, tuple)):
+        if len(a) != len(b):
+            raise AssertionError(f"{where}: length {len(a)} vs {len(b)}")
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    elif a != b:
+        raise AssertionError(f"{where}: {a!r} vs {b!r}")
+
+
+def main() -> None:
+    args = parse_args()
+    check_device(args.device)
+
+    with Workdir(args.workdir, "loader") as work:
+        print(f"building a teacher {DUMP_SPEC}, {args.samples} synthetic records and the store in {work}", flush=True)
+        teacher_dir = build_teacher(work / "teacher", DUMP_SPEC)
+        data = build_shapes_data(work / "data", args.samples, args.turns)
+        store = work / "store"
+        dump(
+            dump_config(
+                teacher_dir,
+                data,
+                store,
+                {
+                    "teacher.device": args.device,
+                    "teacher.dtype": args.dtype,
+                    "signals.saliency_layers": [DUMP_SPEC.layers // 2],
+                    "signals.transitions.min_prob": 0.0,
+                    "workers": 0,
+                },
+            )
+        )
+        processor = load_processor(teacher_dir)  # the student's: same tokenizer, template and geometry
+        ds = StoreDataset(store, processor, batch_size=args.batch_size, seed=0, with_saliency=False)
+        shard_sizes = ds.shard_sizes
+        store_bytes = sum(f.stat().st_size for f in store.rglob("*") if f.is_file())
+
+        # The raw layout: every sample's final arrays, in storage order (shard by shard).
+        print("writing the raw memmap arrays", flush=True)
+        reader = StoreReader(store)
+        base, sample_ids, samples = {}, [], []
+        for shard, n in shard_sizes.items():
+            base[shard] = len(sample_ids)
+            for stored in reader.read_block(shard, 0, n):
+                enc, tg = ds.encode_and_remap(stored)
+                sample_ids.append(tg.sample_id)
+                arrays = {"input_ids": enc.input_ids.astype(np.int64)}
+                for key, value in enc.model_inputs.items():
+                    if key not in ("input_ids", "attention_mask"):
+                        arrays[key] = value.numpy()  # image tensors, [n_images, ...]
+                arrays |= {name: np.asarray(getattr(tg, name), dtype=dt) for name, dt in _TARGET_ARRAYS.items()}
+                samples.append(arrays)
+        like = {k: a for s in samples for k, a in s.items()}  # one array of each name, for empty rows
+        per_sample = {k: [s.get(k, np.zeros((0, *a.shape[1:]), a.dtype)) for s in samples] for k, a in like.items()}
+        image_keys = [k for k in per_sample if k not in _TARGET_ARRAYS and k != "input_ids"]
+        del samples
+        raw = RawArrays(work / "raw", per_sample)
+        raw_bytes = sum((work / "raw" / f"{n}.npy").stat().st_size for n in per_sample)
+        raw_min_bytes = sum((work / "raw" / f"{n}.npy").stat().st_size for n in _MINIMAL)
+        del per_sample
+
+        order = [base[shard] + idx for shard, idx in epoch_samples(0, 0, shard_sizes, ds.block_size, ds.window_blocks)]
+        batches = [order[i : i + args.batch_size] for i in range(0, len(order), args.batch_size)]
+        n_samples = len(order)
+
+        def raw_full_batch(b: int):
+            encoded, targets = [], []
+            for i in batches[b]:
+                ids = raw.get("input_ids", i)
+                inputs = {"input_ids": torch.from_numpy(ids)[None], "attention_mask": torch.ones(1, len(ids), dtype=torch.int64)}
+                inputs |= {k: torch.from_numpy(raw.get(k, i)) for k in image_keys if raw.offsets[k][i + 1] > raw.offsets[k][i]}
+                encoded.append(SimpleNamespace(model_inputs=inputs))
+                targets.append(StudentTargets(
+                    sample_id=sample_ids[i], saliency=np.zeros((0, 0), np.float32),
+                    **{name: raw.get(name, i) for name in _TARGET_ARRAYS},
+                ))
+            return collate(encoded, targets, ds.pad_id, position=(0, b), with_saliency=False)
+
+        def raw_tokens_batch(b: int) -> dict:
+            rows = {name: [raw.get(name, i) for i in batches[b]] for name in _MINIMAL}
+            length = max(len(x) for x in rows["input_ids"])
+            input_ids = np.full((len(batches[b]), length), ds.pad_id, dtype=np.int64)
+            mask = np.zeros((len(batches[b]), length), dtype=np.int64)
+            labels = np.full((len(batches[b]), length), IGNORE_INDEX, dtype=np.int64)
+            for j, (ids, lab) in enumerate(zip(rows["input_ids"], rows["labels"])):
+                input_ids[j, : len(ids)], mask[j, : len(ids)], labels[j, : len(lab)] = ids, 1, lab
+            counts = [len(p) for p in rows["resp_pos"]]
+            return {
+                "input_ids": torch.from_numpy(input_ids),
+                "attention_mask": torch.from_numpy(mask),
+                "labels": torch.from_numpy(labels),
+                "kd_batch": torch.as_tensor(np.repeat(np.arange(len(counts)), counts), dtype=torch.int64),
+                "kd_pos": torch.from_numpy(np.concatenate(rows["resp_pos"])),
+                "kd_ids": torch.from_numpy(np.concatenate(rows["resp_ids"])),
+                "kd_logprobs": torch.from_numpy(np.concatenate(rows["resp_logprobs"])),
+            }
+
+        # The raw paths build what the store path builds.
+        store_batches = list(DataLoader(ds, batch_size=None, num_workers=0))
+        if len(store_batches) != len(batches):
+            raise AssertionError(f"{len(store_batches)} store batches vs {len(batches)} raw batches")
+        for b, sb in enumerate(store_batches):
+            assert_same(raw_full_batch(b), sb, f"batch {b}")
+            rt = raw_tokens_batch(b)
+            expect = {"input_ids": sb.model_inputs["input_ids"], "attention_mask": sb.model_inputs["attention_mask"],
+                      "labels": sb.labels, "kd_batch": sb.kd.batch, "kd_pos": sb.kd.pos, "kd_ids": sb.kd.ids,
+                      "kd_logprobs": sb.kd.logprobs}
+            assert_same(rt, expect, f"batch {b} (tokens)")
+        seq_tokens = sum(int(sb.model_inputs["attention_mask"].sum()) for sb in store_batches)
+        del store_batches
+        print(f"raw batches equal the store's ({len(batches)} batches checked)", flush=True)
+
+        def store_pass(workers: int):
+            def run(_u: int) -> None:
+                loader = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+                n = sum(len(b.sample_ids) for b in loader)
+                if n != n_samples:
+                    raise AssertionError(f"store pass with {workers} workers gave {n} samples, expected {n_samples}")
+
+            return run
+
+        blocks = epoch_order(0, 0, shard_sizes, ds.block_size)
+
+        def read_blocks(_u: int) -> None:
+            r = StoreReader(store)  # opened per pass, as every loader pass (and worker) opens one
+            for shard, start, stop in blocks:
+                r.read_block(shard, start, stop)
+
+        open_reader = StoreReader(store)
+        open_reader.sample_ids()  # opens every shard's index
+
+        def read_blocks_warm(_u: int) -> None:
+            for shard, start, stop in blocks:
+                open_reader.read_block(shard, start, stop)
+
+        def raw_pass(build):
+            def run(_u: int) -> None:
+                for b in range(len(batches)):
+                    build(b)
+
+            return run
+
+        modes = {
+            "store w0": store_pass(0),
+            "store w2": store_pass(2),
+            "read_block": read_blocks,
+            "read_block warm": read_blocks_warm,
+            "raw full": raw_pass(raw_full_batch),
+            "raw tokens": raw_pass(raw_tokens_batch),
+        }
+        print(f"timing {args.reps} epochs of {list(modes)} ({n_samples} samples, {len(batches)} batches), interleaved", flush=True)
+        load_before = load_average()
+        times = {m: round_sums(t) for m, t in interleaved(modes, args.reps, "cpu").items()}
+        load_after = load_average()
+
+        # Instrumented store w0 passes: where its time goes (the wrappers add a little overhead).
+        tok_cls, img_cls = type(processor.tokenizer), type(processor.image_processor)
+        phase_targets = {
+            "read_block (zarr + index)": (StoreReader, "read_block"),
+            "unpack": (data_module, "unpack"),
+            "encode (all)": (data_module, "encode"),
+            "  image decode (PIL)": (Record, "load_images"),
+            "  image sha256": (Record, "image_hashes"),
+            "  chat template": (type(processor), "apply_chat_template"),
+            "  tokenizer": (tok_cls, "__call__"),
+            "  image preprocess": (img_cls, "__call__"),
+            "remap": (data_module, "remap"),
+            "collate": (data_module, "collate"),
+        }
+        passes = []
+        for _ in range(args.reps):
+            calls = {name: [] for name in phase_targets}
+            with ExitStack() as stack:
+                for name, (owner, attr) in phase_targets.items():
+                    stack.enter_context(clocked(owner, attr, calls[name]))
+                t0 = time.perf_counter()
+                store_pass(0)(0)
+                total = time.perf_counter() - t0
+            p = {name: sum(c) for name, c in calls.items()}
+            inner = [n for n in p if n.startswith("  ")]
+            p["  encode, rest"] = p["encode (all)"] - sum(p[n] for n in inner)
+            top = ["read_block (zarr + index)", "unpack", "encode (all)", "remap", "collate"]
+            p["other (order, dataset, loop)"] = total - sum(p[n] for n in top)
+            p["total"] = total
+            passes.append(p)
+        phases = {name: statistics.median(p[name] for p in passes) for name in passes[0]}
+        instrumented_s = phases["total"]
+
+    per_s = {m: stats([n_samples / t for t in ts]) for m, ts in times.items()}
+    ratios = {m: per_rep_ratio(times["raw full"], times[m]) for m in modes}  # throughput / raw full
+    ratios_tok = {m: per_rep_ratio(times["raw tokens"], times[m]) for m in modes}
+    labels = {
+        "store w0": "store, StoreDataset num_workers=0",
+        "store w2": "store, StoreDataset num_workers=2",
+        "read_block": "store, read_block alone (new StoreReader)",
+        "read_block warm": "store, read_block alone (reader open)",
+        "raw full": "raw memmap, all batch arrays + collate",
+        "raw tokens": "raw memmap, tokens + response top-k",
+    }
+    print()
+    print(
+        f"{n_samples} samples ({seq_tokens / n_samples:.0f} tokens/sample), batch {args.batch_size}, "
+        f"torch threads {torch.get_num_threads()}; store {store_bytes / 1e6:.2f} MB on disk, raw full "
+        f"{raw_bytes / 1e6:.2f} MB (tokens + response top-k {raw_min_bytes / 1e6:.2f} MB); median [min..max] of "
+        f"{args.reps} epochs; load average {load_before[0]:.2f} -> {load_after[0]:.2f}"
+    )
+    print(
+        table(
+            ["mode", "s/epoch", "samples/s", "/ raw full", "/ raw tokens"],
+            [[labels[m], fmt_spread(stats(times[m])), fmt_spread(per_s[m], 1), fmt_spread(ratios[m]),
+              fmt_spread(ratios_tok[m])] for m in modes],
+        )
+    )
+    for m in ("store w0", "store w2"):
+        r, rt = ratios[m]["median"], ratios_tok[m]["median"]
+        print(f"{m} / raw: {r:.3f} (full), {rt:.3f} (tokens + response top-k): "
+              f"{'meets' if r >= TARGET else 'MISSES'} / {'meets' if rt >= TARGET else 'MISSES'} the >= {TARGET} target")
+    print(f"\nwhere a store w0 epoch goes (medians of {args.reps} instrumented passes, {instrumented_s:.3f} s):")
+    print(table(["phase", "s", "share", "ms/sample"],
+                [[n, f"{s:.3f}", f"{s / instrumented_s:.1%}", f"{1000 * s / n_samples:.2f}"] for n, s in phases.items()]))
+    share = lambda n: phases[n] / instrumented_s  # noqa: E731
+    print(
+        f"-> re-encoding with the processor dominates ({share('encode (all)'):.0%}: tokenizer {share('  tokenizer'):.0%}, "
+        f"image preprocess {share('  image preprocess'):.0%}, chat template {share('  chat template'):.0%}, image decode "
+        f"{share('  image decode (PIL)'):.0%}); zarr read_block is {share('read_block (zarr + index)'):.0%}, remap + collate "
+        f"{share('remap') + share('collate'):.0%}"
+    )
+
+    path = write_results(
+        "loader",
+        {
+            "env": environment(args.device, args.dtype),
+            "args": vars(args),
+            "dump_spec": spec_dict(DUMP_SPEC),
+            "samples": n_samples,
+            "batches": len(batches),
+            "sequence_tokens": seq_tokens,
+            "store_bytes": store_bytes,
+            "raw_bytes": raw_bytes,
+            "raw_tokens_bytes": raw_min_bytes,
+            "seconds_per_epoch": {m: stats(t) for m, t in times.items()},
+            "samples_per_s": per_s,
+            "throughput_over_raw_full": ratios,
+            "throughput_over_raw_tokens": ratios_tok,
+            "target_store_over_raw": TARGET,
+            "store_w0_phases_s": phases,
+            "store_w0_phases_s_per_pass": passes,
+            "load_average_before_after_timing": [load_before, load_after],
+        },
+        args.out,
+    )
+    print(f"results: {path}")
+
+
+if __name__ == "__main__":
+    main()

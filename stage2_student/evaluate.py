@@ -1,0 +1,513 @@
+"""``pipeline run eval``: answer accuracy of a checkpoint on a question file, and agreement with a teacher store.
+
+Top to bottom: read the question file, build one prompt per answered turn, generate greedily in
+left-padded batches, score, then (with ``store``) compare the model's next-token distributions with
+the teacher's stored ones, and write one JSON report.
+
+* Turn by turn: the prompt of turn ``j`` is the conversation up to and including human turn ``j``,
+  earlier turns answered with the *gold* answers (not the model's own), rendered with the model's
+  chat template and generation prompt. So every turn is scored on its own, as in LLaVA-style evals.
+* Scoring (``ANSWER_KIND`` of ``pipeline.synthetic`` maps a question type to a kind): ``exact``
+  (normalised equality), ``choice`` (the first standalone A-D letter), ``yesno`` (the first word;
+  accuracy, and F1 with "yes" as the positive class plus the yes-ratio, as POPE reports). A record
+  without ``question_types`` counts under type ``unknown`` with exact match. Overall accuracy is the
+  micro-average over every scored question.
+* Agreement: over the response positions of the samples in both the file and the store, the mean
+  forward KL on the stored (k+1)-bucket coarsening (``losses.bucket_logprobs`` + ``losses.forward_kl``,
+  the training loss's own numerics) at the dump temperature, and the rate at which the model's argmax
+  equals the teacher's top id. Positions go through ``data.remap``, so a pooled student works.
+
+Questions that cannot be asked (missing image, over-length prompt, malformed record) are listed in
+the report with their reason, never dropped silently.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from itertools import islice
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from transformers import AutoModelForImageTextToText, GenerationConfig
+
+from pipeline.config import check, to_dict
+from pipeline.data import BadRecord, DataSourceError, Record, SampleError, encode, read_records
+from pipeline.data.encode import to_messages
+from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH
+from pipeline.errors import PipelineError
+from pipeline.logs import progress
+from pipeline.processors import load_processor
+from pipeline.synthetic import ANSWER_KIND
+from schemas import StoreReader
+from schemas.signals import unpack
+from stage1_teacher.branches import collate_model_inputs, sequence_position_ids
+from stage2_student.compat import check_compatible, check_ids_in_vocab, manifest_value
+from stage2_student.data import StudentDataError, remap
+from stage2_student.losses import bucket_logprobs, forward_kl
+
+log = logging.getLogger("stage2.eval")
+
+UNKNOWN_TYPE = "unknown"
+KINDS = ("exact", "choice", "yesno")
+
+
+# ----------------------------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class EvalDataConfig:
+    path: str
+    """LLaVA-format question file (.json or .jsonl); records may carry `question_types` and `answers` (one per turn)."""
+    image_root: str | None = None
+    """Directory that image paths are relative to; default: the question file's directory."""
+    max_length: int = 2048
+    """Longest prompt (after image expansion) in tokens; longer questions are skipped as over_length."""
+
+    def __post_init__(self):
+        check(bool(self.path), "path", "must name a question file")
+        check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
+
+
+@dataclass
+class EvalConfig:
+    model: str
+    """Checkpoint directory (model + processor), e.g. a distilled student's final/."""
+    data: EvalDataConfig
+    """The questions and their images."""
+    output: str
+    """Write the JSON report (per-type scores, every prediction, agreement) here."""
+    store: str | None = None
+    """A teacher store: also report the agreement (forward KL, top-1) with the teacher on the samples in both."""
+    limit: int | None = None
+    """Evaluate only the first N records of the file; null: all."""
+    max_new_tokens: int = 16
+    """Longest generated answer, in tokens (greedy decoding)."""
+    batch_size: int = 8
+    """Prompts per generation batch (left-padded); also samples per agreement forward."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where the model runs: `auto` is cuda when a GPU is visible. Weights are float32."""
+
+    def __post_init__(self):
+        check(bool(self.model), "model", "must name a checkpoint directory")
+        check(bool(self.output), "output", "must name the report file")
+        check(self.store is None or bool(self.store), "store", "must name a store directory or be null")
+        check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null, got {self.limit}")
+        check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
+        check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+
+
+# ----------------------------------------------------------------------------------------------
+# scoring: plain functions of strings
+
+_CHOICE = re.compile(r"\b([A-D])\b")
+
+
+def normalise(text: str) -> str:
+    """Strip, lower-case, drop one trailing period: ``" Red. "`` -> ``"red"``."""
+    text = text.strip().lower()
+    return text[:-1].rstrip() if text.endswith(".") else text
+
+
+def choice_letter(text: str) -> str | None:
+    """The first standalone capital A-D in ``text`` (``"B. blue"`` -> ``"B"``); None if there is none.
+
+    Standalone, so the article in "a red one" and the B of "Blue" are not read as choices.
+    """
+    m = _CHOICE.search(text.strip())
+    return m.group(1) if m else None
+
+
+def yes_no(text: str) -> str | None:
+    """``"yes"`` or ``"no"`` when the normalised text's first word is one of them, else None."""
+    words = re.findall(r"[a-z]+", normalise(text))
+    return words[0] if words and words[0] in ("yes", "no") else None
+
+
+def is_correct(kind: str, prediction: str, gold: str) -> bool:
+    """Score one answer; ``kind`` is one of KINDS."""
+    if kind == "exact":
+        return normalise(prediction) == normalise(gold)
+    if kind == "choice":
+        letter = choice_letter(prediction)
+        return letter is not None and letter == choice_letter(gold)
+    if kind == "yesno":
+        answer = yes_no(prediction)
+        return answer is not None and answer == yes_no(gold)
+    raise ValueError(f"unknown answer kind {kind!r}; expected one of {KINDS}")
+
+
+def yesno_scores(predictions: list[str], golds: list[str]) -> dict:
+    """POPE's numbers, "yes" the positive class: accuracy, precision, recall, F1, yes-ratio.
+
+    A prediction that is neither yes nor no counts as a negative (and as wrong); precision, recall
+    and F1 are 0 where their denominators are.
+    """
+    pred = [yes_no(p) for p in predictions]
+    gold = [yes_no(g) for g in golds]
+    n = len(pred)
+    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
+    fp = sum(p == "yes" and g != "yes" for p, g in zip(pred, gold))
+    fn = sum(p != "yes" and g == "yes" for p, g in zip(pred, gold))
+    correct = sum(p is not None and p == g for p, g in zip(pred, gold))
+    precision = tp / (tp + fp) if tp + fp else 0.0
+    recall = tp / (tp + fn) if tp + fn else 0.0
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    return {
+        "n": n,
+        "correct": correct,
+        "accuracy": correct / n if n else 0.0,
+        "precision": precision,
+        "recall": recall,
+        "f1": f1,
+        "yes_ratio": sum(p == "yes" for p in pred) / n if n else 0.0,
+    }
+
+
+def summarise(predictions: list[dict]) -> dict:
+    """Per-type and overall scores of scored predictions (dicts with type, kind, gold, prediction, correct)."""
+    by_type: dict[str, dict] = {}
+    for qtype in sorted({p["type"] for p in predictions}):
+        items = [p for p in predictions if p["type"] == qtype]
+        kind = items[0]["kind"]
+        if kind == "yesno":
+            scores = yesno_scores([p["prediction"] for p in items], [p["gold"] for p in items])
+        else:
+            correct = sum(p["correct"] for p in items)
+            scores = {"n": len(items), "correct": correct, "accuracy": correct / len(items)}
+        by_type[qtype] = {"kind": kind, **scores}
+    n = len(predictions)
+    correct = sum(p["correct"] for p in predictions)
+    return {"n_questions": n, "correct": correct, "accuracy": correct / n if n else 0.0, "by_type": by_type}
+
+
+def format_table(report: dict) -> str:
+    """type | n | accuracy | f1, one row per type, then the overall row (and the agreement, if any)."""
+    rows = [("type", "n", "accuracy", "f1")]
+    for qtype, s in report["by_type"].items():
+        rows.append((qtype, str(s["n"]), f"{s['accuracy']:.4f}", f"{s['f1']:.4f}" if "f1" in s else "-"))
+    rows.append(("overall", str(report["n_questions"]), f"{report['accuracy']:.4f}", "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    agree = report.get("agreement")
+    if agree:
+        lines.append(
+            f"agreement with {agree['store']}: forward KL {agree['forward_kl']:.6f}, "
+            f"top-1 {agree['top1_agreement']:.4f} ({agree['positions']} positions, {agree['samples']} samples)"
+        )
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# questions and prompts
+
+
+@dataclass
+class Question:
+    """Turn ``turn`` of sample ``sample_id``: its prompt (gold earlier answers) and gold answer."""
+
+    sample_id: str
+    turn: int
+    qtype: str
+    kind: str
+    gold: str
+    prompt: str  # the rendered chat text, image placeholders unexpanded
+    inputs: dict = field(repr=False)  # processor output for the prompt, batch of one
+
+
+def _raw_records(path: Path) -> dict[str, dict]:
+    """``{id: record}`` of a LLaVA .json/.jsonl file, for the keys ``read_records`` does not keep."""
+    if path.suffix == ".jsonl":
+        rows = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:  # blank or broken: read_records reports the broken ones
+                continue
+    else:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    out: dict[str, dict] = {}
+    for i, row in enumerate(rows):
+        if isinstance(row, dict):
+            out.setdefault(str(row.get("id", f"row-{i}")), row)
+    return out
+
+
+def answered_turns(record: Record) -> list[int]:
+    """Indices into ``record.turns`` of the human turns that have an answer after them."""
+    return [i for i, t in enumerate(record.turns[:-1]) if t.role == "user" and record.turns[i + 1].role == "assistant"]
+
+
+def turn_labels(record: Record, raw: dict) -> list[tuple[str, str, str]]:
+    """(type, kind, gold answer) per answered turn, from ``question_types``/``answers`` or the gpt turns.
+
+    Raises SampleError(MALFORMED) when those lists do not have one entry per answered turn.
+    """
+    turns = answered_turns(record)
+    golds = [record.turns[i + 1].text for i in turns]
+    if "answers" in raw:
+        answers = raw["answers"]
+        if not isinstance(answers, list) or len(answers) != len(turns):
+            raise SampleError(record.sample_id, MALFORMED, f"'answers' must list one answer per turn ({len(turns)})")
+        if not all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in answers):
+            raise SampleError(record.sample_id, MALFORMED, "'answers' must be strings (or integers)")
+        golds = [str(a) for a in answers]
+    types = raw.get("question_types")
+    if types is None:
+        types = [UNKNOWN_TYPE] * len(turns)
+    elif not isinstance(types, list) or len(types) != len(turns) or not all(isinstance(t, str) for t in types):
+        raise SampleError(record.sample_id, MALFORMED, f"'question_types' must list one type name per turn ({len(turns)})")
+    # A type the synthetic set does not define is scored by exact match under its own name.
+    return [(t, ANSWER_KIND.get(t, "exact"), g) for t, g in zip(types, golds)]
+
+
+def prompt_messages(record: Record, turn_index: int) -> tuple[list[dict], int]:
+    """Chat messages that ask the human turn at ``record.turns[turn_index]``, and how many images they use.
+
+    Earlier turns keep their gold answers. The images are those whose ``<image>`` tags stand in
+    the turns asked so far (a later turn's image is not shown early).
+    """
+    asked = record.turns[: turn_index + 2]  # up to the gold answer of this turn, dropped below
+    n_images = sum(t.text.count(IMAGE_TAG) for t in asked if t.role == "user")
+    messages = to_messages(Record(record.sample_id, asked, record.images[:n_images], record.origin))
+    return messages[:-1], n_images
+
+
+def iter_questions(records: list[Record], raws: dict[str, dict], processor, max_length: int,
+                   skipped: list[dict]) -> Iterator[Question]:
+    """Every answered turn of every record as a Question; what cannot be asked goes to ``skipped``."""
+    for record in records:
+        try:
+            labels = turn_labels(record, raws.get(record.sample_id, {}))
+            images = record.load_images()
+        except SampleError as e:
+            skipped.append({"id": record.sample_id, "turn": None, "reason": e.reason, "detail": e.detail})
+            continue
+        for j, (turn_index, (qtype, kind, gold)) in enumerate(zip(answered_turns(record), labels)):
+            try:
+                messages, n_images = prompt_messages(record, turn_index)
+                text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+                inputs = processor(text=text, images=images[:n_images] or None, return_tensors="pt",
+                                   add_special_tokens=False)
+                length = int(inputs["input_ids"].shape[1])
+                if length > max_length:
+                    raise SampleError(record.sample_id, OVER_LENGTH, f"turn {j}: {length} prompt tokens > max_length {max_length}")
+            except SampleError as e:
+                skipped.append({"id": record.sample_id, "turn": j, "reason": e.reason, "detail": e.detail})
+                continue
+            yield Question(record.sample_id, j, qtype, kind, gold, text, dict(inputs))
+
+
+# ----------------------------------------------------------------------------------------------
+# generation
+
+_TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}  # None: the pad id
+_IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+
+
+def left_pad(samples: list[dict], pad_id: int) -> dict:
+    """Batch processor outputs (each a batch of one) for generation: token tensors left-padded, image
+    tensors concatenated in order (both families take images flattened over the batch)."""
+    unknown = set().union(*(s.keys() for s in samples)) - set(_TOKEN_KEYS) - set(_IMAGE_KEYS)
+    if unknown:
+        raise ValueError(f"cannot batch processor outputs {sorted(unknown)}")
+    length = max(int(s["input_ids"].shape[1]) for s in samples)
+    out: dict[str, torch.Tensor] = {}
+    for key, fill in _TOKEN_KEYS.items():
+        if key == "attention_mask" or any(key in s for s in samples):
+            rows = []
+            for s in samples:
+                x = s.get(key, torch.ones_like(s["input_ids"]) if key == "attention_mask" else torch.zeros_like(s["input_ids"]))
+                rows.append(torch.nn.functional.pad(x, (length - x.shape[1], 0), value=pad_id if fill is None else fill))
+            out[key] = torch.cat(rows)
+    for key in _IMAGE_KEYS:
+        parts = [s[key] for s in samples if key in s]
+        if parts:
+            out[key] = torch.cat(parts)
+    return out
+
+
+def _stop_ids(model, tokenizer) -> list[int]:
+    eos = model.generation_config.eos_token_id
+    eos = [eos] if isinstance(eos, int) else list(eos or [])
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+        eos.append(tokenizer.eos_token_id)
+    return eos
+
+
+@torch.inference_mode()
+def generate_answers(model, processor, questions: list[Question], max_new_tokens: int, device: torch.device) -> list[str]:
+    """Greedy answers to one batch of questions (left-padded), decoded up to the first stop token."""
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    stops = _stop_ids(model, tok)
+    inputs = {k: v.to(device) for k, v in left_pad([q.inputs for q in questions], pad_id).items()}
+    # An explicit config: greedy whatever sampling defaults the checkpoint ships with.
+    gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                           eos_token_id=stops, pad_token_id=pad_id)
+    out = model.generate(**inputs, generation_config=gen)
+    new = out[:, inputs["input_ids"].shape[1]:].tolist()
+    answers = []
+    for row in new:
+        end = next((i for i, t in enumerate(row) if t in stops or t == pad_id), len(row))
+        answers.append(tok.decode(row[:end], skip_special_tokens=True).strip())
+    return answers
+
+
+# ----------------------------------------------------------------------------------------------
+# agreement with a teacher store
+
+
+@torch.inference_mode()
+def agreement(model, processor, records: list[Record], store_dir: str | Path, max_length: int,
+              batch_size: int, device: torch.device) -> dict:
+    """Mean forward KL (stored (k+1)-bucket coarsening, dump temperature) and top-1 agreement between
+    the teacher's stored response distributions and ``model``'s, over the samples in both."""
+    reader = StoreReader(store_dir)
+    manifest = reader.manifest
+    check_compatible(manifest, processor)
+    tau = float(manifest_value(manifest, "signals", "temperature"))
+    stored = set(reader.sample_ids())
+    common = [r for r in records if r.sample_id in stored]
+    if not common:
+        raise PipelineError(f"no sample of the question file is in the store {store_dir}; agreement needs the data it was dumped from")
+    tok = processor.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    kl_sum, agree, positions, samples, skipped = 0.0, 0, 0, 0, []
+    batches = [common[i : i + batch_size] for i in range(0, len(common), batch_size)]
+    for batch in progress(batches, desc="agreement", unit="batch"):
+        encoded, targets = [], []
+        for record in batch:
+            teacher = unpack(reader.get(record.sample_id))
+            if teacher.resp_ids.size:
+                check_ids_in_vocab(int(teacher.resp_ids.max()), len(tok), where=f"sample {record.sample_id!r} of the store")
+            try:
+                enc = encode(record, processor, max_length)
+            except SampleError as e:
+                skipped.append({"id": e.sample_id, "reason": e.reason, "detail": e.detail})
+                continue
+            if list(enc.image_hashes) != list(teacher.image_hashes):
+                raise StudentDataError(
+                    f"sample {record.sample_id!r}: its images differ from those the store {store_dir} was dumped from"
+                )
+            encoded.append(enc)
+            targets.append(remap(teacher, enc))
+        if not encoded:
+            continue
+        inputs = {k: v.to(device) for k, v in collate_model_inputs([e.model_inputs for e in encoded], pad_id).items()}
+        # Logits only at response positions (union over the batch), as the dump computed them.
+        keep = np.unique(np.concatenate([t.resp_pos for t in targets]))
+        column = np.full(inputs["input_ids"].shape[1], -1, dtype=np.int64)
+        column[keep] = np.arange(len(keep))
+        logits = model(**inputs, position_ids=sequence_position_ids(model, inputs),
+                       logits_to_keep=torch.as_tensor(keep, device=device)).logits
+        rows = torch.cat([logits[b, torch.as_tensor(column[t.resp_pos], device=device)] for b, t in enumerate(targets)])
+        ids = torch.as_tensor(np.concatenate([t.resp_ids for t in targets]), device=device)
+        lps = torch.as_tensor(np.concatenate([t.resp_logprobs for t in targets]), device=device)
+        t_logp, s_logp, valid = bucket_logprobs(rows.float() / tau, ids, lps)
+        kl = forward_kl(t_logp, s_logp, valid)
+        used = valid[:, :-1].any(-1)  # a row with no stored id is padding
+        kl_sum += float(kl[used].double().sum())
+        agree += int((rows.argmax(-1) == ids[:, 0])[used].sum())
+        positions += int(used.sum())
+        samples += len(encoded)
+    if positions == 0:
+        raise PipelineError(f"no response position to compare with the store {store_dir} (every common sample was skipped)")
+    return {
+        "store": str(store_dir),
+        "temperature": tau,
+        "samples": samples,
+        "positions": positions,
+        "forward_kl": kl_sum / positions,
+        "top1_agreement": agree / positions,
+        "skipped": skipped,
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# the command
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("device=cuda but no GPU is visible")
+    return torch.device(device)
+
+
+def read_question_file(path: str | Path, image_root: str | None, limit: int | None) -> tuple[list[Record], dict[str, dict], list[dict]]:
+    """(records, raw records by id, skipped) of the first ``limit`` records of a LLaVA file."""
+    path = Path(path)
+    if path.exists() and not (path.is_file() and path.suffix in (".json", ".jsonl")):
+        raise DataSourceError(f"{path}: eval reads a LLaVA .json or .jsonl question file")
+    records, skipped = [], []
+    for rec in islice(read_records(path, image_root), limit):  # raises for a missing file, naming it
+        if isinstance(rec, BadRecord):
+            skipped.append({"id": rec.error.sample_id, "turn": None, "reason": rec.error.reason, "detail": rec.error.detail})
+        else:
+            records.append(rec)
+    return records, _raw_records(path), skipped
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def run(cfg: EvalConfig) -> dict:
+    device = resolve_device(cfg.device)
+    records, raws, skipped = read_question_file(cfg.data.path, cfg.data.image_root, cfg.limit)
+    processor = load_processor(cfg.model)  # a missing checkpoint directory is named here
+    model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=torch.float32, trust_remote_code=False)
+    model.to(device).eval()
+
+    def answer(batch: list[Question]) -> list[dict]:
+        answers = generate_answers(model, processor, batch, cfg.max_new_tokens, device)
+        return [
+            {"id": q.sample_id, "turn": q.turn, "type": q.qtype, "kind": q.kind, "gold": q.gold,
+             "prediction": a, "correct": is_correct(q.kind, a, q.gold)}
+            for q, a in zip(batch, answers)
+        ]
+
+    total = sum(len(answered_turns(r)) for r in records)
+    questions = iter_questions(records, raws, processor, cfg.data.max_length, skipped)
+    predictions: list[dict] = []
+    batch: list[Question] = []
+    for q in progress(questions, total=total, desc="eval", unit="question"):
+        batch.append(q)
+        if len(batch) == cfg.batch_size:
+            predictions += answer(batch)
+            batch = []
+    if batch:
+        predictions += answer(batch)
+    for s in skipped[:20]:
+        log.warning("skipped %s turn %s: %s: %s", s["id"], s["turn"], s["reason"], s["detail"])
+    if not predictions:
+        raise PipelineError(f"no question of {cfg.data.path} could be evaluated ({len(skipped)} skipped)")
+
+    report = {
+        "model": cfg.model,
+        "data": cfg.data.path,
+        "n_samples": len({p["id"] for p in predictions}),
+        **summarise(predictions),
+        "agreement": None,
+        "skipped": skipped,
+        "predictions": predictions,
+        "config": to_dict(cfg),
+    }
+    if cfg.store is not None:
+        report["agreement"] = agreement(model, processor, records, cfg.store, cfg.data.max_length, cfg.batch_size, device)
+    _write_json(Path(cfg.output), report)
+    print(format_table(report))
+    log.info("report written to %s", cfg.output)
+    return report
