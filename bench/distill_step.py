@@ -39,6 +39,7 @@ from __future__ import annotations
 import copy
 import statistics
 import time
+from dataclasses import replace
 
 from common import (
     BENCH_SPEC,
@@ -67,7 +68,7 @@ import torch.nn.functional as F  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
-from pipeline.tiny import TinySpec, build_tiny_vlm  # noqa: E402
+from pipeline.tiny import build_tiny_vlm  # noqa: E402
 from schemas.store import read_manifest  # noqa: E402
 from stage1_teacher.dump import run as dump  # noqa: E402
 from stage2_student import losses as L  # noqa: E402
@@ -79,19 +80,7 @@ TARGET_A_OVER_B = 1.25
 
 # The student: the teacher's family, tokenizer and image geometry (64x64, patch 8: 64 visual tokens),
 # half the width and half the depth.
-STUDENT_SPEC = TinySpec(
-    hidden=256,
-    layers=4,
-    heads=4,
-    kv_heads=2,
-    intermediate=688,
-    vision_hidden=BENCH_SPEC.vision_hidden,
-    vision_layers=BENCH_SPEC.vision_layers,
-    vision_heads=BENCH_SPEC.vision_heads,
-    image_size=BENCH_SPEC.image_size,
-    patch=BENCH_SPEC.patch,
-    max_positions=BENCH_SPEC.max_positions,
-)
+STUDENT_SPEC = replace(BENCH_SPEC, hidden=256, layers=4, heads=4, kv_heads=2, intermediate=688)
 
 
 class _Cfg:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import statistics
 import time
 from contextlib import ExitStack
-from dataclasses import fields, is_dataclass
+from dataclasses import fields, is_dataclass, replace
 from types import SimpleNamespace
 
 from common import (
@@ -63,7 +63,6 @@ import stage2_student.data as data_module  # noqa: E402
 from pipeline.data import Record  # noqa: E402
 from pipeline.data.encode import IGNORE_INDEX  # noqa: E402
 from pipeline.processors import load_processor  # noqa: E402
-from pipeline.tiny import TinySpec  # noqa: E402
 from schemas import StoreReader  # noqa: E402
 from stage1_teacher.dump import run as dump  # noqa: E402
 from stage2_student.data import StoreDataset, StudentTargets, collate, epoch_order, epoch_samples  # noqa: E402
@@ -71,19 +70,7 @@ from stage2_student.data import StoreDataset, StudentTargets, collate, epoch_ord
 TARGET = 0.5
 
 # Loader rates depend on the store's contents (geometry, k, rows), not on the teacher's width.
-DUMP_SPEC = TinySpec(
-    hidden=128,
-    layers=2,
-    heads=4,
-    kv_heads=2,
-    intermediate=344,
-    vision_hidden=BENCH_SPEC.vision_hidden,
-    vision_layers=BENCH_SPEC.vision_layers,
-    vision_heads=BENCH_SPEC.vision_heads,
-    image_size=BENCH_SPEC.image_size,
-    patch=BENCH_SPEC.patch,
-    max_positions=BENCH_SPEC.max_positions,
-)
+DUMP_SPEC = replace(BENCH_SPEC, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=344)
 
 # StudentTargets fields in the raw layout, with their dtypes in a batch.
 _TARGET_ARRAYS = {
