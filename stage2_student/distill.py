@@ -92,6 +92,26 @@ def _truncate_log(run_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
+def attention_term(blocks: list[torch.Tensor], saliency, like: torch.Tensor) -> torch.Tensor:
+    """The IVA attention variant: per turn, the student's instruction-mean attention over V against
+    the teacher's map s_j; turns of different samples have different |V|, so rows are padded and masked."""
+    student_maps, teacher_maps = [], []
+    for b, block in enumerate(blocks):
+        for j, turn_rows in enumerate(saliency.turn_rows[b]):
+            if len(turn_rows) and block.shape[1]:
+                student_maps.append(block[turn_rows].mean(0))
+                teacher_maps.append(saliency.maps[b][j])
+    if not student_maps:
+        return like.sum() * 0.0  # no image in this batch: a zero that keeps the graph
+    width = max(m.shape[0] for m in student_maps)
+
+    def padded(rows: list[torch.Tensor]) -> torch.Tensor:
+        return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[0])) for r in rows])
+
+    mask = torch.stack([torch.arange(width, device=like.device) < m.shape[0] for m in student_maps])
+    return L.attention_kl(padded(student_maps), padded(teacher_maps), mask)
+
+
 def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: int | None) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: one student forward (sequence + TPA branch rows), every active loss term."""
     lc = cfg.loss
@@ -133,21 +153,7 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
             rows = branch_logits[tpa.batch, tpa.row]
             terms["tpa"] = L.tpa_loss(rows, tpa.ids, tpa.logprobs, tpa.candidate_logprob, tpa.group, **kw)
     if attn is not None:
-        sal = batch.saliency
-        student_maps, teacher_maps = [], []
-        for b, block in enumerate(attn):
-            for j, turn_rows in enumerate(sal.turn_rows[b]):
-                if len(turn_rows) and block.shape[1]:
-                    student_maps.append(block[turn_rows].mean(0))
-                    teacher_maps.append(sal.maps[b][j])
-        if student_maps:
-            # turns of different samples have different |V|: pad to the widest and mask
-            width = max(m.shape[0] for m in student_maps)
-            pad = lambda rows: torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[0])) for r in rows])  # noqa: E731
-            mask = torch.stack([torch.arange(width, device=seq_logits.device) < m.shape[0] for m in student_maps])
-            terms["iva_attention"] = L.attention_kl(pad(student_maps), pad(teacher_maps), mask)
-        else:
-            terms["iva_attention"] = seq_logits.sum() * 0.0
+        terms["iva_attention"] = attention_term(attn, batch.saliency, seq_logits)
     weights = {"sft": lc.sft, "kd": lc.kd, "iva": lc.iva, "tpa": lc.tpa, "iva_attention": lc.iva_attention}
     return L.total_loss(terms, weights)
 
