@@ -666,14 +666,13 @@ def _render_overlays(store: Path, reader: StoreReader, out: Path, n_samples: int
             if not s.meta["visual_blocks"]:
                 continue
             try:
-                hashes = rec.image_hashes()
-                if hashes != list(s.meta["image_hashes"]):
-                    log.warning("sample %r: its images in %s differ from the ones the store was dumped from "
-                                "(image hash mismatch); skipped", rec.sample_id, path)
-                    continue
-                images = rec.load_images()
+                images, hashes = rec.load()
             except SampleError as e:
                 log.warning("sample %r: %s; skipped", rec.sample_id, e)
+                continue
+            if hashes != list(s.meta["image_hashes"]):
+                log.warning("sample %r: its images in %s differ from the ones the store was dumped from "
+                            "(image hash mismatch); skipped", rec.sample_id, path)
                 continue
             target = out / f"saliency_{len(written):02d}_{_safe_name(rec.sample_id)}.png"
             _render_saliency(s, rec, images, target)

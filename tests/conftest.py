@@ -53,7 +53,7 @@ def write_json(path: Path, records: list, jsonl: bool = False) -> Path:
 
 
 @pytest.fixture(scope="module")
-def tiny_teacher(family):
+def teacher(family):
     """(model, processor) of the tiny teacher of ``family``, built in memory."""
     from pipeline.tiny import build_tiny_vlm
 

@@ -33,11 +33,6 @@ def logp(x: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    return tiny_teacher
-
-
-@pytest.fixture(scope="module")
 def samples(teacher, tmp_path_factory):
     """Two samples: two images in two turns (T ≈ 90), and one image in one turn (shorter)."""
     _, processor = teacher

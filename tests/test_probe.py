@@ -27,11 +27,6 @@ ATOL = 1e-6
 
 
 @pytest.fixture(scope="module")
-def teacher(tiny_teacher):
-    return tiny_teacher
-
-
-@pytest.fixture(scope="module")
 def samples(teacher, tmp_path_factory):
     """A multi-turn two-image sample, a shorter single-turn one, and one with an image-only turn."""
     _, processor = teacher

@@ -180,8 +180,7 @@ def encode(record: Record, processor, max_length: int) -> EncodedSample:
     whose chat template cannot be segmented.
     """
     messages = to_messages(record)
-    images = record.load_images()
-    hashes = record.image_hashes()
+    images, hashes = record.load()
     tok = processor.tokenizer
 
     full = _render(processor, messages)

@@ -69,37 +69,35 @@ class Record:
     images: list[Path | Image.Image] = field(default_factory=list)
     origin: str = ""  # where it came from, for messages: "data.jsonl:12"
 
-    def load_images(self) -> list[Image.Image]:
-        """Decode every image as RGB; a missing or unreadable file raises SampleError."""
-        out = []
+    def load(self) -> tuple[list[Image.Image], list[str]]:
+        """Every image decoded as RGB, with its sha256, reading each file once.
+
+        The hash is of the file's bytes (of the raw pixels for in-memory images). A missing file
+        raises SampleError(missing_image), an unreadable one SampleError(corrupt_image).
+        """
+        images, hashes = [], []
         for i, src in enumerate(self.images):
             if isinstance(src, Image.Image):
-                out.append(src.convert("RGB"))
+                h = hashlib.sha256(f"{src.mode}{src.size}".encode())
+                h.update(src.tobytes())
+                images.append(src.convert("RGB"))
+                hashes.append(h.hexdigest())
                 continue
             if not src.exists():
                 raise SampleError(self.sample_id, MISSING_IMAGE, f"image {i} not found: {src}")
             try:
-                with Image.open(src) as im:
+                data = src.read_bytes()
+                with Image.open(io.BytesIO(data)) as im:
                     im.load()
-                    out.append(im.convert("RGB"))
+                    images.append(im.convert("RGB"))
             except (UnidentifiedImageError, OSError, SyntaxError) as e:
                 raise SampleError(self.sample_id, CORRUPT_IMAGE, f"image {i} unreadable: {src}: {e}") from e
-        return out
+            hashes.append(hashlib.sha256(data).hexdigest())
+        return images, hashes
 
-    def image_hashes(self) -> list[str]:
-        """sha256 of each image's file bytes (of its raw pixels for in-memory images)."""
-        hashes = []
-        for src in self.images:
-            if isinstance(src, Image.Image):
-                h = hashlib.sha256(f"{src.mode}{src.size}".encode())
-                h.update(src.tobytes())
-            else:
-                try:
-                    h = hashlib.sha256(src.read_bytes())
-                except OSError as e:
-                    raise SampleError(self.sample_id, MISSING_IMAGE, f"image not readable: {src}: {e}") from e
-            hashes.append(h.hexdigest())
-        return hashes
+    def load_images(self) -> list[Image.Image]:
+        """Every image decoded as RGB (see :meth:`load`)."""
+        return self.load()[0]
 
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
