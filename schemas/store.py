@@ -873,12 +873,16 @@ class _ShardIndex:
         self.json_cols = {f.name for f in self.meta.schema if _is_json_field(f)}
 
     def meta_rows(self, start: int, stop: int) -> list[dict]:
-        rows = self.meta.slice(start, stop - start).to_pylist()
-        for r in rows:
-            for k in self.json_cols:
-                if r[k] is not None:
-                    r[k] = json.loads(r[k])
-        return rows
+        table = self.meta.slice(start, stop - start)
+        columns = {}
+        for name in table.column_names:
+            values = table.column(name).to_pylist()
+            if name in self.json_cols:  # one JSON document per column, not one per row
+                values = json.loads("[" + ",".join("null" if v is None else v for v in values) + "]")
+            columns[name] = values
+        if not columns:
+            return [{} for _ in range(stop - start)]
+        return [dict(zip(columns, row)) for row in zip(*columns.values())]
 
 
 def _check_index_schema(where: str, schema: pa.Schema, specs: dict[str, ArraySpec]) -> None:
@@ -927,13 +931,51 @@ def _offsets_problem(ids: list[str], starts: np.ndarray, lens: np.ndarray,
     return None
 
 
+class LRUBytes:
+    """A least-recently-used cache bounded by the bytes its values declare (0 bytes: keeps nothing)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"cache size must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = int(max_bytes)
+        self.bytes = 0
+        self._items: dict[Any, tuple[Any, int]] = {}  # insertion order = recency order
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: Any) -> Any:
+        item = self._items.pop(key, None)
+        if item is None:
+            return None
+        self._items[key] = item  # most recent last
+        return item[0]
+
+    def put(self, key: Any, value: Any, nbytes: int) -> None:
+        """Keep ``value`` (unless it alone exceeds the bound), dropping the least recent to fit."""
+        if nbytes > self.max_bytes:
+            return
+        old = self._items.pop(key, None)
+        if old is not None:
+            self.bytes -= old[1]
+        self._items[key] = (value, nbytes)
+        self.bytes += nbytes
+        while self.bytes > self.max_bytes:
+            _, dropped = self._items.pop(next(iter(self._items)))
+            self.bytes -= dropped
+
+
 class StoreReader:
     """Reads a complete store. Checks the manifest's format version on open; with
     `verify_checksums`, checks the size and sha256 of every file first. Shard indexes are opened
     (and their offsets checked against the arrays) lazily, on first use."""
 
-    def __init__(self, store_dir: str | os.PathLike, verify_checksums: bool = False) -> None:
+    def __init__(self, store_dir: str | os.PathLike, verify_checksums: bool = False,
+                 cache_bytes: int = 0) -> None:
+        """`cache_bytes`: bound of the cache of decoded inner chunks (0: none; every read goes
+        to zarr). A chunk larger than the bound is never cached."""
         self.store_dir = Path(store_dir)
+        self._cache = LRUBytes(cache_bytes)
         self.manifest = read_manifest(self.store_dir)
         try:
             self.specs = {n: ArraySpec.from_json(s) for n, s in self.manifest["arrays"].items()}
@@ -1009,8 +1051,7 @@ class StoreReader:
             lens = sh.lens[a][start_idx:stop_idx]
             lo, hi = int(starts[0]), int(starts[-1] + lens[-1])
             try:
-                block = arr[lo:hi] if hi > lo else np.empty((0, *self.specs[a].row_shape),
-                                                            dtype=self.specs[a].dtype)
+                block = self._rows(shard_name, a, arr, lo, hi)
             except Exception as e:  # a corrupt chunk surfaces as a codec error of any type
                 raise StoreFormatError(f"{self.store_dir}: shard {shard_name!r}: "
                                        f"{ARRAYS_DIR}/{a} rows [{lo}, {hi}) unreadable: {e}") from e
@@ -1022,6 +1063,31 @@ class StoreReader:
                          arrays={a: per_array[a][j] for a in sh.arrays})
             for j in range(stop_idx - start_idx)
         ]
+
+    def _rows(self, shard_name: str, name: str, arr, lo: int, hi: int) -> np.ndarray:
+        """Rows [lo, hi) of one array: straight from zarr, or (with a cache) cut from whole decoded
+        inner chunks, each decoded once while it stays in the cache. Zarr decodes a whole inner
+        chunk (about DEFAULT_CHUNK_BYTES) for any read inside it, and a read costs about 1 ms of
+        call overhead however few its rows, so a block of samples that needs a few KB of each array
+        pays for the chunk; the cache pays it once per chunk."""
+        spec = self.specs[name]
+        if hi <= lo:
+            return np.empty((0, *spec.row_shape), dtype=spec.dtype)
+        if not self._cache.max_bytes:
+            return arr[lo:hi]
+        per = int(arr.chunks[0])
+        if per * spec.row_bytes > self._cache.max_bytes:  # would never stay: read just the rows
+            return arr[lo:hi]
+        parts = []
+        for c in range(lo // per, (hi - 1) // per + 1):
+            key = (shard_name, name, c)
+            rows = self._cache.get(key)
+            if rows is None:
+                rows = arr[c * per : min((c + 1) * per, arr.shape[0])]
+                rows.flags.writeable = False  # shared by every block cut from it
+                self._cache.put(key, rows, rows.nbytes)
+            parts.append(rows[max(lo - c * per, 0) : hi - c * per])
+        return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
     def skipped(self) -> list[SkippedRecord]:
         """Every skipped-sample record of the store, shard by shard."""

@@ -387,3 +387,68 @@ def test_array_spec_json_round_trip():
         ArraySpec("object")
     with pytest.raises(ValueError, match="row_shape"):
         ArraySpec("int32", (0,))
+
+
+class _CountingArray:
+    """A zarr array that records the row ranges read from it."""
+
+    def __init__(self, inner, reads: list):
+        self.inner, self.reads = inner, reads
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __getitem__(self, key):
+        self.reads.append((key.start, key.stop))
+        return self.inner[key]
+
+
+@pytest.mark.parametrize("cache_bytes", [24, 1 << 20])  # a few 2-row chunks (evicting) / all of them
+def test_chunk_cache_reads_equal_plain_reads(store, cache_bytes):
+    path, samples = store
+    plain, cached = StoreReader(path), StoreReader(path, cache_bytes=cache_bytes)
+    n = len(samples)
+    for start in range(n):
+        for stop in range(start + 1, n + 1):
+            for a, b in zip(plain.read_block("shard-00000", start, stop), cached.read_block("shard-00000", start, stop)):
+                assert a.sample_id == b.sample_id and a.meta == b.meta
+                for name in SPECS:
+                    assert b.arrays[name].dtype == a.arrays[name].dtype
+                    np.testing.assert_array_equal(b.arrays[name], a.arrays[name])
+            assert 0 < cached._cache.bytes <= cache_bytes
+
+
+def test_chunk_cache_decodes_each_chunk_once(store):
+    path, samples = store
+    r = StoreReader(path, cache_bytes=1 << 20)
+    sh = r._shard("shard-00000")
+    reads = {name: [] for name in SPECS}
+    for name in SPECS:
+        sh.arrays[name] = _CountingArray(sh.arrays[name], reads[name])
+    for _ in range(2):  # a second pass over the shard reads nothing
+        for start in range(len(samples)):
+            r.read_block("shard-00000", start, start + 1)
+    for name in SPECS:
+        rows = int(sh.arrays[name].shape[0])
+        chunks = [(c, min(c + 2, rows)) for c in range(0, rows, 2)]  # rows_per_chunk=2 in the fixture
+        assert sorted(set(reads[name])) == chunks and len(reads[name]) == len(chunks), name
+    (one,) = r.read_block("shard-00000", 3, 4)  # s003: one row, inside one chunk
+    assert not one.arrays["resp_ids"].flags.writeable  # a view of a cached chunk: read-only
+
+
+def test_lru_bytes_keeps_the_most_recent_within_its_bound():
+    from schemas.store import LRUBytes
+
+    c = LRUBytes(10)
+    c.put("a", 1, 4)
+    c.put("b", 2, 4)
+    assert c.get("a") == 1  # a is now the most recent
+    c.put("c", 3, 4)  # 12 > 10: drops b, the least recent
+    assert (c.get("a"), c.get("b"), c.get("c")) == (1, None, 3) and c.bytes == 8
+    c.put("big", 4, 11)  # larger than the whole bound: not kept, nothing dropped
+    assert c.get("big") is None and len(c) == 2
+    zero = LRUBytes(0)
+    zero.put("a", 1, 1)
+    assert zero.get("a") is None
+    with pytest.raises(ValueError, match=">= 0"):
+        LRUBytes(-1)
