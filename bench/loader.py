@@ -1,16 +1,22 @@
 """Stage 2 loader throughput: StoreDataset against raw memory-mapped arrays of the same data.
 
-Modes, each a whole epoch over the same batches (the epoch-0 order of ``StoreDataset``), timed in
-interleaved rounds:
+Modes, each a whole epoch over the same samples, timed in interleaved rounds:
 
-* store w0      ``DataLoader(StoreDataset, batch_size=None, num_workers=0)``: zarr block reads,
-                unpack, re-encoding every sample with the student processor (chat template,
-                tokenizer, image decode + preprocessing), remap, collate. What ``distill`` runs
-                with ``data.num_workers=0``.
-* store w2      the same with 2 worker processes (prefetch 4), a fresh DataLoader per epoch as
-                ``distill.batch_stream`` makes one: worker start-up is part of the epoch.
-* read_block    ``StoreReader.read_block`` alone over every block of the epoch (a fresh reader, as
-                each loader pass opens one): the zarr/Parquet part of the store path.
+* store w0      one ``DataLoader(StoreDataset(repeat=True), batch_size=None, num_workers=0)`` for
+                all rounds, one epoch of batches per round: what ``distill`` runs with
+                ``data.num_workers=0`` (one loader per run). Steady state: the reader keeps its
+                decoded chunks and the encoder its preprocessed images from epoch to epoch; per
+                sample it still reads the block, unpacks, builds the student's ids, labels and
+                positions from the stored teacher ids, remaps and collates.
+* store w0 cold the same with both caches off (``image_cache_mb=0, read_cache_mb=0``), a fresh
+                loader per epoch: every block read decodes zarr chunks, every image is read,
+                hashed, decoded and preprocessed. What a store larger than the caches pays.
+* store w0 old  caches off and ``encoding="processor"``: chat template + tokenizer + processor on
+                every sample (the path before the store fast path).
+* store w2 fresh 2 worker processes (prefetch 4) with a fresh DataLoader per epoch (worker start-up
+                and cold worker caches every epoch: what ``distill`` did before one loader per run).
+* read_block    ``StoreReader.read_block`` alone over every block of the epoch, a new reader
+                without a cache (zarr + Parquet); ``read_block warm``: an open reader with the cache.
 * raw full      every array a batch is built from (student token ids, labels, preprocessed
                 pixel_values, response top-k, IVA rows, TPA rows), written once in their final
                 dtypes to ``np.memmap`` (.npy) files with per-sample offsets; a pass slices them
@@ -18,10 +24,13 @@ interleaved rounds:
 * raw tokens    only token ids, labels and the response top-k ids/logprobs from memmaps, built
                 into input_ids / attention_mask / labels / KD rows (checked equal to the store's).
 
-Target: store samples/s >= 0.5 x raw. Loader rates do not depend on the teacher's size, so the
-store is dumped by a small teacher with the benchmark geometry (64x64 images, 64 visual tokens,
-top-k 64, transitions with p_min = 0 as in distill_step.py). After the timed rounds one
-instrumented ``store w0`` pass splits the store path into its phases (``common.clocked``).
+After the rounds, ``store w2``: one DataLoader with 2 workers for consecutive epochs (its workers
+prefetch, so it cannot alternate with the other modes), against the median raw epoch.
+
+Target: store w0 samples/s >= 0.5 x raw full. Loader rates do not depend on the teacher's size, so
+the store is dumped by a small teacher with the benchmark geometry (64x64 images, 64 visual tokens,
+top-k 64, transitions with p_min = 0 as in distill_step.py). Instrumented store w0 passes (warm and
+cold) split the store path into its phases (``common.clocked``).
 
     python bench/loader.py [--quick] [--device cuda --dtype bfloat16]   (device: the dump's teacher only)
 """
@@ -60,12 +69,15 @@ import torch  # noqa: E402  (after common: it sets up sys.path and offline mode)
 from torch.utils.data import DataLoader  # noqa: E402
 
 import stage2_student.data as data_module  # noqa: E402
+import stage2_student.reencode as reencode_module  # noqa: E402
 from pipeline.data import Record  # noqa: E402
 from pipeline.data.encode import IGNORE_INDEX  # noqa: E402
 from pipeline.processors import load_processor  # noqa: E402
 from schemas import StoreReader  # noqa: E402
+from schemas.store import _ShardIndex  # noqa: E402
 from stage1_teacher.dump import run as dump  # noqa: E402
 from stage2_student.data import StoreDataset, StudentTargets, collate, epoch_order, epoch_samples  # noqa: E402
+from stage2_student.reencode import StudentEncoder  # noqa: E402
 
 TARGET = 0.5
 
@@ -248,9 +260,24 @@ def main() -> None:
         del store_batches
         print(f"raw batches equal the store's ({len(batches)} batches checked)", flush=True)
 
-        def store_pass(workers: int):
+        def make(**kw) -> StoreDataset:
+            return StoreDataset(store, processor, batch_size=args.batch_size, seed=0, with_saliency=False, **kw)
+
+        def take_epoch(stream, what: str) -> None:
+            n = sum(len(next(stream).sample_ids) for _ in range(len(batches)))
+            if n != n_samples:
+                raise AssertionError(f"{what}: one epoch of batches gave {n} samples, expected {n_samples}")
+
+        # store w0: one DataLoader over the repeating dataset, as distill.batch_stream runs it; the
+        # dataset keeps its reader, decoded chunks and preprocessed images from epoch to epoch.
+        w0_stream = iter(DataLoader(make(repeat=True), batch_size=None, num_workers=0))
+        cold = make(image_cache_mb=0, read_cache_mb=0)  # every pass: zarr reads, image read + preprocess
+        old = make(encoding="processor", image_cache_mb=0, read_cache_mb=0)  # chat template + tokenizer too
+        fresh_w2 = make()  # never iterated here: forked workers start with empty caches
+
+        def loader_pass(dataset: StoreDataset, workers: int):
             def run(_u: int) -> None:
-                loader = DataLoader(ds, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
+                loader = DataLoader(dataset, batch_size=None, num_workers=workers, prefetch_factor=4 if workers else None)
                 n = sum(len(b.sample_ids) for b in loader)
                 if n != n_samples:
                     raise AssertionError(f"store pass with {workers} workers gave {n} samples, expected {n_samples}")
@@ -260,11 +287,11 @@ def main() -> None:
         blocks = epoch_order(0, 0, shard_sizes, ds.block_size)
 
         def read_blocks(_u: int) -> None:
-            r = StoreReader(store)  # opened per pass, as every loader pass (and worker) opens one
+            r = StoreReader(store)  # a new reader without a cache: every block read goes to zarr
             for shard, start, stop in blocks:
                 r.read_block(shard, start, stop)
 
-        open_reader = StoreReader(store)
+        open_reader = StoreReader(store, cache_bytes=ds.read_cache_bytes)
         open_reader.sample_ids()  # opens every shard's index
 
         def read_blocks_warm(_u: int) -> None:
@@ -279,8 +306,10 @@ def main() -> None:
             return run
 
         modes = {
-            "store w0": store_pass(0),
-            "store w2": store_pass(2),
+            "store w0": lambda _u: take_epoch(w0_stream, "store w0"),
+            "store w0 cold": loader_pass(cold, 0),
+            "store w0 old": loader_pass(old, 0),
+            "store w2 fresh": loader_pass(fresh_w2, 2),
             "read_block": read_blocks,
             "read_block warm": read_blocks_warm,
             "raw full": raw_pass(raw_full_batch),
@@ -291,47 +320,66 @@ def main() -> None:
         times = {m: round_sums(t) for m, t in interleaved(modes, args.reps, "cpu").items()}
         load_after = load_average()
 
-        # Instrumented store w0 passes: where its time goes (the wrappers add a little overhead).
-        tok_cls, img_cls = type(processor.tokenizer), type(processor.image_processor)
+        # store w2: one DataLoader for the whole run, 2 persistent workers, drained back to back.
+        # Not interleaved: its workers prefetch ahead, so they would run during the other modes.
+        w2_stream = iter(DataLoader(make(repeat=True), batch_size=None, num_workers=2, prefetch_factor=4))
+        take_epoch(w2_stream, "store w2")  # worker start-up and the first (cold) epoch
+        w2_times = []
+        for _ in range(args.reps):
+            t0 = time.perf_counter()
+            take_epoch(w2_stream, "store w2")
+            w2_times.append(time.perf_counter() - t0)
+        del w2_stream
+        load_w2 = load_average()
+
+        # Instrumented passes: where a store w0 epoch goes, warm (steady state) and cold.
         phase_targets = {
             "read_block (zarr + index)": (StoreReader, "read_block"),
+            "  array rows (zarr or chunk cache)": (StoreReader, "_rows"),
+            "  index rows (Parquet -> dicts)": (_ShardIndex, "meta_rows"),
             "unpack": (data_module, "unpack"),
-            "encode (all)": (data_module, "encode"),
-            "  image decode (PIL)": (Record, "load_images"),
-            "  image sha256": (Record, "image_hashes"),
-            "  chat template": (type(processor), "apply_chat_template"),
-            "  tokenizer": (tok_cls, "__call__"),
-            "  image preprocess": (img_cls, "__call__"),
+            "student encoding (all)": (StudentEncoder, "__call__"),
+            "  image read + decode + sha256": (Record, "load"),
+            "  image preprocess (processor)": (StudentEncoder, "_preprocess"),
+            "  processor re-encode (encode)": (reencode_module, "encode"),
             "remap": (data_module, "remap"),
             "collate": (data_module, "collate"),
         }
-        passes = []
-        for _ in range(args.reps):
-            calls = {name: [] for name in phase_targets}
-            with ExitStack() as stack:
-                for name, (owner, attr) in phase_targets.items():
-                    stack.enter_context(clocked(owner, attr, calls[name]))
-                t0 = time.perf_counter()
-                store_pass(0)(0)
-                total = time.perf_counter() - t0
-            p = {name: sum(c) for name, c in calls.items()}
-            inner = [n for n in p if n.startswith("  ")]
-            p["  encode, rest"] = p["encode (all)"] - sum(p[n] for n in inner)
-            top = ["read_block (zarr + index)", "unpack", "encode (all)", "remap", "collate"]
-            p["other (order, dataset, loop)"] = total - sum(p[n] for n in top)
-            p["total"] = total
-            passes.append(p)
-        phases = {name: statistics.median(p[name] for p in passes) for name in passes[0]}
-        instrumented_s = phases["total"]
+        top = ["read_block (zarr + index)", "unpack", "student encoding (all)", "remap", "collate"]
+
+        def instrumented(run) -> dict:
+            per_pass = []
+            for _ in range(args.reps):
+                calls = {name: [] for name in phase_targets}
+                with ExitStack() as stack:
+                    for name, (owner, attr) in phase_targets.items():
+                        stack.enter_context(clocked(owner, attr, calls[name]))
+                    t0 = time.perf_counter()
+                    run(0)
+                    total = time.perf_counter() - t0
+                p = {name: sum(c) for name, c in calls.items()}
+                p["  student encoding, rest (ids, labels, positions)"] = p["student encoding (all)"] - sum(
+                    p[n] for n in ("  image read + decode + sha256", "  image preprocess (processor)", "  processor re-encode (encode)"))
+                p["other (order, dataset, loop)"] = total - sum(p[n] for n in top)
+                p["total"] = total
+                per_pass.append(p)
+            return {"median": {n: statistics.median(p[n] for p in per_pass) for n in per_pass[0]}, "passes": per_pass}
+
+        phases = {"warm": instrumented(modes["store w0"]), "cold": instrumented(modes["store w0 cold"])}
 
     per_s = {m: stats([n_samples / t for t in ts]) for m, ts in times.items()}
     ratios = {m: per_rep_ratio(times["raw full"], times[m]) for m in modes}  # throughput / raw full
     ratios_tok = {m: per_rep_ratio(times["raw tokens"], times[m]) for m in modes}
+    raw_full_median = statistics.median(times["raw full"])
+    w2_ratio = stats([raw_full_median / t for t in w2_times])
+    w2_ratio_tok = stats([statistics.median(times["raw tokens"]) / t for t in w2_times])
     labels = {
-        "store w0": "store, StoreDataset num_workers=0",
-        "store w2": "store, StoreDataset num_workers=2",
-        "read_block": "store, read_block alone (new StoreReader)",
-        "read_block warm": "store, read_block alone (reader open)",
+        "store w0": "store, num_workers=0, one loader (steady state)",
+        "store w0 cold": "store, num_workers=0, caches off",
+        "store w0 old": "store, num_workers=0, processor re-encode, caches off",
+        "store w2 fresh": "store, num_workers=2, fresh loader per epoch",
+        "read_block": "store, read_block alone (new reader, no cache)",
+        "read_block warm": "store, read_block alone (open reader, cache)",
         "raw full": "raw memmap, all batch arrays + collate",
         "raw tokens": "raw memmap, tokens + response top-k",
     }
@@ -340,29 +388,25 @@ def main() -> None:
         f"{n_samples} samples ({seq_tokens / n_samples:.0f} tokens/sample), batch {args.batch_size}, "
         f"torch threads {torch.get_num_threads()}; store {store_bytes / 1e6:.2f} MB on disk, raw full "
         f"{raw_bytes / 1e6:.2f} MB (tokens + response top-k {raw_min_bytes / 1e6:.2f} MB); median [min..max] of "
-        f"{args.reps} epochs; load average {load_before[0]:.2f} -> {load_after[0]:.2f}"
+        f"{args.reps} epochs; load average {load_before[0]:.2f} -> {load_after[0]:.2f} (-> {load_w2[0]:.2f} after store w2)"
     )
-    print(
-        table(
-            ["mode", "s/epoch", "samples/s", "/ raw full", "/ raw tokens"],
-            [[labels[m], fmt_spread(stats(times[m])), fmt_spread(per_s[m], 1), fmt_spread(ratios[m]),
-              fmt_spread(ratios_tok[m])] for m in modes],
-        )
-    )
-    for m in ("store w0", "store w2"):
-        r, rt = ratios[m]["median"], ratios_tok[m]["median"]
+    rows = [[labels[m], fmt_spread(stats(times[m])), fmt_spread(per_s[m], 1), fmt_spread(ratios[m]),
+             fmt_spread(ratios_tok[m])] for m in modes]
+    rows.append(["store, num_workers=2, one loader (steady state)*", fmt_spread(stats(w2_times)),
+                 fmt_spread(stats([n_samples / t for t in w2_times]), 1), fmt_spread(w2_ratio), fmt_spread(w2_ratio_tok)])
+    print(table(["mode", "s/epoch", "samples/s", "/ raw full", "/ raw tokens"], rows))
+    print("* timed after the interleaved rounds (its workers prefetch, so it cannot alternate with the others): "
+          "consecutive epochs against the median raw epoch")
+    for m, r, rt in (("store w0", ratios["store w0"]["median"], ratios_tok["store w0"]["median"]),
+                     ("store w2", w2_ratio["median"], w2_ratio_tok["median"])):
         print(f"{m} / raw: {r:.3f} (full), {rt:.3f} (tokens + response top-k): "
               f"{'meets' if r >= TARGET else 'MISSES'} / {'meets' if rt >= TARGET else 'MISSES'} the >= {TARGET} target")
-    print(f"\nwhere a store w0 epoch goes (medians of {args.reps} instrumented passes, {instrumented_s:.3f} s):")
-    print(table(["phase", "s", "share", "ms/sample"],
-                [[n, f"{s:.3f}", f"{s / instrumented_s:.1%}", f"{1000 * s / n_samples:.2f}"] for n, s in phases.items()]))
-    share = lambda n: phases[n] / instrumented_s  # noqa: E731
-    print(
-        f"-> re-encoding with the processor dominates ({share('encode (all)'):.0%}: tokenizer {share('  tokenizer'):.0%}, "
-        f"image preprocess {share('  image preprocess'):.0%}, chat template {share('  chat template'):.0%}, image decode "
-        f"{share('  image decode (PIL)'):.0%}); zarr read_block is {share('read_block (zarr + index)'):.0%}, remap + collate "
-        f"{share('remap') + share('collate'):.0%}"
-    )
+    warm, cold = phases["warm"]["median"], phases["cold"]["median"]
+    print(f"\nwhere a store w0 epoch goes (medians of {args.reps} instrumented passes; warm: steady state of one "
+          "loader, cold: caches off):")
+    print(table(["phase", "warm s", "share", "ms/sample", "cold s", "share", "ms/sample"],
+                [[n, f"{warm[n]:.4f}", f"{warm[n] / warm['total']:.1%}", f"{1000 * warm[n] / n_samples:.3f}",
+                  f"{cold[n]:.4f}", f"{cold[n] / cold['total']:.1%}", f"{1000 * cold[n] / n_samples:.3f}"] for n in warm]))
 
     path = write_results(
         "loader",
@@ -380,10 +424,14 @@ def main() -> None:
             "samples_per_s": per_s,
             "throughput_over_raw_full": ratios,
             "throughput_over_raw_tokens": ratios_tok,
+            "store_w2_one_loader_seconds_per_epoch": stats(w2_times),
+            "store_w2_one_loader_over_raw_full": w2_ratio,
+            "store_w2_one_loader_over_raw_tokens": w2_ratio_tok,
             "target_store_over_raw": TARGET,
-            "store_w0_phases_s": phases,
-            "store_w0_phases_s_per_pass": passes,
+            "store_w0_phases_s": {k: v["median"] for k, v in phases.items()},
+            "store_w0_phases_s_per_pass": {k: v["passes"] for k, v in phases.items()},
             "load_average_before_after_timing": [load_before, load_after],
+            "load_average_after_store_w2": load_w2,
         },
         args.out,
     )

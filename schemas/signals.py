@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pyarrow as pa
 
-from schemas.store import ArraySpec, StoredSample, json_field
+from schemas.store import ArraySpec, StoredSample, StoreFormatError, json_field
 
 META_SCHEMA = pa.schema(
     [
@@ -154,6 +154,10 @@ def pack(s: SampleSignals, specs: dict[str, ArraySpec]) -> tuple[dict, dict[str,
 def unpack(stored: StoredSample) -> SampleSignals:
     """The inverse of :func:`pack` (saliency back to [n_turns, |V|], sampled targets re-padded)."""
     m, a = stored.meta, stored.arrays
+    missing = [k for k in META_SCHEMA.names if k not in m]
+    if missing:
+        raise StoreFormatError(f"sample {stored.sample_id!r}: the store's index has no {', '.join(map(repr, missing))} "
+                               "column; not a teacher store of this format")
     blocks = m["visual_blocks"]
     n_visual = int(sum(b["length"] for b in blocks))
     sal = a["saliency"].astype(np.float32)

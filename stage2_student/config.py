@@ -54,10 +54,17 @@ class DistillDataConfig:
     """Longest student sequence (after image expansion)."""
     num_workers: int = 2
     """DataLoader worker processes that read and collate ahead of the training step (0: in the main process)."""
+    image_cache_mb: float = 256
+    """Per data process (each worker, or the main process with 0 workers): bound of the cache of
+    images preprocessed for the student, by image sha256 (0: preprocess every time)."""
+    read_cache_mb: float = 128
+    """Per data process: bound of the cache of decoded store chunks (about 1 MB each; 0: every block read decodes)."""
 
     def __post_init__(self):
         check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.image_cache_mb >= 0, "image_cache_mb", f"must be >= 0, got {self.image_cache_mb}")
+        check(self.read_cache_mb >= 0, "read_cache_mb", f"must be >= 0, got {self.read_cache_mb}")
 
 
 @dataclass

@@ -7,8 +7,10 @@ Three pieces, top to bottom:
    integer pooling of the visual grid allowed; see ``[pooling note]``).
 2. :func:`epoch_order` / :func:`epoch_samples`: the data order, a pure function of
    (seed, epoch, shard sizes, block size, window), so resume state is (epoch, batch index).
-3. :class:`StoreDataset`: reads blocks of consecutive samples (one read per array), re-encodes each
-   sample with the student processor, remaps, and yields :class:`StudentBatch` es whose flat target
+3. :class:`StoreDataset`: reads blocks of consecutive samples (one read per array, through the
+   reader's cache of decoded chunks), builds each sample's student encoding from the teacher's
+   stored ids (``stage2_student.reencode``: only the image blocks are re-expanded, images are
+   preprocessed once per process), remaps, and yields :class:`StudentBatch` es whose flat target
    rows are ready for ``stage2_student.losses``.
 
 [order note] The order of one epoch, exactly:
@@ -30,8 +32,11 @@ Three pieces, top to bottom:
   ``(epoch, b)`` alone resumes it.
 
 A worker reads (and keeps until its batches leave that window) only the blocks that hold samples
-of its own batches; with N workers a block may be read by up to N of them (reading is cheap next
-to decoding images and re-encoding, which each sample gets exactly once).
+of its own batches; with N workers a block may be read by up to N of them (each worker decodes a
+store chunk once while it stays in its cache). With ``repeat`` the epochs follow one another in
+one stream: this rank's batches from ``start`` on, epoch after epoch, dealt round-robin to the
+workers as one sequence (so an epoch need not start at worker 0), which is how the DataLoader
+collects them; ``(epoch, b)`` still resumes it.
 
 [pooling note] When the student's grid ``(r, c)`` is the teacher's ``(R, C)`` pooled by integer
 factors ``fr = R / r``, ``fc = C / c``, student cell ``(i, j)`` covers teacher cells
@@ -54,6 +59,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from dataclasses import dataclass, fields
 from itertools import islice
 from pathlib import Path
@@ -62,15 +68,15 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data import EncodedSample, Record, SampleError, encode, read_records
+from pipeline.data import EncodedSample, Record, read_records
 from pipeline.data.encode import IGNORE_INDEX
-from pipeline.errors import PipelineError
 from schemas import StoredSample, StoreFormatError, StoreReader
 from schemas.signals import SampleSignals, unpack
 from stage1_teacher.branches import collate_model_inputs, pad_branches
 from stage1_teacher.probe import sample_indices
 from stage2_student.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab, manifest_value
 from stage2_student.losses import PAD_ID
+from stage2_student.reencode import ENCODING_MODES, EncodingMode, StudentDataError, StudentEncoder
 
 __all__ = [
     "IvaRows",
@@ -87,10 +93,6 @@ __all__ = [
     "epoch_samples",
     "remap",
 ]
-
-
-class StudentDataError(PipelineError):
-    """The data (records, images) no longer matches what the store was dumped from."""
 
 
 # ----------------------------------------------------------------------------------------------
@@ -135,6 +137,36 @@ def _segments(ids: np.ndarray, blocks: list[tuple[int, int]]) -> list[np.ndarray
     return out
 
 
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same shape and values (``np.array_equal`` without its overhead, for 1-D int arrays)."""
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def _text_mask(n: int, blocks: list[tuple[int, int]]) -> np.ndarray:
+    """bool [n]: True at the positions of a sequence of ``n`` tokens outside the visual blocks."""
+    text = np.ones(n, dtype=bool)
+    for start, length in blocks:
+        text[start : start + length] = False
+    return text
+
+
+def _text_mismatch(where: str, t_ids, s_ids, t_blocks, s_blocks) -> IncompatibleStudentError:
+    """The error for text that differs: the first text segment and token where it does."""
+    for j, (tp, sp) in enumerate(zip(_segments(t_ids, t_blocks), _segments(s_ids, s_blocks))):
+        a, b = t_ids[tp], s_ids[sp]
+        if len(a) != len(b) or not np.array_equal(a, b):
+            n = min(len(a), len(b))
+            diff = np.flatnonzero(a[:n] != b[:n])
+            at = int(diff[0]) if len(diff) else n
+            seen = (f"teacher token {int(a[at]) if at < len(a) else 'end'} vs student token "
+                    f"{int(b[at]) if at < len(b) else 'end'}")
+            return IncompatibleStudentError(
+                f"{where}: the text tokens differ between the teacher's sequence and the student's "
+                f"(text segment {j}, token {at}: {seen}); the tokenizer or chat template differs"
+            )
+    raise AssertionError(f"{where}: _text_mismatch called on equal text")
+
+
 def _pool_sum(x: np.ndarray, grid: tuple[int, int], factor: tuple[int, int]) -> np.ndarray:
     """[..., R*C] row-major cells -> [..., r*c]: area sum over fr x fc cells."""
     (rows, cols), (fr, fc) = grid, factor
@@ -162,6 +194,45 @@ def _union_mean(ids: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarr
     return out_ids, out_lp
 
 
+def _remap_visual(teacher: SampleSignals, geometry: list, n_turns: int, k: int, where: str):
+    """Visual signals block to block (equal grids copied, pooled grids per [pooling note]):
+    saliency [J, V_student], and the stored rows' positions, weights, ids and log-probs."""
+    sal_parts, vis_rows = [], []  # per block: saliency [J, r*c]; (pos, weight, ids, logprobs)
+    t_offset = covered = 0
+    for t_start, t_len, (R, C), (r, c), s_start in geometry:
+        fr, fc = R // r, C // c
+        block_sal = teacher.saliency[:, t_offset : t_offset + t_len]
+        t_offset += t_len
+        in_block = (teacher.vis_pos >= t_start) & (teacher.vis_pos < t_start + t_len)
+        rows = np.flatnonzero(in_block)
+        covered += len(rows)
+        cells = teacher.vis_pos[rows] - t_start
+        if fr == fc == 1:  # identity: copy the stored values
+            sal_parts.append(block_sal.astype(np.float32))
+            vis_rows.append((s_start + cells, teacher.vis_weight[rows], teacher.vis_ids[rows], teacher.vis_logprobs[rows]))
+            continue
+        sal_parts.append(_pool_sum(block_sal, (R, C), (fr, fc)))
+        target = (cells // C // fr) * c + (cells % C) // fc  # student cell of each stored row
+        cell_ids, group = np.unique(target, return_inverse=True)
+        ids = np.empty((len(cell_ids), k), dtype=np.int64)
+        lps = np.empty((len(cell_ids), k), dtype=np.float32)
+        weights = np.zeros(len(cell_ids), dtype=np.float64)
+        for g in range(len(cell_ids)):
+            members = rows[group == g]
+            ids[g], lps[g] = _union_mean(teacher.vis_ids[members], teacher.vis_logprobs[members], k)
+            weights[g] = teacher.vis_weight[members].astype(np.float64).sum()
+        vis_rows.append((s_start + cell_ids, weights.astype(np.float32), ids, lps))
+    if covered != len(teacher.vis_pos):
+        raise StoreFormatError(f"{where}: a stored visual position lies outside every image block")
+    saliency = np.concatenate(sal_parts, axis=1) if sal_parts else np.zeros((n_turns, 0), np.float32)
+    if len(vis_rows) == 1:
+        return (saliency, *vis_rows[0])
+    if vis_rows:
+        return (saliency, *(np.concatenate(x) for x in zip(*vis_rows)))
+    return (saliency, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, k), np.int64),
+            np.zeros((0, k), np.float32))
+
+
 def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
     """The teacher's signals of one sample, moved onto the student's encoding of it.
 
@@ -181,35 +252,33 @@ def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
             f"{len(s_blocks)}; the processor or chat template differs"
         )
 
-    # Text: walk both sequences segment by segment (the text between image blocks).
+    # Text: the tokens outside the image blocks, equal and in the same order in both sequences.
     t_ids, s_ids = np.asarray(teacher.input_ids), np.asarray(student.input_ids)
-    pos_map = np.full(len(t_ids), -1, dtype=np.int64)  # teacher text position -> student position
-    for j, (tp, sp) in enumerate(zip(_segments(t_ids, t_blocks), _segments(s_ids, s_blocks))):
-        a, b = t_ids[tp], s_ids[sp]
-        if len(a) != len(b) or not np.array_equal(a, b):
-            n = min(len(a), len(b))
-            diff = np.flatnonzero(a[:n] != b[:n])
-            at = int(diff[0]) if len(diff) else n
-            seen = (f"teacher token {int(a[at]) if at < len(a) else 'end'} vs student token "
-                    f"{int(b[at]) if at < len(b) else 'end'}")
-            raise IncompatibleStudentError(
-                f"{where}: the text tokens differ between the teacher's sequence and the student's "
-                f"(text segment {j}, token {at}: {seen}); the tokenizer or chat template differs"
-            )
+    t_text = _text_mask(len(t_ids), t_blocks)
+    if t_blocks == s_blocks and _equal(t_ids, s_ids):  # same layout (equal grids): identity
+        pos_map = np.where(t_text, np.arange(len(t_ids)), -1)
+    else:
+        tp, sp = np.flatnonzero(t_text), np.flatnonzero(_text_mask(len(s_ids), s_blocks))
+        if not _equal(t_ids[tp], s_ids[sp]):
+            raise _text_mismatch(where, t_ids, s_ids, t_blocks, s_blocks)
+        pos_map = np.full(len(t_ids), -1, dtype=np.int64)  # teacher text position -> student position
         pos_map[tp] = sp
 
     def text_positions(pos: np.ndarray, what: str) -> np.ndarray:
         pos = np.asarray(pos, dtype=np.int64)
-        if len(pos) and (pos.min() < 0 or pos.max() >= len(t_ids)):
-            raise StoreFormatError(f"{where}: stored {what} position outside the sequence of {len(t_ids)} tokens")
-        out = pos_map[pos]
+        try:
+            if len(pos) and pos.min() < 0:
+                raise IndexError
+            out = pos_map[pos]
+        except IndexError:
+            raise StoreFormatError(f"{where}: stored {what} position outside the sequence of {len(t_ids)} tokens") from None
         if (out < 0).any():
             bad = int(pos[np.flatnonzero(out < 0)[0]])
             raise StoreFormatError(f"{where}: stored {what} position {bad} is a visual token, expected text")
         return out
 
     resp_pos = text_positions(teacher.resp_pos, "response")
-    if not np.array_equal(resp_pos, student.response_positions):
+    if not _equal(resp_pos, student.response_positions):
         raise IncompatibleStudentError(
             f"{where}: the teacher's response positions do not map onto the student's "
             f"({len(resp_pos)} vs {len(student.response_positions)} positions); the chat template differs"
@@ -222,9 +291,8 @@ def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
             f"{where}: the store has saliency maps for {teacher.saliency.shape[0]} turn(s), the student's "
             f"encoding has {n_turns}; the chat template differs"
         )
-    sal_parts, vis_rows = [], []  # per block: saliency [J, r*c]; (pos, weight, ids, logprobs)
     k = teacher.vis_ids.shape[1]
-    t_offset = 0
+    geometry = []  # per block: (teacher start, length, teacher grid, student grid, student start)
     for b, (tb, sb) in enumerate(zip(teacher.visual_blocks, student.visual_blocks)):
         (R, C), (r, c) = tuple(int(x) for x in tb["grid"]), tuple(int(x) for x in sb.grid)
         t_start, t_len = int(tb["start"]), int(tb["length"])
@@ -235,33 +303,18 @@ def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
                 f"{where}: image {b}: the teacher's visual grid {R}x{C} vs the student's {r}x{c}; "
                 "a student grid must be the teacher's pooled by an integer factor in each direction"
             )
-        fr, fc = R // r, C // c
-        block_sal = teacher.saliency[:, t_offset : t_offset + t_len]
-        t_offset += t_len
-        in_block = (teacher.vis_pos >= t_start) & (teacher.vis_pos < t_start + t_len)
-        rows = np.flatnonzero(in_block)
-        cells = teacher.vis_pos[rows] - t_start
-        if fr == fc == 1:  # identity: copy the stored values
-            sal_parts.append(block_sal.astype(np.float32))
-            vis_rows.append((sb.start + cells, teacher.vis_weight[rows], teacher.vis_ids[rows], teacher.vis_logprobs[rows]))
-            continue
-        sal_parts.append(_pool_sum(block_sal, (R, C), (fr, fc)))
-        target = (cells // C // fr) * c + (cells % C) // fc  # student cell of each stored row
-        cell_ids, group = np.unique(target, return_inverse=True)
-        ids = np.empty((len(cell_ids), k), dtype=np.int64)
-        lps = np.empty((len(cell_ids), k), dtype=np.float32)
-        weights = np.zeros(len(cell_ids), dtype=np.float64)
-        for g in range(len(cell_ids)):
-            members = rows[group == g]
-            ids[g], lps[g] = _union_mean(teacher.vis_ids[members], teacher.vis_logprobs[members], k)
-            weights[g] = teacher.vis_weight[members].astype(np.float64).sum()
-        vis_rows.append((sb.start + cell_ids, weights.astype(np.float32), ids, lps))
-    covered = sum(int(((teacher.vis_pos >= s) & (teacher.vis_pos < s + n)).sum()) for s, n in t_blocks)
-    if covered != len(teacher.vis_pos):
-        raise StoreFormatError(f"{where}: a stored visual position lies outside every image block")
-
-    def cat(i: int, empty: np.ndarray) -> np.ndarray:
-        return np.concatenate([v[i] for v in vis_rows]) if vis_rows else empty
+        geometry.append((t_start, t_len, (R, C), (r, c), sb.start))
+    vis_pos = teacher.vis_pos
+    if (all(tg == sg and ts == ss for ts, _, tg, sg, ss in geometry)
+            and (len(vis_pos) < 2 or (vis_pos[1:] >= vis_pos[:-1]).all())):
+        # Every image where it was, with the teacher's grid (the stored rows are in position
+        # order, as Stage 1 writes them): the block-by-block identity below, in one step.
+        if len(vis_pos) and (vis_pos[0] < 0 or vis_pos[-1] >= len(t_ids) or t_text[vis_pos].any()):
+            raise StoreFormatError(f"{where}: a stored visual position lies outside every image block")
+        saliency = teacher.saliency.astype(np.float32) if t_blocks else np.zeros((n_turns, 0), np.float32)
+        vis_weight, vis_ids, vis_lp = teacher.vis_weight, teacher.vis_ids, teacher.vis_logprobs
+    else:
+        saliency, vis_pos, vis_weight, vis_ids, vis_lp = _remap_visual(teacher, geometry, n_turns, k, where)
 
     return StudentTargets(
         sample_id=sid,
@@ -269,11 +322,11 @@ def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
         resp_pos=resp_pos,
         resp_ids=np.asarray(teacher.resp_ids, dtype=np.int64),
         resp_logprobs=np.asarray(teacher.resp_logprobs, dtype=np.float32),
-        vis_pos=cat(0, np.zeros(0, np.int64)).astype(np.int64),
-        vis_weight=cat(1, np.zeros(0, np.float32)).astype(np.float32),
-        vis_ids=cat(2, np.zeros((0, k), np.int64)).astype(np.int64),
-        vis_logprobs=cat(3, np.zeros((0, k), np.float32)).astype(np.float32),
-        saliency=np.concatenate(sal_parts, axis=1) if sal_parts else np.zeros((n_turns, 0), np.float32),
+        vis_pos=vis_pos.astype(np.int64, copy=False),
+        vis_weight=vis_weight.astype(np.float32, copy=False),
+        vis_ids=vis_ids.astype(np.int64, copy=False),
+        vis_logprobs=vis_lp.astype(np.float32, copy=False),
+        saliency=saliency,
         sample_ids=teacher.sample_ids,
         sample_counts=teacher.sample_counts,
         tpa_pos=None if teacher.tpa_pos is None else text_positions(teacher.tpa_pos, "branch"),
@@ -547,6 +600,29 @@ def collate(encoded: list[EncodedSample], targets: list[StudentTargets], pad_id:
     )
 
 
+def packed(batch: StudentBatch) -> StudentBatch:
+    """The same batch with every tensor a view into one buffer (64-byte aligned slots).
+
+    For the trip from a DataLoader worker to the trainer: torch moves each tensor's storage into
+    shared memory on its own (one shared-memory file each, and the receiver maps each one), which
+    for a batch of ~20 small tensors cost more than building it (measured: bench/loader.py);
+    one buffer makes it one file and one mapping."""
+    tensors: dict[int, torch.Tensor] = {}
+    _apply(batch, lambda t: tensors.setdefault(id(t), t))
+    slots, size = {}, 0
+    for key, t in tensors.items():
+        slots[key] = size
+        size += (t.numel() * t.element_size() + 63) // 64 * 64
+    buffer = torch.empty(size, dtype=torch.uint8)
+    views = {}
+    for key, t in tensors.items():
+        start = slots[key]
+        view = buffer[start : start + t.numel() * t.element_size()].view(t.dtype).view(t.shape)
+        view.copy_(t)
+        views[key] = view
+    return _apply(batch, lambda t: views[id(t)])
+
+
 def _max_stored_id(s: SampleSignals) -> int:
     arrays = [s.resp_ids, s.vis_ids, s.sample_ids, s.tpa_cand, s.tpa_ids]
     return max((int(a.max()) for a in arrays if a is not None and a.size), default=-1)
@@ -557,9 +633,17 @@ class StoreDataset(IterableDataset):
 
     Iterating yields this rank's batches of one epoch from a resume point on: ``ds.start =
     (epoch, b)`` skips the first ``b`` batches this rank yields in that epoch (so a trainer's own
-    count of batches done is the resume state); :meth:`set_epoch` is ``start = (epoch, 0)``. Use
-    with ``DataLoader(ds, batch_size=None, num_workers=N)``: workers split the batches, none is
-    duplicated, and the yield order does not depend on N. ``batches_this_rank`` batches per epoch.
+    count of batches done is the resume state); :meth:`set_epoch` is ``start = (epoch, 0)``. With
+    ``repeat``, iteration goes on into the next epochs, endlessly, so one DataLoader (and its worker
+    processes, with their caches) serves a whole run. Use with ``DataLoader(ds, batch_size=None,
+    num_workers=N)``: workers split the batches, none is duplicated, and the yield order does not
+    depend on N. ``batches_this_rank`` batches per epoch; ``batch.position`` is (epoch, global index).
+
+    Each sample's student encoding is built from the teacher's stored token ids with the visual
+    blocks re-expanded for the student (``stage2_student.reencode``, [fast path note]); images are
+    preprocessed once per process and kept in a bounded cache, and decoded store chunks are kept in
+    the reader's bounded cache (``schemas.store.StoreReader``). Both caches are per process: with N
+    DataLoader workers the memory bound is N times the sizes below.
 
     Args:
         store_dir: the teacher store.
@@ -578,6 +662,12 @@ class StoreDataset(IterableDataset):
             ranks get equal counts only when world_size divides ``n_batches``).
         verify_checksums: check every file's size and sha256 before reading.
         with_saliency: also yield the saliency rows (the optional attention variant of IVA).
+        repeat: go on with the next epoch after the last batch of one, without end.
+        encoding: ``auto`` (the store fast path where the processor allows it, else the processor),
+            ``processor`` (re-encode every sample with the chat template, tokenizer and processor),
+            ``check`` (both, refusing any difference); see ``stage2_student.reencode``.
+        image_cache_mb: per-process bound of the cache of preprocessed images (by image sha256).
+        read_cache_mb: per-process bound of the cache of decoded store chunks.
     """
 
     def __init__(
@@ -600,14 +690,23 @@ class StoreDataset(IterableDataset):
         world_size: int = 1,
         verify_checksums: bool = False,
         with_saliency: bool = True,
+        repeat: bool = False,
+        encoding: EncodingMode = "auto",
+        image_cache_mb: float = 256,
+        read_cache_mb: float = 128,
     ) -> None:
         super().__init__()
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if encoding not in ENCODING_MODES:
+            raise ValueError(f"encoding must be one of {ENCODING_MODES}, got {encoding!r}")
+        if image_cache_mb < 0 or read_cache_mb < 0:
+            raise ValueError(f"cache sizes must be >= 0 MB, got image_cache_mb={image_cache_mb}, read_cache_mb={read_cache_mb}")
         self.store_dir = Path(store_dir)
-        reader = StoreReader(self.store_dir, verify_checksums=verify_checksums)
+        self.read_cache_bytes = int(read_cache_mb * 2**20)
+        reader = StoreReader(self.store_dir, verify_checksums=verify_checksums, cache_bytes=self.read_cache_bytes)
         self.manifest = reader.manifest
         check_compatible(self.manifest, processor, temperature)
         self.processor = processor
@@ -618,6 +717,7 @@ class StoreDataset(IterableDataset):
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.block_size, self.window_blocks = block_size, window_blocks
         self.rank, self.world_size, self.with_saliency = rank, world_size, with_saliency
+        self.repeat = repeat
         self.shard_sizes = reader.shard_sizes()
         self.n_batches = batches_per_epoch(self.shard_sizes, batch_size, drop_last)  # global, all ranks
         self.batches_this_rank = len(range(rank, self.n_batches, world_size))
@@ -626,6 +726,23 @@ class StoreDataset(IterableDataset):
             raise ValueError(f"window_blocks must be >= 1, got {window_blocks}")
         self.start = start
         self.records = self._read_records(reader, data_path, image_root, split)
+        self.encoder = StudentEncoder(processor, self.max_length, encoding, int(image_cache_mb * 2**20), self.data_path)
+        self._reader, self._reader_pid = reader, os.getpid()
+        self._ids_checked: set[str] = set()  # samples whose stored ids were checked against the vocabulary
+
+    def __getstate__(self) -> dict:
+        # Pickled for a spawned worker: zarr handles stay behind (each process opens its own).
+        state = dict(self.__dict__)
+        state["_reader"], state["_reader_pid"] = None, None
+        return state
+
+    def _store_reader(self) -> StoreReader:
+        """This process's reader: zarr handles are never shared across processes (a forked worker
+        opens its own; the encoder and its image cache are plain objects and are inherited)."""
+        if self._reader is None or self._reader_pid != os.getpid():
+            self._reader = StoreReader(self.store_dir, cache_bytes=self.read_cache_bytes)
+            self._reader_pid = os.getpid()
+        return self._reader
 
     def _read_records(self, reader: StoreReader, data_path, image_root, split) -> dict[str, Record]:
         dataset = manifest_value(self.manifest, "dataset")
@@ -667,18 +784,36 @@ class StoreDataset(IterableDataset):
         self.start = (epoch, 0)
 
     def batch_indices(self, worker: int = 0, num_workers: int = 1) -> list[int]:
-        """Global batch indices that this rank's worker yields, in order ([order note])."""
-        remaining = range(self.rank, self.n_batches, self.world_size)[self.start_batch :]
-        return list(remaining[worker::num_workers])
+        """Global batch indices of the start epoch that this rank's worker yields, in order ([order note])."""
+        return [i for epoch, i in self._worker_batches(worker, num_workers, repeat=False)]
+
+    def _worker_batches(self, worker: int, num_workers: int, repeat: bool):
+        """(epoch, global batch index) that this rank's worker yields, in order: this rank's batches
+        from ``start`` on (to the end of that epoch, or on through the next epochs with ``repeat``)
+        form one stream, dealt round-robin to the workers from worker 0 on, as the DataLoader
+        collects them."""
+        mine = range(self.rank, self.n_batches, self.world_size)
+        epoch, first, dealt = self.epoch, self.start_batch, 0
+        while True:
+            remaining = mine[first:]
+            for i in remaining[(worker - dealt) % num_workers :: num_workers]:
+                yield epoch, i
+            if not repeat or not mine:
+                return
+            dealt += len(remaining)
+            epoch, first = epoch + 1, 0
 
     def __iter__(self):
         info = get_worker_info()
         worker, num_workers = (0, 1) if info is None else (info.id, info.num_workers)
-        reader = StoreReader(self.store_dir)  # one per worker: zarr handles are not shared across processes
-        plan = _EpochPlan(self.seed, self.epoch, self.shard_sizes, self.block_size, self.window_blocks)
-        n_samples = int(plan.window_start[-1])
+        reader = self._store_reader()
+        plan = None
         blocks: dict[int, list[StoredSample]] = {}
-        for i in self.batch_indices(worker, num_workers):
+        for epoch, i in self._worker_batches(worker, num_workers, self.repeat):
+            if plan is None or plan.epoch != epoch:
+                plan = _EpochPlan(self.seed, epoch, self.shard_sizes, self.block_size, self.window_blocks)
+                n_samples = int(plan.window_start[-1])
+                blocks = {}
             items = plan.samples(i * self.batch_size, min((i + 1) * self.batch_size, n_samples))
             # Batches only move forward through the windows: blocks of earlier windows are done.
             window = min(block for block, _, _ in items) // self.window_blocks
@@ -692,24 +827,15 @@ class StoreDataset(IterableDataset):
                 enc, tg = self.encode_and_remap(stored)
                 encoded.append(enc)
                 targets.append(tg)
-            yield collate(encoded, targets, self.pad_id, position=(self.epoch, i), with_saliency=self.with_saliency)
+            batch = collate(encoded, targets, self.pad_id, position=(epoch, i), with_saliency=self.with_saliency)
+            yield batch if info is None else packed(batch)
 
     def encode_and_remap(self, stored: StoredSample) -> tuple[EncodedSample, StudentTargets]:
-        """Re-encode one stored sample with the student processor and remap its signals."""
+        """The student's encoding of one stored sample (``self.encoder``) and its remapped signals."""
         teacher = unpack(stored)
         sid = teacher.sample_id
-        check_ids_in_vocab(_max_stored_id(teacher), self.vocab_size, where=f"sample {sid!r} of the store")
-        try:
-            enc = encode(self.records[sid], self.processor, self.max_length)
-        except SampleError as e:
-            raise StudentDataError(f"the student's processor cannot encode {e} (data {self.data_path})") from e
-        if list(enc.image_hashes) != list(teacher.image_hashes):
-            i = next((j for j, (a, b) in enumerate(zip(enc.image_hashes, teacher.image_hashes)) if a != b),
-                     min(len(enc.image_hashes), len(teacher.image_hashes)))
-            now = enc.image_hashes[i][:12] if i < len(enc.image_hashes) else "none"
-            then = teacher.image_hashes[i][:12] if i < len(teacher.image_hashes) else "none"
-            raise StudentDataError(
-                f"sample {sid!r}: image {i} has sha256 {now}… but the store was dumped from {then}…; the image "
-                f"changed since the dump (data {self.data_path}); restore it or re-dump"
-            )
+        if sid not in self._ids_checked:  # the store does not change: once per sample and process
+            check_ids_in_vocab(_max_stored_id(teacher), self.vocab_size, where=f"sample {sid!r} of the store")
+            self._ids_checked.add(sid)
+        enc = self.encoder(teacher, self.records[sid])
         return enc, remap(teacher, enc)

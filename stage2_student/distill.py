@@ -58,7 +58,7 @@ def run_fingerprint(cfg: DistillConfig) -> str:
     """What must not change between a run and its resume (steps may grow; logging may change)."""
     d = to_dict(cfg)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "checkpoint_every", "log_every")}
-    d["data"] = {k: v for k, v in d["data"].items() if k != "num_workers"}
+    d["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "image_cache_mb", "read_cache_mb")}
     return fingerprint(d)
 
 
@@ -218,6 +218,8 @@ def run(cfg: DistillConfig) -> dict:
         temperature=temperature,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        image_cache_mb=cfg.data.image_cache_mb,
+        read_cache_mb=cfg.data.read_cache_mb,
     )
     if dataset.batches_this_rank == 0:
         raise PipelineError(f"store {cfg.store.dir} has no samples to train on")
@@ -278,15 +280,19 @@ def run(cfg: DistillConfig) -> dict:
 def batch_stream(dataset, epoch: int, batch_in_epoch: int, num_workers: int):
     """Yield (epoch, batches done in that epoch, batch) forever, from a data position on.
 
-    One DataLoader per epoch: its workers read and collate ahead of the training step."""
-    while True:
-        dataset.start = (epoch, batch_in_epoch)
-        loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
-                            prefetch_factor=4 if num_workers else None)
-        for batch in loader:
-            batch_in_epoch += 1
-            yield epoch, batch_in_epoch, batch
-        epoch, batch_in_epoch = epoch + 1, 0
+    One DataLoader for the whole run over the endlessly repeating dataset: its workers start once
+    (~180 ms each on CPU), keep their caches (decoded store chunks, preprocessed images) from epoch
+    to epoch, and read and collate ahead of the training step across epoch boundaries. The order is
+    the dataset's, a pure function of (seed, epoch, shard sizes) whatever the worker count."""
+    dataset.start = (epoch, batch_in_epoch)
+    dataset.repeat = True
+    loader = DataLoader(dataset, batch_size=None, num_workers=num_workers,
+                        prefetch_factor=4 if num_workers else None)
+    for batch in loader:
+        if batch.position[0] != epoch:
+            epoch, batch_in_epoch = batch.position[0], 0
+        batch_in_epoch += 1
+        yield epoch, batch_in_epoch, batch
 
 
 def _checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, fp, epoch, batch_in_epoch):

@@ -15,10 +15,10 @@ from conftest import write_image
 from test_dump import dump_config, make_dataset
 from torch.utils.data import DataLoader
 
-from pipeline.data import EncodedSample, encode, read_records
+from pipeline.data import EncodedSample, Record, encode, read_records
 from pipeline.data.encode import IGNORE_INDEX, TurnPositions, VisualBlock
 from pipeline.tiny import build_tiny_vlm
-from schemas import StoreReader
+from schemas import StoreFormatError, StoreReader
 from schemas.signals import SampleSignals, unpack
 from stage1_teacher.branches import forward_with_branches
 from stage1_teacher.dump import run
@@ -27,12 +27,15 @@ from stage2_student import losses as L
 from stage2_student.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab
 from stage2_student.data import (
     StoreDataset,
+    _remap_visual,
     StudentDataError,
     batches_per_epoch,
     epoch_order,
     epoch_samples,
+    packed,
     remap,
 )
+from stage2_student.reencode import StudentEncoder
 
 # --------------------------------------------------------------------------------------------------
 # fixtures: one store per family (10 samples in shards of 4, 4, 2), students built from presets
@@ -87,6 +90,20 @@ def test_remap_same_grid_is_identity(store, data_file, student):
             assert tg.saliency.shape == (len(enc.turns), 0)
         np.testing.assert_array_equal(tg.tpa_pos, teacher.tpa_pos)
         np.testing.assert_array_equal(tg.labels, enc.labels)
+
+
+def test_remap_identity_shortcut_equals_the_block_by_block_path(store, data_file, student):
+    n_images = 0
+    for teacher, enc in pairs(store, data_file, student[1]):
+        tg = remap(teacher, enc)
+        geometry = [(int(b["start"]), int(b["length"]), tuple(b["grid"]), sb.grid, sb.start)
+                    for b, sb in zip(teacher.visual_blocks, enc.visual_blocks)]
+        n_images += len(geometry)
+        got = (tg.saliency, tg.vis_pos, tg.vis_weight, tg.vis_ids, tg.vis_logprobs)
+        expected = _remap_visual(teacher, geometry, len(enc.turns), teacher.vis_ids.shape[1], "x")
+        for a, b in zip(got, expected):
+            assert a.dtype == b.dtype and np.array_equal(a, b), teacher.sample_id
+    assert n_images >= 10
 
 
 def test_remap_pooled_student_on_a_real_store(store, data_file, pooled):
@@ -429,3 +446,172 @@ def test_dataset_missing_record_is_named(store, student, tmp_path):
     short.write_text(json.dumps([r for r in records if r["id"] != "s07"]))
     with pytest.raises(StudentDataError, match="sample 's07'"):
         _dataset(store, student[1], data_path=short, image_root=Path(StoreReader(store).manifest["dataset"]["path"]).parent)
+
+
+# --------------------------------------------------------------------------------------------------
+# the student's encoding from the store (stage2_student.reencode)
+
+
+def assert_same_encoding(fast: EncodedSample, slow: EncodedSample) -> None:
+    """Every field equal, dtypes included (independent of reencode's own comparison)."""
+    sid = slow.sample_id
+    assert fast.sample_id == sid
+    for name in ("input_ids", "labels"):
+        a, b = getattr(fast, name), getattr(slow, name)
+        assert a.dtype == b.dtype and np.array_equal(a, b), (sid, name)
+    assert fast.visual_blocks == slow.visual_blocks, sid
+    assert len(fast.turns) == len(slow.turns), sid
+    for j, (a, b) in enumerate(zip(fast.turns, slow.turns)):
+        for name in ("instruction", "response"):
+            x, y = getattr(a, name), getattr(b, name)
+            assert x.dtype == y.dtype and np.array_equal(x, y), (sid, j, name)
+    assert fast.image_hashes == slow.image_hashes, sid
+    assert fast.model_inputs.keys() == slow.model_inputs.keys(), sid
+    for key, value in slow.model_inputs.items():
+        got = fast.model_inputs[key]
+        assert got.dtype == value.dtype and got.shape == value.shape and torch.equal(got, value), (sid, key)
+
+
+def stored_signals(enc: EncodedSample) -> SampleSignals:
+    """The index metadata Stage 1 stores for a teacher encoding (as teacher.py writes it, via JSON)."""
+    meta = json.loads(json.dumps({
+        "visual_blocks": [{"image_index": v.image_index, "start": v.start, "length": v.length, "grid": list(v.grid)}
+                          for v in enc.visual_blocks],
+        "turns": [{"instruction": t.instruction.tolist(), "response": t.response.tolist()} for t in enc.turns],
+    }))
+    empty = np.zeros((0, 1))
+    return SampleSignals(enc.sample_id, enc.input_ids, meta["visual_blocks"], meta["turns"], enc.image_hashes,
+                         np.zeros(0, np.int64), empty, empty, np.zeros((0, 0)), np.zeros(0, np.int64),
+                         np.zeros(0), empty, empty)
+
+
+@pytest.mark.parametrize("preset", ["student", "student-pooled"])
+def test_fast_path_equals_encode_sample_by_sample(store, data_file, processor, family, preset, tmp_path, monkeypatch):
+    from conftest import two_image_record
+
+    _, student_proc = build_tiny_vlm(family, preset, seed=1)
+    records = {r.sample_id: r for r in read_records(data_file)}
+    reader = StoreReader(store)
+    cases = [(unpack(reader.get(sid)), records[sid]) for sid in reader.sample_ids()]
+    # Also: a system prompt and an image in the middle of the second instruction.
+    extra = two_image_record(tmp_path)
+    cases.append((stored_signals(encode(extra, processor, 400)), extra))
+    kinds = Counter(len(t.visual_blocks) for t, _ in cases)
+    assert kinds[0] and kinds[1] and kinds[2]  # text only, one image, two images
+    assert sum(len(t.turns) >= 2 for t, _ in cases) >= len(cases) - 1  # multi-turn (all but the text-only one)
+    expected = [encode(rec, student_proc, 400) for _, rec in cases]
+
+    encoder = StudentEncoder(student_proc, 400)
+    assert encoder.fast
+
+    def no_template(*args, **kwargs):
+        raise AssertionError("the fast path must not render the chat template")
+
+    monkeypatch.setattr(student_proc, "apply_chat_template", no_template)
+    for (teacher, rec), slow in zip(cases, expected):
+        assert_same_encoding(encoder(teacher, rec), slow)
+        assert_same_encoding(encoder(teacher, rec), slow)  # again, from the image cache
+
+
+def test_check_mode_refuses_a_difference_naming_the_sample_and_field(store, data_file, student):
+    records = {r.sample_id: r for r in read_records(data_file)}
+    teacher = unpack(StoreReader(store).get("s03"))
+    StudentEncoder(student[1], 400, mode="check")(teacher, records["s03"])  # equal: passes
+    teacher.turns[1]["response"] = [p + 1 for p in teacher.turns[1]["response"]]  # tampered metadata
+    with pytest.raises(IncompatibleStudentError, match=r"sample 's03'.*disagree on labels"):
+        StudentEncoder(student[1], 400, mode="check")(teacher, records["s03"])
+
+
+def test_processor_outside_the_fast_path_is_reencoded(store, data_file, student):
+    class Wrapped:  # the student's processor behind a class the fast path does not know
+        def __init__(self, inner):
+            self._inner = inner
+
+        def __getattr__(self, name):
+            return getattr(self._inner, name)
+
+        def __call__(self, *args, **kwargs):
+            return self._inner(*args, **kwargs)
+
+    records = {r.sample_id: r for r in read_records(data_file)}
+    teacher = unpack(StoreReader(store).get("s03"))
+    encoder = StudentEncoder(Wrapped(student[1]), 400)
+    assert not encoder.fast and "Wrapped is not one of the processors the fast path supports" in encoder.problem
+    assert_same_encoding(encoder(teacher, records["s03"]), encode(records["s03"], student[1], 400))
+    with pytest.raises(IncompatibleStudentError, match="'check' needs the fast path, but Wrapped"):
+        StudentEncoder(Wrapped(student[1]), 400, mode="check")
+
+
+def test_fast_path_refuses_missing_metadata_naming_the_sample(store, data_file, student):
+    records = {r.sample_id: r for r in read_records(data_file)}
+    stored = StoreReader(store).get("s03")
+    encoder = StudentEncoder(student[1], 400)
+    teacher = unpack(stored)
+    teacher.visual_blocks = [{k: v for k, v in b.items() if k != "length"} for b in teacher.visual_blocks]
+    with pytest.raises(StoreFormatError, match=r"sample 's03'.*lacks 'length'"):
+        encoder(teacher, records["s03"])
+    teacher = unpack(stored)
+    teacher.turns = [{"instruction": t["instruction"]} for t in teacher.turns]
+    with pytest.raises(StoreFormatError, match=r"sample 's03'.*lacks 'response'"):
+        encoder(teacher, records["s03"])
+    del stored.meta["turns"]
+    with pytest.raises(StoreFormatError, match=r"sample 's03'.*no 'turns' column"):
+        unpack(stored)
+
+
+def test_fast_path_over_length_names_the_sample(store, data_file, student):
+    records = {r.sample_id: r for r in read_records(data_file)}
+    teacher = unpack(StoreReader(store).get("s00"))
+    with pytest.raises(StudentDataError, match=r"sample 's00': over_length: \d+ tokens > max_length 20"):
+        StudentEncoder(student[1], 20)(teacher, records["s00"])
+
+
+@pytest.mark.parametrize("cache_mb", [0, 64])
+def test_images_are_read_once_per_process_while_cached(store, data_file, student, monkeypatch, cache_mb):
+    records = {r.sample_id: r for r in read_records(data_file)}
+    reader = StoreReader(store)
+    teachers = [unpack(reader.get(sid)) for sid in reader.sample_ids()]
+    loads = Counter()
+    real = Record.load
+
+    def counting(self):
+        loads[self.sample_id] += 1
+        return real(self)
+
+    monkeypatch.setattr(Record, "load", counting)
+    encoder = StudentEncoder(student[1], 400, image_cache_bytes=cache_mb * 2**20)
+    for _ in range(3):
+        for t in teachers:
+            encoder(t, records[t.sample_id])
+    with_images = {t.sample_id for t in teachers if t.image_hashes}
+    assert set(loads) == {t.sample_id for t in teachers}
+    if cache_mb:  # read (and checked against the store) once, then served from the cache
+        assert set(loads.values()) == {1} and len(encoder.cache) == len({h for t in teachers for h in t.image_hashes})
+    else:  # nothing kept: every encoding reads its images again
+        assert all(loads[s] == 3 for s in with_images) and len(encoder.cache) == 0
+    assert encoder.cache.bytes <= cache_mb * 2**20
+
+
+def test_dataset_repeat_streams_the_epochs_in_order_any_workers(store, student):
+    ds = _dataset(store, student[1])  # 10 samples in batches of 3: 4 batches an epoch
+    epochs = []
+    for e in (1, 2, 3):
+        ds.set_epoch(e)
+        epochs.append(list(ds))
+    expected = epochs[0][1:] + epochs[1] + epochs[2]  # resumed at (1, 1): 3 batches left, odd for 2 workers
+    for workers in (0, 2):
+        stream = iter(DataLoader(_dataset(store, student[1], start=(1, 1), repeat=True), batch_size=None,
+                                 num_workers=workers))
+        got = [next(stream) for _ in range(len(expected))]
+        assert [b.position for b in got] == [(1, 1), (1, 2), (1, 3)] + [(e, i) for e in (2, 3) for i in range(4)]
+        assert_same_batches(got, expected)
+
+
+def test_packed_batch_is_one_buffer_with_the_same_values(store, student):
+    batch = next(iter(_dataset(store, student[1])))
+    one = packed(batch)
+    assert_same_batches([one], [batch])
+    tensors = [v for v in _fields(one).values() if isinstance(v, torch.Tensor)]
+    assert len(tensors) > 10 and len({t.untyped_storage().data_ptr() for t in tensors}) == 1
+    assert len({t.untyped_storage().data_ptr() for v in _fields(batch).values() if isinstance(v, torch.Tensor)
+                for t in [v]}) > 1

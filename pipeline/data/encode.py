@@ -128,14 +128,14 @@ def _render(processor, messages: list[dict], generation_prompt: bool = False) ->
     return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def _image_token(processor) -> tuple[str, int]:
+def image_token(processor) -> tuple[str, int]:
     token = getattr(processor, "image_token", None)
     if token is None:
         raise TemplateError(f"{type(processor).__name__} has no image_token; unsupported processor")
     return token, processor.tokenizer.convert_tokens_to_ids(token)
 
 
-def _grids(processor, inputs, counts_total: int, n_images: int, sample_id: str) -> list[tuple[int, int]]:
+def visual_grids(processor, inputs, counts_total: int, n_images: int, sample_id: str) -> list[tuple[int, int]]:
     """Per-image (rows, cols) of visual tokens, from the processor's outputs."""
     if n_images == 0:
         return []
@@ -220,11 +220,11 @@ def encode(record: Record, processor, max_length: int) -> EncodedSample:
     # Tokenize unexpanded text with offsets, then expand image placeholders.
     enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
     raw_ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    img_token, img_id = _image_token(processor)
+    img_token, img_id = image_token(processor)
     inputs = processor(text=full, images=images or None, return_tensors="pt", add_special_tokens=False)
     proc_ids = inputs["input_ids"][0].numpy().astype(np.int64)
     n_visual = int((proc_ids == img_id).sum())
-    grids = _grids(processor, inputs, n_visual, len(images), record.sample_id)
+    grids = visual_grids(processor, inputs, n_visual, len(images), record.sample_id)
     counts = [r * c for r, c in grids]
     if sum(counts) != n_visual or sum(1 for i in raw_ids if i == img_id) != len(images):
         raise TemplateError(
