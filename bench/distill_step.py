@@ -165,6 +165,11 @@ def main() -> None:
         vis_rows = sum(int(b.iva.pos.numel()) for b in batches)
         branch_rows = sum(int(b.tpa.batch.numel()) for b in batches)
         branch_padded = sum(int(b.tpa.branch_pos.numel()) for b in batches)
+        # forward_with_branches puts each sample's branch rows right after its own tokens ([in-row note]).
+        in_row_tokens = sum(
+            len(b.sample_ids) * int((b.model_inputs["attention_mask"].sum(1) + (b.tpa.branch_pos >= 0).sum(1)).max())
+            for b in batches
+        )
 
         # One student copy and one optimiser per mode, the same initial weights.
         students = {m: copy.deepcopy(student).to(device).train() for m in ("a", "b", "c")}
@@ -248,7 +253,9 @@ def main() -> None:
         f"per sample: {seq_tokens / n_samples:.1f} sequence tokens ({padded_tokens / n_samples:.1f} padded), "
         f"{resp_rows / n_samples:.1f} response rows, {vis_rows / n_samples:.1f} IVA rows, "
         f"{branch_rows / n_samples:.1f} TPA branch rows ({branch_padded / n_samples:.1f} padded) = "
-        f"{branch_rows / seq_tokens:.0%} extra tokens on the sequence ({branch_padded / padded_tokens:.0%} padded)"
+        f"{branch_rows / seq_tokens:.0%} extra tokens on the sequence; the (a) forward is {in_row_tokens / n_samples:.1f} "
+        f"tokens wide, {in_row_tokens / padded_tokens - 1:.1%} over the padded sequence (branches in-row; "
+        f"{branch_padded / padded_tokens:.1%} as R columns after T)"
     )
     print(
         table(
@@ -289,6 +296,7 @@ def main() -> None:
             "iva_rows": vis_rows,
             "branch_rows": branch_rows,
             "branch_rows_padded": branch_padded,
+            "forward_tokens_with_branches_in_row": in_row_tokens,
             "mean_sequence_length": seq_tokens / n_samples,
             "mean_branch_rows_per_sample": branch_rows / n_samples,
             "step_ms": step_ms,

@@ -6,18 +6,16 @@ no ordinary token sees it. The model's output at that row is ``p(· | x≤t, c)`
 forward over ``x_0 … x_t, c`` gives at its last position. Two ways to run them:
 
 * :func:`forward_with_branches` — one forward over the sequence and its branch rows together
-  (Stage 2's student: the candidates are known before the forward).
-* :func:`forward_branches_from_cache` — continue from the KV cache of an ordinary forward over the
-  sequence, feeding only the branch rows (Stage 1's teacher: the candidates are chosen from that
-  forward's own output, and the branches then cost only their own tokens).
-
-Both build their rows with :func:`_branch_rows`, so they cannot drift apart.
-
-Batches: a sample's inputs are right-padded to the batch's longest sequence (:func:`collate_model_inputs`)
-and its branch rows to the largest branch count, padded rows marked by ``branch_pos == -1``
-(:func:`pad_branches`). A padded branch row sees only itself, so it stays finite; its logits are
-meaningless. Branches only ever see ``x_0 … x_t`` with ``t`` inside the sample, so padding keys are
-never visible to them.
+  (Stage 2's student: the candidates are known before the forward; see ``[in-row note] In :func:`forward_with_branches` a sample's branch rows sit in its own row right
+after its ``len_b`` tokens (in its right padding first), not in R columns appended after the
+batch's longest sequence: the forward is ``max_b(len_b + R_b)`` tokens wide instead of ``T + R``
+(on ``bench/distill_step.py``'s batches 18.6% instead of 21.7% over the padded sequence; forward +
+backward 0.963x the time of the ``T + R`` layout there). Continuing from the KV cache of a plain
+forward over the sequence (as Stage 1 does; gradients flow through the cached keys and values)
+was measured on the same setup and not kept: with the batch's padding mask it took 1.3-1.6% more
+time than one forward; without it (exact for right padding under a causal mask) 2% less, but
+dropping the mask speeds an SFT-only forward by the same 2%, so the cost of the branch rows over
+SFT stayed at 1.27x either way.
 
 [transformers 5.x mask note] A 4-D ``attention_mask`` is passed to the attention kernel as given:
 ``masking_utils._preprocess_mask_arguments`` returns any 4-D tensor untouched (no causal or padding
@@ -168,18 +166,24 @@ def placeholder_ids(model) -> list[int]:
     return [int(getattr(model.config, attr)) for attr in _PLACEHOLDER_ATTRS[_model_type(model)]]
 
 
+def _filler_token(model) -> int:
+    """A harmless token for rows whose output is unused (the smallest id that is no placeholder)."""
+    placeholders = placeholder_ids(model)
+    return min(set(range(len(placeholders) + 1)) - set(placeholders))
+
+
 def _branch_rows(
     model,
     position_ids: torch.Tensor,
     seq_lens: torch.Tensor,
     branch_pos: torch.Tensor,
     branch_tok: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The branch rows of a batch: (token ids [B, R], position ids [B, R] | [3, B, R], keys [B, R, T + R]).
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The branch rows of a batch, checked: (token ids [B, R], position ids [B, R] | [3, B, R]).
 
-    ``keys[b, r]`` is the attention row of branch ``r`` over [T sequence keys, R branch keys]: the
-    sequence up to and including ``branch_pos[b, r]``, and the branch itself. Padded rows
-    (``branch_pos == -1``) see only themselves and hold a harmless token.
+    A branch row attends to the sequence up to and including ``branch_pos[b, r]`` and to itself
+    (each caller lays that out for its own key layout). Padded rows (``branch_pos == -1``) hold a
+    harmless token at position 0.
     """
     batch, length = position_ids.shape[-2:]
     if branch_pos.ndim != 2 or branch_pos.shape != branch_tok.shape or branch_pos.shape[0] != batch:
@@ -200,17 +204,13 @@ def _branch_rows(
         raise ValueError(f"branch_tok must be token ids in [0, {vocab})")
     if torch.isin(real_tok, torch.tensor(placeholders, device=device)).any():
         raise ValueError(f"branch_tok contains a vision placeholder token {placeholders}; it cannot be a branch token")
-    pad_tok = min(set(range(len(placeholders) + 1)) - set(placeholders))
-    tokens = torch.where(valid, branch_tok, pad_tok)
+    tokens = torch.where(valid, branch_tok, _filler_token(model))
 
     positions = _next_text_positions(position_ids).gather(1, branch_pos.clamp_min(0))
     positions = torch.where(valid, positions, 0)
     if position_ids.ndim == 3:  # mRoPE: a text token has three equal components
         positions = positions[None].expand(position_ids.shape[0], batch, n_rows)
-
-    sees_seq = torch.arange(length, device=device)[None, None, :] <= branch_pos[:, :, None]  # [B, R, T]
-    sees_self = torch.eye(n_rows, dtype=torch.bool, device=device)[None].expand(batch, n_rows, n_rows)
-    return tokens, positions, torch.cat([sees_seq, sees_self], dim=-1)
+    return tokens, positions
 
 
 def _kernel_mask(model, allowed: torch.Tensor) -> torch.Tensor:
@@ -244,31 +244,50 @@ def forward_with_branches(
     when B = 1. Returns ``seq_logits`` [B, T, V] and ``branch_logits`` [B, R, V] ([T, V] and [R, V]
     for 1-D branch inputs): ``branch_logits[b, r]`` are the logits of ``p(· | x≤t, c)`` with
     ``t = branch_pos[b, r]``, ``c = branch_tok[b, r]``. Gradients flow (no ``no_grad`` here).
+
+    Layout ([in-row note]): sample b's branch rows take the places right after its own
+    ``len_b`` tokens, i.e. its right padding first, so the forward is ``max_b(len_b + R_b)`` wide
+    instead of ``T + R``. ``seq_logits[b, t]`` for ``t >= len_b`` (padding) and the logits of
+    padded branch entries are finite and meaningless.
     """
     branch_pos, branch_tok, single = _as_batch(branch_pos, branch_tok)
     ids = model_inputs["input_ids"]
     if single and ids.shape[0] != 1:
         raise ValueError(f"1-D branch_pos needs a batch of one, got batch {ids.shape[0]}")
     batch, length = ids.shape
+    device = ids.device
     seq_pos = sequence_position_ids(model, model_inputs)
-    tokens, positions, branch_keys = _branch_rows(model, seq_pos, sequence_lengths(model_inputs), branch_pos, branch_tok)
-    n_rows = tokens.shape[1]
+    lens = sequence_lengths(model_inputs)
+    tokens, positions = _branch_rows(model, seq_pos, lens, branch_pos, branch_tok)
 
-    # Sequence rows: causal over the sequence, never a branch key. Right-padded rows only see the
-    # real tokens before them plus padding, as in an ordinary forward; padded rows are ignored.
-    causal = torch.ones(length, length, dtype=torch.bool, device=ids.device).tril()
-    seq_keys = torch.cat([causal, causal.new_zeros(length, n_rows)], dim=-1)[None].expand(batch, -1, -1)
-    allowed = torch.cat([seq_keys, branch_keys], dim=1)[:, None]  # [B, 1, T + R, T + R]
+    # Where each branch row goes: after its sample's tokens, valid rows in order.
+    valid = branch_pos.to(device) >= 0
+    slot = torch.where(valid, lens[:, None] + valid.long().cumsum(1) - 1, 0)  # [B, R]
+    width = max(length, int((lens + valid.sum(1)).max()))
+    sample = torch.arange(batch, device=device)[:, None].expand_as(slot)
+    at_b, at_q = sample[valid], slot[valid]
+
+    input_ids = torch.nn.functional.pad(ids, (0, width - length), value=_filler_token(model))
+    input_ids[at_b, at_q] = tokens[valid]
+    position_ids = torch.nn.functional.pad(seq_pos, (0, width - length), value=0)
+    position_ids[..., at_b, at_q] = positions[..., valid]
+    # Query q of row b sees: keys <= q if q is one of its tokens; keys <= t and itself if q holds
+    # the branch (t, c); only itself otherwise (padding: finite, unused).
+    last_key = torch.full((batch, width), -1, dtype=torch.long, device=device)
+    last_key[at_b, at_q] = branch_pos.to(device).long()[valid]
+    q = torch.arange(width, device=device)
+    last_key = torch.where(q[None, :] < lens[:, None], q[None, :], last_key)  # own tokens: causal
+    allowed = (q[None, None, :] <= last_key[:, :, None]) | torch.eye(width, dtype=torch.bool, device=device)[None]
 
     extra = {k: v for k, v in model_inputs.items() if k not in _REPLACED_KEYS}
     out = model(
-        input_ids=torch.cat([ids, tokens], dim=1),
-        attention_mask=_kernel_mask(model, allowed),
-        position_ids=torch.cat([seq_pos, positions], dim=-1),
+        input_ids=input_ids,
+        attention_mask=_kernel_mask(model, allowed[:, None]),  # [B, 1, W, W]
+        position_ids=position_ids,
         use_cache=False,
         **extra,
     )
-    seq_logits, branch_logits = out.logits[:, :length], out.logits[:, length:]
+    seq_logits, branch_logits = out.logits[:, :length], out.logits[sample, slot]
     return (seq_logits[0], branch_logits[0]) if single else (seq_logits, branch_logits)
 
 
@@ -296,15 +315,18 @@ def forward_branches_from_cache(
     if position_ids.shape[-1] != length:
         raise ValueError(f"position_ids cover {position_ids.shape[-1]} tokens but the cache holds {length}")
     seq_lens = torch.as_tensor(seq_lens, device=position_ids.device).reshape(-1)
-    tokens, positions, branch_keys = _branch_rows(model, position_ids, seq_lens, branch_pos, branch_tok)
-    n_rows = tokens.shape[1]
+    tokens, positions = _branch_rows(model, position_ids, seq_lens, branch_pos, branch_tok)
+    batch, n_rows = tokens.shape
     if n_rows == 0:
         vocab = model.get_output_embeddings().weight.shape[0]
         empty = torch.zeros((tokens.shape[0], 0, vocab), dtype=model.dtype, device=tokens.device)
         return empty[0] if single else empty
+    # Keys: [T cached sequence keys, R branch keys]; branch r sees x_0 … x_t and itself.
+    sees_seq = torch.arange(length, device=tokens.device)[None, None, :] <= branch_pos.to(tokens.device)[:, :, None]
+    sees_self = torch.eye(n_rows, dtype=torch.bool, device=tokens.device)[None].expand(batch, n_rows, n_rows)
     out = model(
         input_ids=tokens,
-        attention_mask=_kernel_mask(model, branch_keys[:, None]),  # [B, 1, R, T + R]
+        attention_mask=_kernel_mask(model, torch.cat([sees_seq, sees_self], dim=-1)[:, None]),  # [B, 1, R, T + R]
         position_ids=positions,
         past_key_values=past_key_values,
         use_cache=True,

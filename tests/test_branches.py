@@ -7,7 +7,9 @@ of that prefix, last position. Everything runs in float32; log-probs are compare
 
 from __future__ import annotations
 
+import copy
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,7 +31,7 @@ ATOL = 1e-5  # on float32 log-probs
 
 
 def logp(x: torch.Tensor) -> torch.Tensor:
-    return torch.log_softmax(x.float(), dim=-1)
+    return torch.log_softmax(x if x.dtype == torch.float64 else x.float(), dim=-1)
 
 
 @pytest.fixture(scope="module")
@@ -338,3 +340,57 @@ def test_select_transitions_hand_made():
     shifted = select_transitions(3.0 + logits, gold, positions, max_positions=64, **kw)
     assert torch.equal(shifted.cand_ids, tr.cand_ids)
     torch.testing.assert_close(shifted.cand_logprobs, tr.cand_logprobs, rtol=0, atol=1e-6)
+
+
+def test_gradients_equal_those_of_plain_forwards(teacher, samples):
+    """The gradient of a loss over sequence and branch log-probs through ``forward_with_branches``
+    (a batch: in-row layout, padding) equals the gradient of the same loss built from plain
+    forwards (each sample alone, and ``x_0 … x_t, c`` per branch row); so does the cache path's,
+    whose branch gradients flow through the cached keys and values. In float64, so that atol 1e-5
+    on gradients of size ~50 measures the layout, not float32 summation order (~2e-5 there)."""
+    model, processor = teacher
+    per_sample = [branches_of(model, enc) for enc in samples]
+    # After both image blocks and in the text (sample 0), after its image (sample 1): 7 and 3 rows.
+    per_sample = [(p[i], t[i]) for (p, t), i in zip(per_sample, ([1, 2, 4, 7, 9, 13, 16], [0, 3, 6]))]
+    model = copy.deepcopy(model).double()
+
+    def double(inputs: dict) -> dict:
+        return {k: v.double() if v.is_floating_point() else v for k, v in inputs.items()}
+
+    samples = [SimpleNamespace(model_inputs=double(e.model_inputs), length=e.length, visual_blocks=e.visual_blocks)
+               for e in samples]
+    batch = collate_model_inputs([enc.model_inputs for enc in samples], processor.tokenizer.pad_token_id)
+    bpos, btok = pad_branches(per_sample)
+    params = [p for p in model.parameters() if p.requires_grad]
+    gen = torch.Generator().manual_seed(0)
+    vocab = model.get_output_embeddings().weight.shape[0]
+    u, v = torch.randn(vocab, generator=gen, dtype=torch.float64), torch.randn(vocab, generator=gen, dtype=torch.float64)
+    n_rows = sum(enc.length for enc in samples) + sum(len(p) for p, _ in per_sample)
+
+    def loss_of(seq_rows: list[torch.Tensor], branch_rows: list[torch.Tensor]) -> torch.Tensor:
+        return (sum((logp(x) @ u).sum() for x in seq_rows) + sum((logp(x) @ v).sum() for x in branch_rows)) / n_rows
+
+    reference = loss_of(
+        [model(**enc.model_inputs).logits[0] for enc in samples],
+        [model(**prefix_inputs(enc, int(t), int(c))).logits[0, -1:] for enc, (pos, tok) in zip(samples, per_sample)
+         for t, c in zip(pos, tok)],
+    )
+    seq, branch = forward_with_branches(model, batch, bpos, btok)
+    in_row = loss_of([seq[b, : enc.length] for b, enc in enumerate(samples)],
+                     [branch[b, : len(p)] for b, (p, _) in enumerate(per_sample)])
+    position_ids = sequence_position_ids(model, batch)
+    out = model(**batch, position_ids=position_ids, use_cache=True)
+    cached = forward_branches_from_cache(model, out.past_key_values, position_ids, bpos, btok, sequence_lengths(batch))
+    cache_loss = loss_of([out.logits[b, : enc.length] for b, enc in enumerate(samples)],
+                         [cached[b, : len(p)] for b, (p, _) in enumerate(per_sample)])
+
+    torch.testing.assert_close(in_row, reference, rtol=0, atol=1e-5)
+    want = torch.autograd.grad(reference, params, allow_unused=True)  # (the vision tower's unused top layer)
+    for got in (torch.autograd.grad(in_row, params, allow_unused=True),
+                torch.autograd.grad(cache_loss, params, allow_unused=True)):
+        assert [g is None for g in got] == [w is None for w in want]
+        for g, w in zip(got, want):
+            if w is not None:
+                torch.testing.assert_close(g, w, rtol=0, atol=1e-5)
+    assert sum(w is not None for w in want) > len(want) // 2
+    assert max(float(w.abs().max()) for w in want if w is not None) > 1e-3  # not trivially ~0
