@@ -280,8 +280,8 @@ def run(cfg: DistillConfig) -> dict:
 def batch_stream(dataset, epoch: int, batch_in_epoch: int, num_workers: int):
     """Yield (epoch, batches done in that epoch, batch) forever, from a data position on.
 
-    One DataLoader for the whole run over the endlessly repeating dataset: its workers start once
-    (~180 ms each on CPU), keep their caches (decoded store chunks, preprocessed images) from epoch
+    One DataLoader for the whole run over the endlessly repeating dataset: its workers start once,
+    keep their caches (decoded store chunks, preprocessed images) from epoch
     to epoch, and read and collate ahead of the training step across epoch boundaries. The order is
     the dataset's, a pure function of (seed, epoch, shard sizes) whatever the worker count."""
     dataset.start = (epoch, batch_in_epoch)
