@@ -342,7 +342,17 @@ def test_select_transitions_hand_made():
     torch.testing.assert_close(shifted.cand_logprobs, tr.cand_logprobs, rtol=0, atol=1e-6)
 
 
-def test_gradients_equal_those_of_plain_forwards(teacher, samples):
+@pytest.fixture()
+def one_thread():
+    """Tiny float64 matmuls: with a second OpenMP thread on a busy 2-core machine this test took
+    8-17 s instead of 0.15 s (the threads wait on each other at every op)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_gradients_equal_those_of_plain_forwards(teacher, samples, one_thread):
     """The gradient of a loss over sequence and branch log-probs through ``forward_with_branches``
     (a batch: in-row layout, padding) equals the gradient of the same loss built from plain
     forwards (each sample alone, and ``x_0 … x_t, c`` per branch row); so does the cache path's,
