@@ -4,7 +4,12 @@ losses fall, exports load and generate, a crashed run resumes to the same losses
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +139,68 @@ def test_crash_and_resume_reproduces_the_losses(store, tmp_path, monkeypatch, fa
     for ra, rb in zip(a, b):
         for key in ("total", "sft", "kd", "iva", "tpa", "lr"):
             assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+
+
+# Runs `pipeline run distill` in a child process whose loss function blocks (after announcing it)
+# on the given call, so that the parent's SIGKILL lands at a known step.
+_BLOCKING_CHILD = """
+import sys, time
+from pathlib import Path
+from stage2_student import distill
+from pipeline.cli import main
+block_at, ready = int(sys.argv[2]), Path(sys.argv[3])
+real, calls = distill.compute_losses, [0]
+def compute_losses(*args, **kwargs):
+    calls[0] += 1
+    if calls[0] == block_at:
+        ready.write_text("blocked")
+        time.sleep(600)
+    return real(*args, **kwargs)
+distill.compute_losses = compute_losses
+sys.exit(main(["run", "distill", "--config", sys.argv[1]]))
+"""
+
+
+def test_sigkilled_run_resumes_to_the_same_losses(llava_store, tmp_path):
+    """A real SIGKILL of a `pipeline run distill` process during step 5 (after the step-4
+    checkpoint), then `pipeline run distill` again: every logged loss equals the uninterrupted run's."""
+    from pipeline.config import save_config
+
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student", seed=1)
+    over = {"train.steps": 6, "train.checkpoint_every": 2, "train.schedule": "cosine", "train.warmup_steps": 1}
+    straight = tmp_path / "straight"
+    run(distill_config(llava_store, straight, {"path": str(student_dir)}, **over))
+
+    killed = tmp_path / "killed"
+    cfg_path = tmp_path / "distill.yaml"
+    save_config(distill_config(llava_store, killed, {"path": str(student_dir)}, **over), cfg_path)
+    ready = tmp_path / "blocked"
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_CHILD, str(cfg_path), "5", str(ready)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the run never reached step 5"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert (killed / "checkpoints" / "latest").read_text() == "step-000004"
+    assert not (killed / "final").exists()
+    assert [r["step"] for r in losses(killed)] == [1, 2, 3, 4]
+
+    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "distill", "--config", str(cfg_path)],
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = losses(straight), losses(killed)
+    assert [r["step"] for r in b] == list(range(1, 7))
+    for ra, rb in zip(a, b):
+        for key in ("total", "sft", "kd", "iva", "tpa", "lr"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    assert (killed / "final" / "provenance.json").exists()
 
 
 def test_resume_with_other_settings_is_refused(llava_store, tmp_path):
