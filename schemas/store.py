@@ -14,7 +14,9 @@ Layout of a store::
           arrays.zarr/         zarr v3 group, one array per spec, shape (rows, *row_shape): the rows of
                                all samples of the shard, concatenated in index order. Inner chunks of
                                `rows_per_chunk` rows, grouped by the sharding codec into files of
-                               `chunks_per_file` chunks (so the file count stays low).
+                               `chunks_per_file` chunks (so the file count stays low). Each inner
+                               chunk is zstd-compressed and carries a CRC32C, so a damaged chunk
+                               fails its read (naming shard and array) even without checksums on.
           index.parquet        one row per sample: sample_id, caller meta columns, and per array
                                `<name>.start` / `<name>.len` (int64), contiguous in index order
           skipped.parquet      samples that failed: sample_id, reason (short code), detail
@@ -50,6 +52,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 FORMAT_VERSION = "1.0"
 
@@ -76,6 +79,9 @@ _ALLOWED_DTYPES = {
     "bool", "int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64",
     "float16", "float32", "float64",
 }
+# Inner-chunk codec chain after the bytes serializer: zstd, then a CRC32C of the compressed bytes.
+CHUNK_COMPRESSORS = (ZstdCodec(), Crc32cCodec())
+
 _ARRAY_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _SHARD_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_-]*$")
 _RESERVED_MANIFEST_KEYS = ("format_version", "arrays", "shards", "n_samples", "n_skipped",
@@ -431,6 +437,7 @@ class ShardWriter:
             self._arrays[n] = group.create_array(
                 n, shape=(0, *s.row_shape), dtype=s.dtype,
                 chunks=(rpc, *s.row_shape), shards=(rpc * chunks_per_file, *s.row_shape),
+                compressors=CHUNK_COMPRESSORS,
             )
         self._pending: dict[str, list[np.ndarray]] = {n: [] for n in self.specs}
         self._pending_rows = {n: 0 for n in self.specs}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -259,6 +260,23 @@ def test_corrupt_chunk_detected_by_verify_and_reader(store):
     with pytest.raises(StoreFormatError) as e:
         StoreReader(path, verify_checksums=True)
     assert "shard-00000" in str(e.value) and rel in str(e.value)
+
+
+def test_damaged_chunk_fails_a_plain_read_naming_shard_and_array(store, tmp_path):
+    """Without verify_checksums, a flipped byte inside a compressed chunk still fails the read
+    (each chunk carries a CRC32C), with an error naming the shard and the array."""
+    path, _ = store
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    reader = StoreReader(copy)
+    first = reader.read_block("shard-00000", 0, 2)  # readable before the damage
+    assert first and first[0].arrays["resp_logprobs"].size > 0
+    chunk = [p for p in sorted((copy / "shards/shard-00000/arrays.zarr/resp_logprobs/c").rglob("*")) if p.is_file()][0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside a compressed chunk: zstd alone decodes this to wrong values
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreFormatError, match=r"shard 'shard-00000': arrays.zarr/resp_logprobs .*unreadable.*checksum"):
+        StoreReader(copy).read_block("shard-00000", 0, 2)
 
 
 def test_index_inconsistency_detected(store):
