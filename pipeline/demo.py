@@ -49,26 +49,31 @@ class Profile:
     teacher_steps: int
     student_steps: int
     batch_size: int = 32
-    teacher_lr: float = 3e-3
-    student_lr: float = 3e-3
+    teacher_lr: float = 1e-3
+    student_lr: float = 1e-3
     turns: int = 3
+    grid: int = 2  # board cells per side (16 px each)
+    n_colours: int = 4
+    n_shapes: int = 3
+    describe_fraction: float = 0.5  # training records that open with a "describe the board" turn
     dump_batch: int = 16
     workers: int = 0
     methods: tuple[str, ...] = tuple(METHODS)
     extra: dict = field(default_factory=dict)
 
 
+# A 2x2 board of 16-px cells is a 32-px image; patch 8 gives the teacher a 4x4 visual grid (2x2 tokens per cell).
 _TEACHER = TinySpec(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=256, vision_hidden=64, vision_layers=2,
-                    vision_heads=2, image_size=48, patch=8)
+                    vision_heads=2, image_size=32, patch=8)
 _STUDENTS = {
-    # the teacher's 6x6 visual grid
+    # the teacher's 4x4 visual grid
     "small": TinySpec(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vision_hidden=32, vision_layers=1,
-                      vision_heads=2, image_size=48, patch=8),
-    # the teacher's grid pooled 2x2 (3x3, one visual token per board cell), and a narrower model
+                      vision_heads=2, image_size=32, patch=8),
+    # the teacher's grid pooled 2x2 (2x2, one visual token per board cell), and a narrower model
     "tiny-pooled": TinySpec(hidden=48, layers=2, heads=4, kv_heads=2, intermediate=96, vision_hidden=32, vision_layers=1,
-                            vision_heads=2, image_size=48, patch=16),
+                            vision_heads=2, image_size=32, patch=16),
 }
-FULL = Profile(n_train=2000, n_val=50, n_test=200, teacher=_TEACHER, students=_STUDENTS, teacher_steps=600,
+FULL = Profile(n_train=2000, n_val=50, n_test=200, teacher=_TEACHER, students=_STUDENTS, teacher_steps=1000,
                student_steps=250)
 QUICK = replace(FULL, n_train=24, n_val=4, n_test=6, teacher_steps=3, student_steps=2, batch_size=4, turns=2)
 
@@ -103,7 +108,8 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
 
     log.info("[1/6] synthetic shapes VQA data: %d train / %d val / %d test images", profile.n_train, profile.n_val, profile.n_test)
     data = generate(out / "data", seed=0, n_train=profile.n_train, n_val=profile.n_val, n_test=profile.n_test,
-                    turns=profile.turns)
+                    turns=profile.turns, grid=profile.grid, n_colours=profile.n_colours, n_shapes=profile.n_shapes,
+                    describe_fraction=profile.describe_fraction)
     max_length = 512
 
     log.info("[2/6] teacher: SFT-only distill run on a bootstrap store")

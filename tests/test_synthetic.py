@@ -6,6 +6,7 @@ import json
 import random
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from pipeline.synthetic import COLOURS, QUESTION_TYPES, Item, _question, cell_names, draw_board, generate, make_board
@@ -56,3 +57,40 @@ def test_records_are_llava_format(tmp_path):
     assert [m["from"] for m in conv] == ["human", "gpt"] * 3
     assert conv[0]["value"].startswith("<image>\n") and all("<image>" not in m["value"] for m in conv[1:])
     assert len(rec["question_types"]) == len(rec["answers"]) == 3
+
+
+def test_small_palette_and_description_turns_only_in_train(tmp_path):
+    paths = generate(tmp_path, seed=1, n_train=40, n_val=5, n_test=10, grid=2, cell_px=16, turns=2,
+                     n_colours=4, n_shapes=3, describe_fraction=0.5)
+    train = json.loads(paths["train"].read_text())
+    described = [r for r in train if r["question_types"][0] == "describe"]
+    assert 5 < len(described) < 35  # about half, deterministic by seed
+    for split in ("val", "test"):
+        assert all("describe" not in r["question_types"] for r in json.loads(paths[split].read_text()))
+    colours, shapes = set(list(COLOURS)[:4]), {"circle", "square", "triangle"}
+    names = {n for row in cell_names(2) for n in row}
+    for r in described:
+        conv = r["conversations"]
+        assert conv[0]["value"] == "<image>\nDescribe the board." and len(conv) == 2 * 3
+        assert all("<image>" not in m["value"] for m in conv[1:])
+        # every "cell colour shape" item of the description is drawn at that cell
+        img = np.asarray(Image.open(tmp_path / r["image"]))
+        for part in r["answers"][0].rstrip(".").split(". "):
+            words = part.split(" ")
+            where, colour, shape = " ".join(words[:-2]), words[-2], words[-1]
+            assert where in names and colour in colours and shape in shapes, part
+            row, col = next((i, j) for i, rw in enumerate(cell_names(2)) for j, n in enumerate(rw) if n == where)
+            assert tuple(img[row * 16 + 8, col * 16 + 8]) == COLOURS[colour], (r["id"], part)
+    for r in train:
+        for q, a, kind in zip(r["conversations"][::2], r["answers"], r["question_types"]):
+            if kind == "colour_at":
+                assert a in colours
+            if kind == "choice":
+                assert a in "ABCD"
+
+
+def test_bad_generator_settings_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="cannot fill 8 cells"):
+        generate(tmp_path, grid=3, n_colours=2, n_shapes=2)
+    with pytest.raises(ValueError, match="describe_fraction"):
+        generate(tmp_path, describe_fraction=1.5)
