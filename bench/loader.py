@@ -11,6 +11,11 @@ Modes, each a whole epoch over the same samples, timed in interleaved rounds:
 * store w0 cold the same with both caches off (``image_cache_mb=0, read_cache_mb=0``), a fresh
                 loader per epoch: every block read decodes zarr chunks, every image is read,
                 hashed, decoded and preprocessed. What a store larger than the caches pays.
+* store w0 pixels both RAM caches off as in cold, with a pixel cache directory
+                (``pixel_cache_dir``) filled by one untimed epoch before the rounds: every block
+                read decodes zarr chunks, every image's tensors are read from the directory (no
+                image file, no processor). What the second and later epochs of a dataset larger
+                than the RAM caches pay.
 * store w0 old  caches off and ``encoding="processor"``: chat template + tokenizer + processor on
                 every sample (the path before the store fast path).
 * store w2 fresh 2 worker processes (prefetch 4) with a fresh DataLoader per epoch (worker start-up
@@ -77,6 +82,7 @@ from schemas import StoreReader  # noqa: E402
 from schemas.store import _ShardIndex  # noqa: E402
 from stage1_teacher.dump import run as dump  # noqa: E402
 from stage2_student.data import StoreDataset, StudentTargets, collate, epoch_order, epoch_samples  # noqa: E402
+from stage2_student.pixel_cache import PixelCache  # noqa: E402
 from stage2_student.reencode import StudentEncoder  # noqa: E402
 
 TARGET = 0.5
@@ -272,6 +278,7 @@ def main() -> None:
         # dataset keeps its reader, decoded chunks and preprocessed images from epoch to epoch.
         w0_stream = iter(DataLoader(make(repeat=True), batch_size=None, num_workers=0))
         cold = make(image_cache_mb=0, read_cache_mb=0)  # every pass: zarr reads, image read + preprocess
+        pixels = make(image_cache_mb=0, read_cache_mb=0, pixel_cache_dir=work / "pixels")  # zarr reads, pixel files
         old = make(encoding="processor", image_cache_mb=0, read_cache_mb=0)  # chat template + tokenizer too
         fresh_w2 = make()  # never iterated here: forked workers start with empty caches
 
@@ -283,6 +290,10 @@ def main() -> None:
                     raise AssertionError(f"store pass with {workers} workers gave {n} samples, expected {n_samples}")
 
             return run
+
+        loader_pass(pixels, 0)(0)  # the first epoch writes the pixel cache
+        pixel_entries, pixel_bytes, pixel_segments = PixelCache(work / "pixels", processor).stats()
+        print(f"pixel cache: {pixel_entries} images, {pixel_bytes / 1e6:.2f} MB in {pixel_segments} segment(s)", flush=True)
 
         blocks = epoch_order(0, 0, shard_sizes, ds.block_size)
 
@@ -308,6 +319,7 @@ def main() -> None:
         modes = {
             "store w0": lambda _u: take_epoch(w0_stream, "store w0"),
             "store w0 cold": loader_pass(cold, 0),
+            "store w0 pixels": loader_pass(pixels, 0),
             "store w0 old": loader_pass(old, 0),
             "store w2 fresh": loader_pass(fresh_w2, 2),
             "read_block": read_blocks,
@@ -341,6 +353,7 @@ def main() -> None:
             "student encoding (all)": (StudentEncoder, "__call__"),
             "  image read + decode + sha256": (Record, "load"),
             "  image preprocess (processor)": (StudentEncoder, "_preprocess"),
+            "  pixel cache read (disk)": (PixelCache, "get"),
             "  processor re-encode (encode)": (reencode_module, "encode"),
             "remap": (data_module, "remap"),
             "collate": (data_module, "collate"),
@@ -359,13 +372,15 @@ def main() -> None:
                     total = time.perf_counter() - t0
                 p = {name: sum(c) for name, c in calls.items()}
                 p["  student encoding, rest (ids, labels, positions)"] = p["student encoding (all)"] - sum(
-                    p[n] for n in ("  image read + decode + sha256", "  image preprocess (processor)", "  processor re-encode (encode)"))
+                    p[n] for n in ("  image read + decode + sha256", "  image preprocess (processor)",
+                                   "  pixel cache read (disk)", "  processor re-encode (encode)"))
                 p["other (order, dataset, loop)"] = total - sum(p[n] for n in top)
                 p["total"] = total
                 per_pass.append(p)
             return {"median": {n: statistics.median(p[n] for p in per_pass) for n in per_pass[0]}, "passes": per_pass}
 
-        phases = {"warm": instrumented(modes["store w0"]), "cold": instrumented(modes["store w0 cold"])}
+        phases = {"warm": instrumented(modes["store w0"]), "cold": instrumented(modes["store w0 cold"]),
+                  "pixels": instrumented(modes["store w0 pixels"])}
 
     per_s = {m: stats([n_samples / t for t in ts]) for m, ts in times.items()}
     ratios = {m: per_rep_ratio(times["raw full"], times[m]) for m in modes}  # throughput / raw full
@@ -376,6 +391,7 @@ def main() -> None:
     labels = {
         "store w0": "store, num_workers=0, one loader (steady state)",
         "store w0 cold": "store, num_workers=0, caches off",
+        "store w0 pixels": "store, num_workers=0, RAM caches off, pixel cache dir warm",
         "store w0 old": "store, num_workers=0, processor re-encode, caches off",
         "store w2 fresh": "store, num_workers=2, fresh loader per epoch",
         "read_block": "store, read_block alone (new reader, no cache)",
@@ -401,12 +417,13 @@ def main() -> None:
                      ("store w2", w2_ratio["median"], w2_ratio_tok["median"])):
         print(f"{m} / raw: {r:.3f} (full), {rt:.3f} (tokens + response top-k): "
               f"{'meets' if r >= TARGET else 'MISSES'} / {'meets' if rt >= TARGET else 'MISSES'} the >= {TARGET} target")
-    warm, cold = phases["warm"]["median"], phases["cold"]["median"]
+    medians = {k: v["median"] for k, v in phases.items()}
     print(f"\nwhere a store w0 epoch goes (medians of {args.reps} instrumented passes; warm: steady state of one "
-          "loader, cold: caches off):")
-    print(table(["phase", "warm s", "share", "ms/sample", "cold s", "share", "ms/sample"],
-                [[n, f"{warm[n]:.4f}", f"{warm[n] / warm['total']:.1%}", f"{1000 * warm[n] / n_samples:.3f}",
-                  f"{cold[n]:.4f}", f"{cold[n] / cold['total']:.1%}", f"{1000 * cold[n] / n_samples:.3f}"] for n in warm]))
+          "loader, cold: caches off, pixels: RAM caches off, pixel cache dir warm):")
+    print(table(["phase"] + [f"{k} {c}" for k in medians for c in ("s", "share", "ms/sample")],
+                [[n] + [x for m in medians.values() for x in (f"{m[n]:.4f}", f"{m[n] / m['total']:.1%}",
+                                                              f"{1000 * m[n] / n_samples:.3f}")]
+                 for n in medians["warm"]]))
 
     path = write_results(
         "loader",
@@ -420,6 +437,7 @@ def main() -> None:
             "store_bytes": store_bytes,
             "raw_bytes": raw_bytes,
             "raw_tokens_bytes": raw_min_bytes,
+            "pixel_cache": {"images": pixel_entries, "bytes": pixel_bytes, "segments": pixel_segments},
             "seconds_per_epoch": {m: stats(t) for m, t in times.items()},
             "samples_per_s": per_s,
             "throughput_over_raw_full": ratios,

@@ -59,12 +59,25 @@ class DistillDataConfig:
     images preprocessed for the student, by image sha256 (0: preprocess every time)."""
     read_cache_mb: float = 128
     """Per data process: bound of the cache of decoded store chunks (about 1 MB each; 0: every block read decodes)."""
+    pixel_cache_dir: str | None = None
+    """A directory for images preprocessed for the student, kept on disk after their first use, so
+    later epochs read no image file and run no image processor (for data larger than
+    image_cache_mb). Off by default: the tensors (float32 from LLaVA and Qwen2-VL processors) are
+    far larger than the image files (a 336x336 LLaVA image is 1.35 MB), and one directory serves
+    every run and student with the same processor settings (a subdirectory per settings
+    fingerprint), which a default inside output.dir would not. Safe with any num_workers. A damaged
+    entry is rebuilt with a warning naming its file."""
+    pixel_cache_max_gb: float | None = None
+    """Bound of the pixel cache for this student's processor settings (null: no bound); past it, new images are not written."""
 
     def __post_init__(self):
         check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
         check(self.image_cache_mb >= 0, "image_cache_mb", f"must be >= 0, got {self.image_cache_mb}")
         check(self.read_cache_mb >= 0, "read_cache_mb", f"must be >= 0, got {self.read_cache_mb}")
+        check(self.pixel_cache_dir is None or bool(self.pixel_cache_dir), "pixel_cache_dir", "must name a directory or be null")
+        check(self.pixel_cache_max_gb is None or self.pixel_cache_max_gb > 0, "pixel_cache_max_gb",
+              f"must be > 0 or null, got {self.pixel_cache_max_gb}")
 
 
 @dataclass

@@ -76,6 +76,7 @@ from stage1_teacher.branches import collate_model_inputs, pad_branches
 from stage1_teacher.probe import sample_indices
 from stage2_student.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab, manifest_value
 from stage2_student.losses import PAD_ID
+from stage2_student.pixel_cache import PixelCache
 from stage2_student.reencode import ENCODING_MODES, EncodingMode, StudentDataError, StudentEncoder
 
 __all__ = [
@@ -643,7 +644,10 @@ class StoreDataset(IterableDataset):
     blocks re-expanded for the student (``stage2_student.reencode``, [fast path note]); images are
     preprocessed once per process and kept in a bounded cache, and decoded store chunks are kept in
     the reader's bounded cache (``schemas.store.StoreReader``). Both caches are per process: with N
-    DataLoader workers the memory bound is N times the sizes below.
+    DataLoader workers the memory bound is N times the sizes below. With ``pixel_cache_dir``,
+    preprocessed images are also kept on disk, shared by every process and run with the same
+    processor settings (``stage2_student.pixel_cache``), so an epoch after the first reads no image
+    file even when the RAM caches cannot hold the data.
 
     Args:
         store_dir: the teacher store.
@@ -668,6 +672,8 @@ class StoreDataset(IterableDataset):
             ``check`` (both, refusing any difference); see ``stage2_student.reencode``.
         image_cache_mb: per-process bound of the cache of preprocessed images (by image sha256).
         read_cache_mb: per-process bound of the cache of decoded store chunks.
+        pixel_cache_dir: root of the on-disk cache of preprocessed images (None: none).
+        pixel_cache_max_gb: bound of this processor's pixel cache directory (None: no bound).
     """
 
     def __init__(
@@ -694,6 +700,8 @@ class StoreDataset(IterableDataset):
         encoding: EncodingMode = "auto",
         image_cache_mb: float = 256,
         read_cache_mb: float = 128,
+        pixel_cache_dir: str | Path | None = None,
+        pixel_cache_max_gb: float | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -726,7 +734,12 @@ class StoreDataset(IterableDataset):
             raise ValueError(f"window_blocks must be >= 1, got {window_blocks}")
         self.start = start
         self.records = self._read_records(reader, data_path, image_root, split)
-        self.encoder = StudentEncoder(processor, self.max_length, encoding, int(image_cache_mb * 2**20), self.data_path)
+        pixels = None
+        if pixel_cache_dir is not None:
+            max_bytes = None if pixel_cache_max_gb is None else int(pixel_cache_max_gb * 2**30)
+            pixels = PixelCache(pixel_cache_dir, processor, max_bytes)
+        self.encoder = StudentEncoder(processor, self.max_length, encoding, int(image_cache_mb * 2**20), self.data_path,
+                                      pixel_cache=pixels)
         self._reader, self._reader_pid = reader, os.getpid()
         self._ids_checked: set[str] = set()  # samples whose stored ids were checked against the vocabulary
 

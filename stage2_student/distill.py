@@ -58,7 +58,8 @@ def run_fingerprint(cfg: DistillConfig) -> str:
     """What must not change between a run and its resume (steps may grow; logging may change)."""
     d = to_dict(cfg)
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "checkpoint_every", "log_every")}
-    d["data"] = {k: v for k, v in d["data"].items() if k not in ("num_workers", "image_cache_mb", "read_cache_mb")}
+    caches = ("num_workers", "image_cache_mb", "read_cache_mb", "pixel_cache_dir", "pixel_cache_max_gb")
+    d["data"] = {k: v for k, v in d["data"].items() if k not in caches}
     return fingerprint(d)
 
 
@@ -220,6 +221,8 @@ def run(cfg: DistillConfig) -> dict:
         world_size=accelerator.num_processes,
         image_cache_mb=cfg.data.image_cache_mb,
         read_cache_mb=cfg.data.read_cache_mb,
+        pixel_cache_dir=cfg.data.pixel_cache_dir,
+        pixel_cache_max_gb=cfg.data.pixel_cache_max_gb,
     )
     if dataset.batches_this_rank == 0:
         raise PipelineError(f"store {cfg.store.dir} has no samples to train on")

@@ -28,6 +28,13 @@ families, multi-image and multi-turn records, equal and pooled grids.
 Images are read (and their sha256 compared with the store's) the first time a sample is encoded in
 a process, and again whenever one of its images has left the cache; a sample whose images are all
 cached is not read again in that process.
+
+With a pixel cache directory (``stage2_student.pixel_cache``, ``data.pixel_cache_dir``), an image
+missing from the RAM cache is looked up there before it is read, and every image preprocessed is
+written there. A sample whose images are all in it is not read at all, in any process or run: the
+entries hold the tensors of the file whose sha256 the store records (checked when they were
+written), so training sees the dumped image, and a file changed since then goes unnoticed until
+its entry is gone.
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ from schemas import StoreFormatError
 from schemas.signals import SampleSignals
 from schemas.store import LRUBytes
 from stage2_student.compat import IncompatibleStudentError
+from stage2_student.pixel_cache import PixelCache
 
 log = logging.getLogger("stage2.data")
 
@@ -87,6 +95,14 @@ class StudentImage:
     tensors: dict[str, torch.Tensor]  # the processor's image outputs for this image alone
     nbytes: int
 
+    @classmethod
+    def of(cls, n_tokens: int, grid: tuple[int, int], tensors: dict[str, torch.Tensor]) -> StudentImage:
+        return cls(n_tokens, grid, tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+    def pixel_cache_meta(self) -> dict:
+        """What a pixel cache entry keeps beside the tensors."""
+        return {"n_tokens": self.n_tokens, "grid": list(self.grid)}
+
 
 def fast_path_problem(processor) -> str | None:
     """Why the fast path cannot serve ``processor`` (None: it can)."""
@@ -111,10 +127,12 @@ class StudentEncoder:
             (both, refusing any difference; for a processor family new to the fast path).
         image_cache_bytes: bound of the per-process image cache (preprocessed tensors).
         data_path: named in error messages.
+        pixel_cache: the on-disk cache of preprocessed images for this processor (None: none);
+            used by the fast path only.
     """
 
     def __init__(self, processor, max_length: int, mode: EncodingMode = "auto", image_cache_bytes: int = 256 << 20,
-                 data_path=None) -> None:
+                 data_path=None, pixel_cache: PixelCache | None = None) -> None:
         if mode not in ENCODING_MODES:
             raise ValueError(f"encoding mode must be one of {ENCODING_MODES}, got {mode!r}")
         self.processor, self.max_length, self.data_path = processor, int(max_length), data_path
@@ -125,6 +143,9 @@ class StudentEncoder:
         self.check = mode == "check"
         if mode == "auto" and self.problem:
             log.info("re-encoding every sample with the student's processor: %s", self.problem)
+        if pixel_cache is not None and not self.fast:
+            log.info("the pixel cache %s is not used: the processor re-encodes every sample", pixel_cache.dir)
+        self.pixels = pixel_cache if self.fast else None
         self.cache = LRUBytes(image_cache_bytes)  # image sha256 -> StudentImage
         self._verified: set[str] = set()  # samples whose image files were checked against the store
         if self.fast:
@@ -218,26 +239,42 @@ class StudentEncoder:
         )
 
     def _images(self, teacher: SampleSignals, record: Record) -> list[StudentImage]:
-        """The sample's images for the student, from the cache, or read, checked and preprocessed."""
+        """The sample's images for the student, from the caches, or read, checked and preprocessed.
+
+        Served without reading the files: a sample already read in this process whose images are
+        all in the RAM cache, or any sample whose images are all in the RAM cache or the pixel cache."""
         sid, stored = teacher.sample_id, teacher.image_hashes
-        if sid in self._verified:
-            cached = [self.cache.get(h) for h in stored]
-            if all(c is not None for c in cached):
-                return cached
+        cached = [self._cached(h) for h in stored]
+        if (sid in self._verified or self.pixels is not None) and all(c is not None for c in cached):
+            return cached
         try:
             images, hashes = record.load()
         except SampleError as e:
             raise StudentDataError(f"the student's processor cannot encode {e} (data {self.data_path})") from e
         check_image_hashes(sid, hashes, stored, self.data_path)
-        out = []
-        for h, image in zip(hashes, images):
-            item = self.cache.get(h)
-            if item is None:
-                item = self._preprocess(sid, image)
-                self.cache.put(h, item, item.nbytes)
-            out.append(item)
+        out = [item if item is not None else self._preprocess_and_keep(sid, h, image)
+               for item, h, image in zip(cached, hashes, images)]
         self._verified.add(sid)
         return out
+
+    def _cached(self, sha256: str) -> StudentImage | None:
+        """The image from the RAM cache, else from the pixel cache (then kept in RAM too)."""
+        item = self.cache.get(sha256)
+        if item is None and self.pixels is not None:
+            found = self.pixels.get(sha256)
+            if found is not None:
+                tensors, meta = found
+                item = StudentImage.of(int(meta["n_tokens"]), tuple(int(g) for g in meta["grid"]), tensors)
+                self.cache.put(sha256, item, item.nbytes)
+        return item
+
+    def _preprocess_and_keep(self, sid: str, sha256: str, image) -> StudentImage:
+        """Preprocess an image and keep it in the RAM cache and the pixel cache."""
+        item = self._preprocess(sid, image)
+        self.cache.put(sha256, item, item.nbytes)
+        if self.pixels is not None:
+            self.pixels.put(sha256, item.tensors, item.pixel_cache_meta())
+        return item
 
     def _preprocess(self, sid: str, image) -> StudentImage:
         out = self.processor(text=self.image_token, images=[image], return_tensors="pt", add_special_tokens=False)
@@ -246,8 +283,7 @@ class StudentEncoder:
         if rows * cols != n:
             raise StoreFormatError(f"sample {sid!r}: the student's processor expands an image to {n} tokens "
                                    f"but its grid is {rows}x{cols}")
-        tensors = {k: v for k, v in out.items() if k not in _TOKEN_KEYS}
-        return StudentImage(n, (rows, cols), tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+        return StudentImage.of(n, (rows, cols), {k: v for k, v in out.items() if k not in _TOKEN_KEYS})
 
 
 def _stored_layout(teacher: SampleSignals) -> tuple[list[tuple[int, int]], list[tuple[list, list]]]:

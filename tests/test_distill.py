@@ -20,6 +20,7 @@ from test_dump import dump_config, make_dataset
 from transformers import AutoModelForImageTextToText
 
 from pipeline.config import load_config
+from pipeline.data import Record
 from pipeline.errors import PipelineError
 from pipeline.processors import load_processor
 from pipeline.tiny import TinySpec, save_tiny_parts, save_tiny_vlm
@@ -210,6 +211,25 @@ def test_resume_with_other_settings_is_refused(llava_store, tmp_path):
     run(distill_config(store, out, {"path": str(student_dir)}, **{"train.steps": 2}))
     with pytest.raises(PipelineError, match="holds a run with other settings"):
         run(distill_config(store, out, {"path": str(student_dir)}, **{"train.steps": 2, "loss.kd": 0.5}))
+
+
+def test_pixel_cache_dir_feeds_the_run_and_is_not_a_run_setting(llava_store, tmp_path, monkeypatch):
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    pixels = tmp_path / "pixels"
+    over = {"train.steps": 3, "data.image_cache_mb": 0, "data.pixel_cache_dir": str(pixels)}  # 3 steps: 1.5 epochs
+    run(distill_config(llava_store, tmp_path / "filling", {"path": str(student_dir)}, **over))
+    assert list(pixels.glob("*/*.pixels"))
+
+    def refuse(self):
+        raise AssertionError(f"sample {self.sample_id!r}: an image file was read")
+
+    monkeypatch.setattr(Record, "load", refuse)
+    run(distill_config(llava_store, tmp_path / "reading", {"path": str(student_dir)}, **over))
+    assert losses(tmp_path / "reading") == losses(tmp_path / "filling")
+    monkeypatch.undo()
+    # Resuming without the pixel cache (or with another one) is the same run.
+    run(distill_config(llava_store, tmp_path / "reading", {"path": str(student_dir)}, **{"train.steps": 4}))
+    assert [r["step"] for r in losses(tmp_path / "reading")] == [1, 2, 3, 4]
 
 
 def test_refuses_another_tokenizer(store, tmp_path, family):

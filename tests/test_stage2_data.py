@@ -35,6 +35,7 @@ from stage2_student.data import (
     packed,
     remap,
 )
+from stage2_student.pixel_cache import PixelCache
 from stage2_student.reencode import StudentEncoder
 
 # --------------------------------------------------------------------------------------------------
@@ -615,3 +616,128 @@ def test_packed_batch_is_one_buffer_with_the_same_values(store, student):
     assert len(tensors) > 10 and len({t.untyped_storage().data_ptr() for t in tensors}) == 1
     assert len({t.untyped_storage().data_ptr() for v in _fields(batch).values() if isinstance(v, torch.Tensor)
                 for t in [v]}) > 1
+
+
+# --------------------------------------------------------------------------------------------------
+# the on-disk pixel cache (stage2_student.pixel_cache) behind the student's encoding
+
+
+def _no_image_reads(monkeypatch) -> None:
+    """Make every image file read fail (in this process and in forked DataLoader workers)."""
+    def refuse(self):
+        raise AssertionError(f"sample {self.sample_id!r}: an image file was read")
+
+    monkeypatch.setattr(Record, "load", refuse)
+
+
+def _count_image_reads(monkeypatch) -> Counter:
+    """Image file reads of this process, by sample id."""
+    reads, real = Counter(), Record.load
+
+    def counting(self):
+        reads[self.sample_id] += 1
+        return real(self)
+
+    monkeypatch.setattr(Record, "load", counting)
+    return reads
+
+
+def _stored_cases(store, data_file):
+    records = {r.sample_id: r for r in read_records(data_file)}
+    reader = StoreReader(store)
+    return [(unpack(reader.get(sid)), records[sid]) for sid in reader.sample_ids()]
+
+
+@pytest.mark.parametrize("preset", ["student", "student-pooled"])
+def test_pixel_cache_serves_the_processors_exact_tensors(store, data_file, family, preset, tmp_path, monkeypatch):
+    _, proc = build_tiny_vlm(family, preset, seed=1)
+    cases = _stored_cases(store, data_file)
+    expected = [encode(rec, proc, 400) for _, rec in cases]  # the processor on every record, fresh
+    filling = StudentEncoder(proc, 400, image_cache_bytes=0, pixel_cache=PixelCache(tmp_path, proc))
+    for teacher, rec in cases:
+        filling(teacher, rec)
+    _no_image_reads(monkeypatch)
+    reading = StudentEncoder(proc, 400, image_cache_bytes=0, pixel_cache=PixelCache(tmp_path, proc))
+    assert reading.pixels.stats()[0] == len({h for t, _ in cases for h in t.image_hashes})
+    for (teacher, rec), slow in zip(cases, expected):
+        assert_same_encoding(reading(teacher, rec), slow)  # pixel_values (and grids) bit-identical, same dtype
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_dataset_with_a_pixel_cache_reads_no_image_file_the_second_time(store, student, tmp_path, monkeypatch, workers):
+    plain = list(_dataset(store, student[1]))
+    cached = dict(image_cache_mb=0, pixel_cache_dir=tmp_path)  # no RAM cache: every image from disk
+    first = list(DataLoader(_dataset(store, student[1], **cached), batch_size=None, num_workers=workers))
+    segments = sorted(p.name for p in tmp_path.glob("*/*.pixels"))
+    assert len(segments) == max(workers, 1)  # one segment per writing process
+    _no_image_reads(monkeypatch)
+    second = list(DataLoader(_dataset(store, student[1], **cached), batch_size=None, num_workers=workers))
+    assert_same_batches(first, plain)
+    assert_same_batches(second, plain)
+    assert sorted(p.name for p in tmp_path.glob("*/*.pixels")) == segments  # nothing written again
+
+
+def test_persistent_workers_see_each_others_pixel_cache_entries(store, student, tmp_path, monkeypatch):
+    """One loader over the repeating dataset: in epoch 2 a worker gets images another worker wrote in
+    epoch 1 (its index view is refreshed on a miss)."""
+    log = tmp_path / "reads.txt"  # shared by the worker processes (a Counter would be per process)
+    real = Record.load
+
+    def logged(self):
+        with open(log, "a") as f:
+            f.write(f"{self.sample_id}\n")
+        return real(self)
+
+    monkeypatch.setattr(Record, "load", logged)
+    ds = _dataset(store, student[1], image_cache_mb=0, pixel_cache_dir=tmp_path / "pixels", repeat=True)
+    stream = iter(DataLoader(ds, batch_size=None, num_workers=2))
+    batches = [next(stream) for _ in range(3 * ds.batches_this_rank)]  # three epochs
+    assert sorted({s for b in batches for s in b.sample_ids}) == sorted(StoreReader(store).sample_ids())
+    reads = Counter(log.read_text().split())
+    assert reads and set(reads.values()) == {1}, reads  # each sample's images read by one worker, once
+
+
+def test_students_with_other_geometry_do_not_share_pixel_cache_entries(store, data_file, student, pooled, tmp_path,
+                                                                     monkeypatch):
+    cases = _stored_cases(store, data_file)
+    for teacher, rec in cases:  # fill the cache for the student
+        StudentEncoder(student[1], 400, pixel_cache=PixelCache(tmp_path, student[1]))(teacher, rec)
+    other = PixelCache(tmp_path, pooled[1])
+    assert other.dir != PixelCache(tmp_path, student[1]).dir and other.stats()[0] == 0
+    loads = _count_image_reads(monkeypatch)
+    encoder = StudentEncoder(pooled[1], 400, pixel_cache=other)
+    for teacher, rec in cases:
+        assert_same_encoding(encoder(teacher, rec), encode(rec, pooled[1], 400))
+    assert set(loads) == {t.sample_id for t, _ in cases}  # the pooled student preprocessed its own
+
+
+def test_damaged_pixel_cache_is_rebuilt_with_a_warning_naming_the_file(store, student, tmp_path, monkeypatch, caplog):
+    plain = list(_dataset(store, student[1]))
+    cached = dict(image_cache_mb=0, pixel_cache_dir=tmp_path)
+    list(_dataset(store, student[1], **cached))
+    data, = tmp_path.glob("*/*.pixels")
+    lines = next(tmp_path.glob("*/*.index.jsonl")).read_text().splitlines()
+    keep = 3  # entries wholly inside the truncated file
+    cut = json.loads(lines[keep])["offset"] + 10
+    with open(data, "r+b") as f:
+        f.truncate(cut)
+    reads = _count_image_reads(monkeypatch)
+    with caplog.at_level("WARNING", logger="stage2.data"):
+        again = list(_dataset(store, student[1], **cached))
+    assert_same_batches(again, plain)
+    assert f"pixel cache {data}: has {cut} bytes, short of {len(lines) - keep} entry(ies)" in caplog.text
+    lost = {json.loads(line)["key"] for line in lines[keep:]}
+    teachers = [unpack(StoreReader(store).get(s)) for s in StoreReader(store).sample_ids()]
+    assert set(reads) == {t.sample_id for t in teachers if lost & set(t.image_hashes)}
+
+    # Flip one byte of an entry written by the rebuild: its crc32 fails when read.
+    rebuilt = next(p for p in tmp_path.glob("*/*.pixels") if p != data)
+    entry = json.loads(next(p for p in tmp_path.glob("*/*.index.jsonl") if p.stem.split(".")[0] == rebuilt.stem)
+                       .read_text().splitlines()[0])
+    raw = bytearray(rebuilt.read_bytes())
+    raw[entry["offset"] + 5] ^= 0xFF
+    rebuilt.write_bytes(bytes(raw))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="stage2.data"):
+        assert_same_batches(list(_dataset(store, student[1], **cached)), plain)
+    assert f"pixel cache {rebuilt}: entry for image {entry['key'][:12]}… fails its crc32" in caplog.text
