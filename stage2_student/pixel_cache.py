@@ -45,7 +45,8 @@ mixed in, and the directory is not ours to delete.
 Size: reported when opened (entries, bytes, segments, logged at INFO). With ``max_bytes``, the
 ``.pixels`` files of the directory are measured before each write and an entry that would take
 them past the bound is not written (logged once); nothing is evicted. Concurrent writers may each
-overshoot by one entry. In RAM every process holds a small record per entry (~200 bytes).
+overshoot by one entry. In RAM every process holds a small record per entry (266 bytes measured
+with 20,000 entries of one layout).
 
 Exactness: the bytes of the processor's output tensors in their own dtype and shape: what ``get``
 returns is bit-identical to what was ``put``.
