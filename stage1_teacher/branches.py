@@ -6,7 +6,20 @@ no ordinary token sees it. The model's output at that row is ``p(· | x≤t, c)`
 forward over ``x_0 … x_t, c`` gives at its last position. Two ways to run them:
 
 * :func:`forward_with_branches` — one forward over the sequence and its branch rows together
-  (Stage 2's student: the candidates are known before the forward; see ``[in-row note] In :func:`forward_with_branches` a sample's branch rows sit in its own row right
+  (Stage 2's student: the candidates are known before the forward; layout in [in-row note]).
+* :func:`forward_branches_from_cache` — continue from the KV cache of an ordinary forward over the
+  sequence, feeding only the branch rows (Stage 1's teacher: the candidates are chosen from that
+  forward's own output, and the branches then cost only their own tokens).
+
+Both build their token and position rows with :func:`_branch_rows`, so they cannot drift apart.
+
+Batches: a sample's inputs are right-padded to the batch's longest sequence (:func:`collate_model_inputs`)
+and its branch rows to the largest branch count, padded rows marked by ``branch_pos == -1``
+(:func:`pad_branches`). A padded branch row sees only itself, so it stays finite; its logits are
+meaningless. Branches only ever see ``x_0 … x_t`` with ``t`` inside the sample, so padding keys are
+never visible to them.
+
+[in-row note] In :func:`forward_with_branches` a sample's branch rows sit in its own row right
 after its ``len_b`` tokens (in its right padding first), not in R columns appended after the
 batch's longest sequence: the forward is ``max_b(len_b + R_b)`` tokens wide instead of ``T + R``
 (on ``bench/distill_step.py``'s batches 18.6% instead of 21.7% over the padded sequence; forward +
