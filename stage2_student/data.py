@@ -267,12 +267,9 @@ def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
 
     def text_positions(pos: np.ndarray, what: str) -> np.ndarray:
         pos = np.asarray(pos, dtype=np.int64)
-        try:
-            if len(pos) and pos.min() < 0:
-                raise IndexError
-            out = pos_map[pos]
-        except IndexError:
-            raise StoreFormatError(f"{where}: stored {what} position outside the sequence of {len(t_ids)} tokens") from None
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(t_ids)):
+            raise StoreFormatError(f"{where}: stored {what} position outside the sequence of {len(t_ids)} tokens")
+        out = pos_map[pos]
         if (out < 0).any():
             bad = int(pos[np.flatnonzero(out < 0)[0]])
             raise StoreFormatError(f"{where}: stored {what} position {bad} is a visual token, expected text")
