@@ -161,12 +161,15 @@ class StudentEncoder:
             assert_same_encoding(enc, self.with_processor(teacher, record))
         return enc
 
+    def _cannot_encode(self, e: SampleError) -> StudentDataError:
+        return StudentDataError(f"the student's processor cannot encode {e} (data {self.data_path})")
+
     def with_processor(self, teacher: SampleSignals, record: Record) -> EncodedSample:
         """The old path: chat template, tokenizer and processor on the record (``pipeline.data.encode``)."""
         try:
             enc = encode(record, self.processor, self.max_length)
         except SampleError as e:
-            raise StudentDataError(f"the student's processor cannot encode {e} (data {self.data_path})") from e
+            raise self._cannot_encode(e) from e
         check_image_hashes(teacher.sample_id, enc.image_hashes, teacher.image_hashes, self.data_path)
         return enc
 
@@ -199,8 +202,7 @@ class StudentEncoder:
             deltas.append(image.n_tokens - n)
         ids = np.concatenate(pieces + [t_ids[cursor:]]) if blocks else np.array(t_ids, dtype=np.int64)
         if len(ids) > self.max_length:
-            e = SampleError(sid, OVER_LENGTH, f"{len(ids)} tokens > max_length {self.max_length}")
-            raise StudentDataError(f"the student's processor cannot encode {e} (data {self.data_path})")
+            raise self._cannot_encode(SampleError(sid, OVER_LENGTH, f"{len(ids)} tokens > max_length {self.max_length}"))
 
         # Stored text positions (instruction, response) of every turn at once: shifted by the
         # change in length of the visual blocks before them.
@@ -250,7 +252,7 @@ class StudentEncoder:
         try:
             images, hashes = record.load()
         except SampleError as e:
-            raise StudentDataError(f"the student's processor cannot encode {e} (data {self.data_path})") from e
+            raise self._cannot_encode(e) from e
         check_image_hashes(sid, hashes, stored, self.data_path)
         out = [item if item is not None else self._preprocess_and_keep(sid, h, image)
                for item, h, image in zip(cached, hashes, images)]
