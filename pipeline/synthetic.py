@@ -15,7 +15,9 @@ its cell, in reading order: "top left red circle. bottom right blue square."). I
 for the teacher, not an evaluated type: it gives dense, image-dependent targets on every cell, so
 a model trained from scratch starts using the image much sooner (measured in the demo's notes).
 
-Splits use disjoint images. Everything is a pure function of the seed. Records are LLaVA format,
+Splits use disjoint boards: a validation or test board never appears (as the same arrangement of
+coloured shapes, hence the same picture) in an earlier split, so a model cannot score by recalling a
+training image. Everything is a pure function of the seed. Records are LLaVA format,
 with two extra keys per record: ``question_types`` and ``answers`` (one per turn) for evaluation.
 """
 
@@ -139,6 +141,20 @@ def make_board(rng: random.Random, grid: int, colours: tuple[str, ...] = tuple(C
     return [Item(r, c, colour, shape) for (r, c), (colour, shape) in zip(cells, kinds)]
 
 
+def board_key(items: list[Item]) -> tuple:
+    """The arrangement of a board, independent of the order its items were drawn in."""
+    return tuple(sorted((it.row, it.col, it.colour, it.shape) for it in items))
+
+
+def _fresh_board(rng: random.Random, grid: int, colours, shapes, taken: set, split: str, tries: int = 10_000) -> list[Item]:
+    for _ in range(tries):
+        items = make_board(rng, grid, colours, shapes)
+        if board_key(items) not in taken:
+            return items
+    raise ValueError(f"{split}: no board unseen in the earlier splits after {tries} draws; the board space of "
+                     f"grid {grid}, {len(colours)} colours x {len(shapes)} shapes is too small for these split sizes")
+
+
 def make_record(sample_id: str, image_rel: str, items: list[Item], grid: int, turns: int, rng: random.Random,
                 colours: tuple[str, ...] = tuple(COLOURS), shapes: tuple[str, ...] = SHAPES,
                 with_description: bool = False) -> dict:
@@ -186,15 +202,18 @@ def generate(
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     paths = {}
+    taken: set = set()  # boards of the earlier splits; later splits draw only unseen ones
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
-        records = []
+        records, drawn = [], set()
         for i in range(n):
             sid = f"{split}-{i:05d}"
-            items = make_board(rng, grid, colours, shapes)
+            items = _fresh_board(rng, grid, colours, shapes, taken, split)
+            drawn.add(board_key(items))
             rel = f"images/{sid}.png"
             draw_board(items, grid, cell_px).save(out / rel)
             described = split == "train" and describe_fraction > 0 and rng.random() < describe_fraction
             records.append(make_record(sid, rel, items, grid, turns, rng, colours, shapes, described))
+        taken |= drawn
         paths[split] = out / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))
     return paths

@@ -94,3 +94,24 @@ def test_bad_generator_settings_are_refused(tmp_path):
         generate(tmp_path, grid=3, n_colours=2, n_shapes=2)
     with pytest.raises(ValueError, match="describe_fraction"):
         generate(tmp_path, describe_fraction=1.5)
+
+
+def _boards(path, root):
+    """Board arrangements of a split, read back from the pictures (one key per distinct image)."""
+    import hashlib
+    return [hashlib.sha256((root / r["image"]).read_bytes()).hexdigest() for r in json.loads(path.read_text())]
+
+
+def test_validation_and_test_boards_never_appear_in_an_earlier_split(tmp_path):
+    # 2x2 board, 4 colours x 3 shapes: about 6k arrangements, so 600 random training boards would
+    # put dozens of test boards in the training set if the splits were drawn independently.
+    paths = generate(tmp_path, seed=0, n_train=600, n_val=50, n_test=200, grid=2, n_colours=4, n_shapes=3)
+    train, val, test = (set(_boards(paths[s], tmp_path)) for s in ("train", "val", "test"))
+    assert len(train) > 500 and len(test) > 150
+    assert not train & val and not train & test and not val & test
+
+
+def test_a_board_space_too_small_for_disjoint_splits_is_refused(tmp_path):
+    # 2 colours x 2 shapes on a 2x2 board: 168 arrangements, all used by 2000 training boards
+    with pytest.raises(ValueError, match="val: no board unseen in the earlier splits"):
+        generate(tmp_path, seed=0, n_train=2000, n_val=5, n_test=5, grid=2, n_colours=2, n_shapes=2)
