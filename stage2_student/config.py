@@ -104,8 +104,13 @@ class TrainConfig:
     """Save a resumable checkpoint every N steps (0: only at the end)."""
     log_every: int = 1
     """Write loss terms every N steps (JSONL and TensorBoard)."""
+    freeze: list[str] = field(default_factory=list)
+    """Parameters kept at their loaded values, by name prefix (a module path such as
+    `model.vision_tower`, as in LLaVA's fine-tuning, which leaves the vision encoder as it is).
+    A prefix that names no parameter is an error."""
 
     def __post_init__(self):
+        check(all(isinstance(p, str) and p for p in self.freeze), "freeze", "must be a list of parameter-name prefixes")
         for key in ("steps", "batch_size", "grad_accum", "log_every"):
             check(getattr(self, key) >= 1, key, f"must be >= 1, got {getattr(self, key)}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")

@@ -33,7 +33,7 @@ from stage2_student.checkpoint import latest_checkpoint, load_checkpoint, save_c
 from stage2_student.compat import check_compatible
 from stage2_student.config import DistillConfig
 from stage2_student.data import StoreDataset, StudentBatch
-from stage2_student.student import load_student, map_layer, save_student, text_layers
+from stage2_student.student import freeze, load_student, map_layer, save_student, text_layers
 
 log = logging.getLogger("stage2.distill")
 
@@ -185,7 +185,11 @@ def run(cfg: DistillConfig) -> dict:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+    if cfg.train.freeze:
+        n = freeze(model, cfg.train.freeze)
+        log.info("frozen: %s (%d parameters)", ", ".join(cfg.train.freeze), n)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
 
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -241,7 +245,7 @@ def run(cfg: DistillConfig) -> dict:
                     loss, terms = compute_losses(model, batch, cfg, attn_layer)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
-                        accelerator.clip_grad_norm_(model.parameters(), cfg.train.max_grad_norm)
+                        accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         scheduler.step()

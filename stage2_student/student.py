@@ -91,6 +91,26 @@ def compose_student(language_model: str, vision_model: str, chat_template: str, 
     return model, processor
 
 
+def freeze(model, prefixes: list[str]) -> int:
+    """Stop gradients to every parameter under one of ``prefixes`` (module paths); the count frozen.
+
+    Raises PipelineError naming a prefix under which there is no parameter, with the top-level
+    modules that exist, so that a misspelt path does not silently train everything.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    frozen = 0
+    for prefix in prefixes:
+        hits = [n for n in names if n == prefix or n.startswith(prefix.rstrip(".") + ".")]
+        if not hits:
+            tops = sorted({".".join(n.split(".")[:2]) for n in names})
+            raise PipelineError(f"train.freeze: no parameter under {prefix!r}; modules here: {', '.join(tops)}")
+        for n in hits:
+            param = model.get_parameter(n)
+            frozen += param.numel() if param.requires_grad else 0
+            param.requires_grad_(False)
+    return frozen
+
+
 def text_layers(model) -> int:
     return int(model.config.get_text_config().num_hidden_layers)
 

@@ -286,3 +286,24 @@ def test_sft_only_recipe_has_only_the_sft_term(llava_store, tmp_path):
     run(distill_config(store, out, {"path": str(student_dir)}, **{"train.steps": 2, "loss.kd": 0.0, "loss.iva": 0.0, "loss.tpa": 0.0}))
     assert set(losses(out)[0]) == {"step", "lr", "sft", "total"}
     torch.testing.assert_close(torch.tensor(losses(out)[0]["sft"]), torch.tensor(losses(out)[0]["total"]))
+
+
+def test_frozen_vision_tower_keeps_its_weights_while_the_rest_trains(llava_store, tmp_path):
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    before = AutoModelForImageTextToText.from_pretrained(student_dir).state_dict()
+    out = tmp_path / "run"
+    run(distill_config(llava_store, out, {"path": str(student_dir)}, **{"train.steps": 3, "train.freeze": ["model.vision_tower"]}))
+    after = AutoModelForImageTextToText.from_pretrained(out / "final").state_dict()
+    vision = [k for k in before if k.startswith("model.vision_tower.")]
+    others = [k for k in before if not k.startswith("model.vision_tower.")]
+    assert vision and others
+    assert all(torch.equal(before[k], after[k]) for k in vision)
+    changed = [k for k in others if not torch.equal(before[k], after[k])]
+    assert any(".projector" in k or "multi_modal_projector" in k for k in changed)
+    assert any("language_model" in k for k in changed)
+
+
+def test_a_freeze_prefix_that_names_nothing_is_refused(llava_store, tmp_path):
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    with pytest.raises(PipelineError, match=r"train.freeze: no parameter under 'model.vision_towr'.*model.vision_tower"):
+        run(distill_config(llava_store, tmp_path / "run", {"path": str(student_dir)}, **{"train.freeze": ["model.vision_towr"]}))
