@@ -10,6 +10,11 @@ per image) ask about one named cell or about the whole board:
 * ``relative``    "Is the red circle left of the blue star?"              -> "yes" / "no"   (yes/no)
 * ``choice``      "What colour is the shape at the right? A. red B. ..."  -> "B"            (multiple choice)
 
+A ``choice`` question lists the answer and up to three other colours, shuffled, or with
+``shuffle_options=False`` in palette order (so with four colours, the whole palette in one fixed
+order, like a printed answer sheet: the letter then names the colour, and a model needs no
+copying from the option list).
+
 Training records may also open with a ``describe`` turn ("Describe the board." -> every shape with
 its cell, in reading order: "top left red circle. bottom right blue square."). It is a curriculum
 for the teacher, not an evaluated type: it gives dense, image-dependent targets on every cell, so
@@ -99,7 +104,8 @@ def describe(items: list[Item], grid: int) -> str:
 
 
 def _question(kind: str, items: list[Item], grid: int, rng: random.Random,
-              colours: tuple[str, ...] = tuple(COLOURS), shapes: tuple[str, ...] = SHAPES) -> tuple[str, str]:
+              colours: tuple[str, ...] = tuple(COLOURS), shapes: tuple[str, ...] = SHAPES,
+              shuffle_options: bool = True) -> tuple[str, str]:
     names = cell_names(grid)
     if kind in ("colour_at", "shape_at", "choice"):
         it = rng.choice(items)
@@ -109,7 +115,10 @@ def _question(kind: str, items: list[Item], grid: int, rng: random.Random,
         if kind == "shape_at":
             return f"What shape is at the {where}?", it.shape
         options = rng.sample([c for c in colours if c != it.colour], min(3, len(colours) - 1)) + [it.colour]
-        rng.shuffle(options)
+        if shuffle_options:
+            rng.shuffle(options)
+        else:
+            options.sort(key=colours.index)
         letters = "ABCD"[: len(options)]
         listed = " ".join(f"{letters[i]}. {c}" for i, c in enumerate(options))
         return f"What colour is the shape at the {where}? {listed}", letters[options.index(it.colour)]
@@ -157,14 +166,14 @@ def _fresh_board(rng: random.Random, grid: int, colours, shapes, taken: set, spl
 
 def make_record(sample_id: str, image_rel: str, items: list[Item], grid: int, turns: int, rng: random.Random,
                 colours: tuple[str, ...] = tuple(COLOURS), shapes: tuple[str, ...] = SHAPES,
-                with_description: bool = False) -> dict:
+                with_description: bool = False, shuffle_options: bool = True) -> dict:
     kinds = (["describe"] if with_description else []) + [rng.choice(QUESTION_TYPES) for _ in range(turns)]
     conversations, answers = [], []
     for j, kind in enumerate(kinds):
         if kind == "describe":
             q, a = "Describe the board.", describe(items, grid)
         else:
-            q, a = _question(kind, items, grid, rng, colours, shapes)
+            q, a = _question(kind, items, grid, rng, colours, shapes, shuffle_options)
         conversations.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q})
         conversations.append({"from": "gpt", "value": a})
         answers.append(a)
@@ -183,6 +192,7 @@ def generate(
     n_colours: int = len(COLOURS),
     n_shapes: int = len(SHAPES),
     describe_fraction: float = 0.0,
+    shuffle_options: bool = True,
 ) -> dict[str, Path]:
     """Write images and ``train.json``/``val.json``/``test.json`` under ``out_dir``; return the JSON paths.
 
@@ -212,7 +222,7 @@ def generate(
             rel = f"images/{sid}.png"
             draw_board(items, grid, cell_px).save(out / rel)
             described = split == "train" and describe_fraction > 0 and rng.random() < describe_fraction
-            records.append(make_record(sid, rel, items, grid, turns, rng, colours, shapes, described))
+            records.append(make_record(sid, rel, items, grid, turns, rng, colours, shapes, described, shuffle_options))
         taken |= drawn
         paths[split] = out / f"{split}.json"
         paths[split].write_text(json.dumps(records, indent=1))

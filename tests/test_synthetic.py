@@ -115,3 +115,22 @@ def test_a_board_space_too_small_for_disjoint_splits_is_refused(tmp_path):
     # 2 colours x 2 shapes on a 2x2 board: 168 arrangements, all used by 2000 training boards
     with pytest.raises(ValueError, match="val: no board unseen in the earlier splits"):
         generate(tmp_path, seed=0, n_train=2000, n_val=5, n_test=5, grid=2, n_colours=2, n_shapes=2)
+
+
+@pytest.mark.parametrize("n_colours", [4, 6])
+def test_unshuffled_options_follow_the_palette_and_the_letter_names_the_colour(n_colours):
+    rng = random.Random(2)
+    palette = tuple(COLOURS)[:n_colours]
+    seen_orders = set()
+    for _ in range(100):
+        items = make_board(rng, 2, palette, ("circle", "square", "triangle"))
+        q, letter = _question("choice", items, 2, rng, palette, ("circle", "square", "triangle"), shuffle_options=False)
+        where = q.split("at the ")[1].split("?")[0]
+        listed = q.split("? ")[1].split(" ")
+        options = dict(zip([w.rstrip(".") for w in listed[0::2]], listed[1::2]))
+        assert list(options) == list("ABCD")
+        assert [palette.index(c) for c in options.values()] == sorted(palette.index(c) for c in options.values())
+        item = next(it for it in items if cell_names(2)[it.row][it.col] == where)
+        assert options[letter] == item.colour
+        seen_orders.add(tuple(options.values()))
+    assert (len(seen_orders) == 1) == (n_colours == 4)  # four colours: the whole palette, always one order
