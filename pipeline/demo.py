@@ -1,6 +1,6 @@
 """``pipeline demo``: the whole product on the embedded default, in one output folder.
 
-1. ``data/``            the synthetic shapes VQA set (train/val/test on disjoint images)
+1. ``data/``            the synthetic shapes VQA set (train/val/test on disjoint boards)
 2. ``runs/teacher``     a tiny teacher trained with distill's SFT-only recipe. Distill reads its data
                         order from a store; the teacher's own store is the one it makes later, so the
                         untrained teacher first writes a minimal ``stores/bootstrap`` (index only:
@@ -56,6 +56,8 @@ class Profile:
     n_colours: int = 4
     n_shapes: int = 3
     describe_fraction: float = 0.5  # training records that open with a "describe the board" turn
+    shuffle_options: bool = False  # choice questions list the palette in one fixed order
+    freeze: tuple[str, ...] = ("model.vision_tower",)  # every model keeps its random vision encoder as initialised
     dump_batch: int = 16
     workers: int = 0
     methods: tuple[str, ...] = tuple(METHODS)
@@ -63,7 +65,7 @@ class Profile:
 
 
 # A 2x2 board of 16-px cells is a 32-px image; patch 8 gives the teacher a 4x4 visual grid (2x2 tokens per cell).
-_TEACHER = TinySpec(hidden=128, layers=4, heads=4, kv_heads=2, intermediate=256, vision_hidden=64, vision_layers=2,
+_TEACHER = TinySpec(hidden=64, layers=4, heads=4, kv_heads=2, intermediate=128, vision_hidden=64, vision_layers=2,
                     vision_heads=2, image_size=32, patch=8)
 _STUDENTS = {
     # the teacher's 4x4 visual grid
@@ -73,8 +75,8 @@ _STUDENTS = {
     "tiny-pooled": TinySpec(hidden=48, layers=2, heads=4, kv_heads=2, intermediate=96, vision_hidden=32, vision_layers=1,
                             vision_heads=2, image_size=32, patch=16),
 }
-FULL = Profile(n_train=2000, n_val=50, n_test=200, teacher=_TEACHER, students=_STUDENTS, teacher_steps=1000,
-               student_steps=250)
+FULL = Profile(n_train=4000, n_val=50, n_test=200, teacher=_TEACHER, students=_STUDENTS, teacher_steps=2500,
+               student_steps=250, turns=5)
 QUICK = replace(FULL, n_train=24, n_val=4, n_test=6, teacher_steps=3, student_steps=2, batch_size=4, turns=2)
 
 
@@ -109,7 +111,7 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
     log.info("[1/6] synthetic shapes VQA data: %d train / %d val / %d test images", profile.n_train, profile.n_val, profile.n_test)
     data = generate(out / "data", seed=0, n_train=profile.n_train, n_val=profile.n_val, n_test=profile.n_test,
                     turns=profile.turns, grid=profile.grid, n_colours=profile.n_colours, n_shapes=profile.n_shapes,
-                    describe_fraction=profile.describe_fraction)
+                    describe_fraction=profile.describe_fraction, shuffle_options=profile.shuffle_options)
     max_length = 512
 
     log.info("[2/6] teacher: SFT-only distill run on a bootstrap store")
@@ -124,7 +126,7 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
         "student": {"path": str(teacher_init)}, "store": {"dir": str(out / "stores" / "bootstrap")},
         "output": {"dir": str(out / "runs" / "teacher")}, "seed": 0,
         "train": {"steps": profile.teacher_steps, "batch_size": profile.batch_size, "lr": profile.teacher_lr,
-                  "warmup_steps": min(30, profile.teacher_steps // 10)},
+                  "warmup_steps": min(30, profile.teacher_steps // 10), "freeze": list(profile.freeze)},
         "loss": {"sft": 1.0}, "data": {"max_length": max_length, "num_workers": 1},
     }, distill)
     teacher = out / "runs" / "teacher" / "final"
@@ -155,7 +157,8 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
                     "student": {"path": str(init)}, "store": {"dir": str(out / "stores" / "train")},
                     "output": {"dir": str(out / "runs" / name)}, "seed": seed,
                     "train": {"steps": profile.student_steps, "batch_size": profile.batch_size,
-                              "lr": profile.student_lr, "warmup_steps": min(20, profile.student_steps // 10)},
+                              "lr": profile.student_lr, "warmup_steps": min(20, profile.student_steps // 10),
+                              "freeze": list(profile.freeze)},
                     "loss": METHODS[method], "data": {"max_length": max_length, "num_workers": 1},
                 }, distill)
                 report = _step(out, f"eval-{name}", EvalConfig, {
