@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 
@@ -98,7 +99,6 @@ def test_bad_generator_settings_are_refused(tmp_path):
 
 def _boards(path, root):
     """Board arrangements of a split, read back from the pictures (one key per distinct image)."""
-    import hashlib
     return [hashlib.sha256((root / r["image"]).read_bytes()).hexdigest() for r in json.loads(path.read_text())]
 
 
