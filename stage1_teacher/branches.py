@@ -49,6 +49,8 @@ are given the model never calls ``get_rope_index`` itself and its cached ``rope_
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 # Position-id layouts by model type (``config.model_type``); another family must be added explicitly.
@@ -248,7 +250,8 @@ def _as_batch(branch_pos, branch_tok) -> tuple[torch.Tensor, torch.Tensor, bool]
 
 
 def forward_with_branches(
-    model, model_inputs: dict, branch_pos: torch.Tensor, branch_tok: torch.Tensor
+    model, model_inputs: dict, branch_pos: torch.Tensor, branch_tok: torch.Tensor,
+    seq_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over the sequence and its branch rows (sequence logits are unchanged by the branches).
 
@@ -257,6 +260,9 @@ def forward_with_branches(
     when B = 1. Returns ``seq_logits`` [B, T, V] and ``branch_logits`` [B, R, V] ([T, V] and [R, V]
     for 1-D branch inputs): ``branch_logits[b, r]`` are the logits of ``p(· | x≤t, c)`` with
     ``t = branch_pos[b, r]``, ``c = branch_tok[b, r]``. Gradients flow (no ``no_grad`` here).
+    With ``seq_rows`` = (batch, pos) index tensors [N], the head runs only on those sequence
+    positions and the branch rows (:func:`logits_at`), and ``seq_logits`` is [N, V], row i for
+    ``(batch[i], pos[i])``.
 
     Layout ([in-row note]): sample b's branch rows take the places right after its own
     ``len_b`` tokens, i.e. its right padding first, so the forward is ``max_b(len_b + R_b)`` wide
@@ -293,15 +299,55 @@ def forward_with_branches(
     allowed = (q[None, None, :] <= last_key[:, :, None]) | torch.eye(width, dtype=torch.bool, device=device)[None]
 
     extra = {k: v for k, v in model_inputs.items() if k not in _REPLACED_KEYS}
-    out = model(
-        input_ids=input_ids,
-        attention_mask=_kernel_mask(model, allowed[:, None]),  # [B, 1, W, W]
-        position_ids=position_ids,
-        use_cache=False,
-        **extra,
-    )
-    seq_logits, branch_logits = out.logits[:, :length], out.logits[sample, slot]
-    return (seq_logits[0], branch_logits[0]) if single else (seq_logits, branch_logits)
+    rows = contextlib.nullcontext()
+    if seq_rows is not None:
+        rows = logits_at(model, torch.cat([seq_rows[0].to(device), sample.reshape(-1)]),
+                         torch.cat([seq_rows[1].to(device), slot.reshape(-1)]))
+    with rows:
+        out = model(
+            input_ids=input_ids,
+            attention_mask=_kernel_mask(model, allowed[:, None]),  # [B, 1, W, W]
+            position_ids=position_ids,
+            use_cache=False,
+            **extra,
+        )
+    if seq_rows is None:
+        seq_logits, branch_logits = out.logits[:, :length], out.logits[sample, slot]
+        return (seq_logits[0], branch_logits[0]) if single else (seq_logits, branch_logits)
+    n = len(seq_rows[0])
+    seq_logits, branch_logits = out.logits[0, :n], out.logits[0, n:].view(*slot.shape, -1)
+    return (seq_logits, branch_logits[0]) if single else (seq_logits, branch_logits)
+
+
+@contextlib.contextmanager
+def logits_at(model: torch.nn.Module, batch: torch.Tensor, pos: torch.Tensor):
+    """For one forward inside the block, the output head sees only the final hidden states at
+    ``(batch[i], pos[i])``: the model's logits come out as ``[1, N, V]``, row i for pair i.
+
+    A forward pre-hook on the output embedding, so the call still goes through the model's own
+    (possibly DDP-wrapped) forward. Losses that read few positions save the head's matmul and the
+    ``[B, T, V]`` logits (1.2 GB in fp32 for 2048 positions of a 152k vocabulary, per sample, and as
+    much again for its gradient). Refuses (RuntimeError) a forward in which the head did not run
+    exactly once, where the rows could not be trusted to be the final hidden states'.
+    """
+    inner = getattr(model, "module", model)  # DDP and similar wrappers
+    head = inner.get_output_embeddings()
+    if head is None:
+        raise RuntimeError(f"{type(inner).__name__} has no output embedding to pick logit rows for")
+    calls = []
+
+    def pick(module, args):
+        (hidden,) = args
+        calls.append(hidden.shape)
+        return (hidden[batch, pos].unsqueeze(0),)
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if len(calls) != 1:
+        raise RuntimeError(f"expected one call of the output head of {type(inner).__name__} in the block, saw {len(calls)}")
 
 
 def forward_branches_from_cache(

@@ -23,16 +23,18 @@ from torch.utils.data import DataLoader
 
 from pipeline import __version__
 from pipeline.config import save_config, to_dict
+from pipeline.data.encode import IGNORE_INDEX
 from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from schemas.store import fingerprint, read_manifest
-from stage1_teacher.branches import forward_with_branches
+from stage1_teacher.branches import forward_with_branches, logits_at
 from stage1_teacher.probe import capture
 from stage2_student import losses as L
 from stage2_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from stage2_student.compat import check_compatible
 from stage2_student.config import DistillConfig
 from stage2_student.data import StoreDataset, StudentBatch
+from stage2_student.forward import SequenceLogits, causal_inputs, row_index
 from stage2_student.student import freeze, load_student, map_layer, save_student, text_layers
 
 log = logging.getLogger("stage2.distill")
@@ -113,8 +115,29 @@ def attention_term(blocks: list[torch.Tensor], saliency, like: torch.Tensor) -> 
     return L.attention_kl(padded(student_maps), padded(teacher_maps), mask)
 
 
+def sft_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sample, position) of the logits that predict a labelled token (the label at position + 1)."""
+    return (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+
+
+def loss_pairs(batch: StudentBatch, cfg: DistillConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The (sample, position) pairs whose logits the active sequence terms read: SFT the positions
+    whose next token is labelled, KD and IVA their rows of the store."""
+    lc, pairs = cfg.loss, []
+    if lc.sft > 0:
+        pairs.append(sft_pairs(batch.labels))
+    if lc.kd > 0:
+        pairs.append((batch.kd.batch, batch.kd.pos))
+    if lc.iva > 0:
+        pairs.append((batch.iva.batch, batch.iva.pos))
+    return pairs
+
+
 def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: int | None) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch: one student forward (sequence + TPA branch rows), every active loss term."""
+    """One micro-batch: one student forward (sequence + TPA branch rows), every active loss term.
+
+    The head runs only at the pairs the terms read (and the TPA branch rows); a forward without
+    branch rows runs under the causal mask alone (``stage2_student.forward``)."""
     lc = cfg.loss
     inputs = batch.model_inputs
     tpa = batch.tpa if lc.tpa > 0 else None
@@ -124,37 +147,43 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
         if lc.iva_attention > 0
         else contextlib.nullcontext()
     )
+    ids = inputs["input_ids"]
+    b, t, index = row_index(loss_pairs(batch, cfg), tuple(ids.shape), ids.device)
+    branch_logits = None
     with probe as p:
         if tpa is not None and tpa.branch_pos.numel():
-            seq_logits, branch_logits = forward_with_branches(model, inputs, tpa.branch_pos, tpa.branch_tok)
+            head_rows, branch_logits = forward_with_branches(model, inputs, tpa.branch_pos, tpa.branch_tok, seq_rows=(b, t))
         else:
-            seq_logits, branch_logits = model(**inputs).logits, None
+            with logits_at(model, b, t):
+                head_rows = model(**causal_inputs(inputs)).logits[0]
         if p is not None:
-            attn = [p.block(b) for b in range(inputs["input_ids"].shape[0])]
+            attn = [p.block(i) for i in range(ids.shape[0])]
+    logits = SequenceLogits(head_rows, index)
 
     terms: dict[str, torch.Tensor | None] = {"sft": None, "kd": None, "iva": None, "tpa": None, "iva_attention": None}
     if lc.sft > 0:
-        terms["sft"] = L.sft_loss(seq_logits[:, :-1], batch.labels[:, 1:])
+        b, t = sft_pairs(batch.labels)
+        terms["sft"] = L.sft_loss(logits.at(b, t), batch.labels[b, t + 1])
     kw = dict(divergence=lc.divergence, beta=lc.beta, alpha=lc.alpha)
     if lc.kd > 0:
         kd = batch.kd
-        rows = seq_logits[kd.batch, kd.pos]
+        rows = logits.at(kd.batch, kd.pos)
         if lc.target == "sampled":
             terms["kd"] = L.sampled_kd_loss(rows, kd.sampled_ids, kd.sampled_counts)
         else:
             terms["kd"] = L.kd_loss(rows, kd.ids, kd.logprobs, **kw)
     if lc.iva > 0:
         iva = batch.iva
-        rows = seq_logits[iva.batch, iva.pos]
+        rows = logits.at(iva.batch, iva.pos)
         terms["iva"] = L.iva_loss(rows, iva.ids, iva.logprobs, iva.weights, group=iva.batch, **kw)
     if tpa is not None:
         if branch_logits is None:
-            terms["tpa"] = seq_logits.sum() * 0.0  # no branch rows in this batch
+            terms["tpa"] = head_rows.sum() * 0.0  # no branch rows in this batch
         else:
             rows = branch_logits[tpa.batch, tpa.row]
             terms["tpa"] = L.tpa_loss(rows, tpa.ids, tpa.logprobs, tpa.candidate_logprob, tpa.group, **kw)
     if attn is not None:
-        terms["iva_attention"] = attention_term(attn, batch.saliency, seq_logits)
+        terms["iva_attention"] = attention_term(attn, batch.saliency, head_rows)
     weights = {"sft": lc.sft, "kd": lc.kd, "iva": lc.iva, "tpa": lc.tpa, "iva_attention": lc.iva_attention}
     return L.total_loss(terms, weights)
 
