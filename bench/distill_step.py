@@ -6,7 +6,14 @@ One training step = forward + backward + gradient clipping + AdamW step, on the 
 * (a) Align-TI   ``stage2_student.distill.compute_losses`` with sft = kd = iva = tpa = 1: one student
                  forward over the sequence and its TPA branch rows (``forward_with_branches``), then the
                  sparse KD / IVA / TPA losses against the store. No teacher in memory.
-* (b) SFT        ``compute_losses`` with kd = iva = tpa = 0: a plain forward and the cross-entropy.
+* (b) SFT        ``compute_losses`` with kd = iva = tpa = 0: one forward whose head runs only at the
+                 labelled positions, under the causal mask alone (``stage2_student.forward``).
+* (p) plain SFT  the same loss from the forward a trainer would write: full ``[B, T, V]`` logits under
+                 the padding mask, cross-entropy over the labelled positions. (b)/(p) is what
+                 ``stage2_student.forward`` saves.
+* (g) grouped    (b) on the same samples batched with ``data.length_group`` = all batches of the pass:
+                 each batch holds samples of similar length and pads less. Batches differ from
+                 (b)'s, so only the per-pass ratio (g)/(b) is meaningful.
 * (c) online KD  the teacher in memory: a teacher forward under ``no_grad`` on the same batch producing
                  full logits, the student forward, then SFT + a dense forward KL(p_T || p_S) over the
                  full vocabulary at the response positions (what the store replaces).
@@ -153,6 +160,9 @@ def main() -> None:
         student, processor = build_tiny_vlm("llava", STUDENT_SPEC, seed=1)
         dataset = StoreDataset(store, processor, batch_size=args.batch_size, seed=0, with_saliency=False)
         batches = [b.to(device) for b in DataLoader(dataset, batch_size=None, num_workers=0)]
+        grouped = StoreDataset(store, processor, batch_size=args.batch_size, seed=0, with_saliency=False,
+                               length_group=len(batches))
+        grouped_batches = [b.to(device) for b in DataLoader(grouped, batch_size=None, num_workers=0)]
         teacher = AutoModelForImageTextToText.from_pretrained(teacher_dir, dtype=amp_dtype).to(device).eval()
         n_params = lambda m: sum(p.numel() for p in m.model.language_model.parameters())  # noqa: E731
         t_params, s_params = n_params(teacher), n_params(student)
@@ -172,7 +182,7 @@ def main() -> None:
         )
 
         # One student copy and one optimiser per mode, the same initial weights.
-        students = {m: copy.deepcopy(student).to(device).train() for m in ("a", "b", "c")}
+        students = {m: copy.deepcopy(student).to(device).train() for m in ("a", "b", "p", "g", "c")}
         optims = {m: torch.optim.AdamW(s.parameters(), lr=args.lr) for m, s in students.items()}
         cfg_a = _Cfg(LossConfig(sft=1.0, kd=1.0, iva=1.0, tpa=1.0))
         cfg_b = _Cfg(LossConfig(sft=1.0))
@@ -185,14 +195,22 @@ def main() -> None:
             optims[mode].step()
             optims[mode].zero_grad()
 
-        def offline(mode: str, cfg):
+        def offline(mode: str, cfg, source=batches):
             def step(i: int) -> None:
                 with autocast():
-                    loss, terms = compute_losses(students[mode], batches[i], cfg, None)
+                    loss, terms = compute_losses(students[mode], source[i], cfg, None)
                 finish(mode, loss)
                 last_terms[mode] = terms
 
             return step
+
+        def plain(i: int) -> None:
+            batch = batches[i]
+            with autocast():
+                logits = students["p"](**batch.model_inputs).logits
+                loss = L.sft_loss(logits[:, :-1], batch.labels[:, 1:])
+            finish("p", loss)
+            last_terms["p"] = {"sft": float(loss.detach()), "total": float(loss.detach())}
 
         def online(i: int) -> None:
             batch = batches[i]
@@ -209,7 +227,7 @@ def main() -> None:
 
         # Process CPU time of every call as well: unlike wall time it barely moves when other work
         # takes the cores (at 1 thread; with more, idle OpenMP threads spin and count too).
-        cpu_calls: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        cpu_calls: dict[str, list[float]] = {"a": [], "b": [], "p": [], "g": [], "c": []}
 
         def cpu_timed(mode: str, fn):
             def run(i: int) -> None:
@@ -219,7 +237,8 @@ def main() -> None:
 
             return run
 
-        modes = {m: cpu_timed(m, fn) for m, fn in (("a", offline("a", cfg_a)), ("b", offline("b", cfg_b)), ("c", online))}
+        modes = {m: cpu_timed(m, fn) for m, fn in (("a", offline("a", cfg_a)), ("b", offline("b", cfg_b)), ("p", plain),
+                                                    ("g", offline("g", cfg_b, grouped_batches)), ("c", online))}
         print(f"timing {args.reps} rounds of {list(modes)}, alternating step by step over {len(batches)} batches", flush=True)
         load_before = load_average()
         unit_times = interleaved(modes, args.reps, args.device, units=len(batches))
@@ -230,19 +249,25 @@ def main() -> None:
     times = {m: round_sums(t) for m, t in unit_times.items()}
     step_ms = {m: quartiles([1000 * x for row in t for x in row]) for m, t in unit_times.items()}
     ratio_ab, ratio_ac = unit_ratio(unit_times["a"], unit_times["b"]), unit_ratio(unit_times["a"], unit_times["c"])
-    ratio_cb = unit_ratio(unit_times["c"], unit_times["b"])
+    ratio_cb, ratio_pb = unit_ratio(unit_times["c"], unit_times["b"]), unit_ratio(unit_times["p"], unit_times["b"])
     pass_ab, pass_ac = per_rep_ratio(times["a"], times["b"]), per_rep_ratio(times["a"], times["c"])
-    pass_cb = per_rep_ratio(times["c"], times["b"])
+    pass_cb, pass_pb = per_rep_ratio(times["c"], times["b"]), per_rep_ratio(times["p"], times["b"])
+    ratio_bp, ratio_ap = unit_ratio(unit_times["b"], unit_times["p"]), unit_ratio(unit_times["a"], unit_times["p"])
+    pass_gb = per_rep_ratio(times["g"], times["b"])
+    grouped_tokens = sum(int(b.model_inputs["input_ids"].numel()) for b in grouped_batches)
     cpu_ms = {m: quartiles([1000 * x for row in t for x in row]) for m, t in unit_cpu.items()}
     cpu_ab, cpu_ac = unit_ratio(unit_cpu["a"], unit_cpu["b"]), unit_ratio(unit_cpu["a"], unit_cpu["c"])
 
     labels = {
         "a": "(a) offline Align-TI (kd=iva=tpa=1)",
         "b": "(b) SFT only",
+        "p": "(p) SFT, plain forward (full logits, padding mask)",
+        "g": "(g) SFT, length-grouped batches",
         "c": "(c) online KD (teacher fwd + dense KL)",
     }
-    over_b = {"a": fmt_quartiles(ratio_ab), "b": "1", "c": fmt_quartiles(ratio_cb)}
-    over_b_pass = {"a": fmt_spread(pass_ab), "b": "1", "c": fmt_spread(pass_cb)}
+    over_b = {"a": fmt_quartiles(ratio_ab), "b": "1", "p": fmt_quartiles(ratio_pb), "g": "(other batches)",
+              "c": fmt_quartiles(ratio_cb)}
+    over_b_pass = {"a": fmt_spread(pass_ab), "b": "1", "p": fmt_spread(pass_pb), "g": fmt_spread(pass_gb), "c": fmt_spread(pass_cb)}
     print()
     print(
         f"student {s_params / 1e6:.1f}M text params, teacher {t_params / 1e6:.1f}M ({t_params / s_params:.1f}x); "
@@ -268,6 +293,10 @@ def main() -> None:
     verdict = "meets" if ratio_ab["median"] <= TARGET_A_OVER_B else "MISSES"
     print(f"(a)/(b): {fmt_quartiles(ratio_ab)} per step, {fmt_spread(pass_ab)} per pass: {verdict} the <= {TARGET_A_OVER_B} target")
     print(f"(a)/(c): {fmt_quartiles(ratio_ac)} per step, {fmt_spread(pass_ac)} per pass")
+    print(f"(b)/(p): {fmt_quartiles(ratio_bp)} per step: the SFT step with logits at the read rows and no padding "
+          "mask, against the plain forward")
+    print(f"(a)/(p): {fmt_quartiles(ratio_ap)} per step: Align-TI against the plain SFT forward")
+    print(f"(g)/(b): {fmt_spread(pass_gb)} per pass, for {grouped_tokens / padded_tokens:.1%} of (b)'s padded tokens")
     print(
         f"process CPU time per step, ms: (a) {fmt_quartiles(cpu_ms['a'], 0)}, (b) {fmt_quartiles(cpu_ms['b'], 0)}, "
         f"(c) {fmt_quartiles(cpu_ms['c'], 0)}; CPU-time ratios per step (a)/(b) {fmt_quartiles(cpu_ab)}, "
@@ -309,6 +338,10 @@ def main() -> None:
             "step_ratio_a_over_b": ratio_ab,
             "step_ratio_a_over_c": ratio_ac,
             "step_ratio_c_over_b": ratio_cb,
+            "step_ratio_b_over_plain": ratio_bp,
+            "step_ratio_a_over_plain": ratio_ap,
+            "pass_ratio_grouped_over_b": pass_gb,
+            "grouped_padded_tokens": grouped_tokens,
             "pass_ratio_a_over_b": pass_ab,
             "pass_ratio_a_over_c": pass_ac,
             "pass_ratio_c_over_b": pass_cb,

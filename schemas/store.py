@@ -1020,6 +1020,17 @@ class StoreReader:
         """All sample ids, shard by shard in manifest order, index order within a shard."""
         return [sid for n in self._entries for sid in self._shard(n).sample_ids]
 
+    def index_column(self, name: str) -> dict[str, np.ndarray]:
+        """Shard name -> one per-sample metadata column of its index (e.g. ``length``), in index order."""
+        out = {}
+        for n in self._entries:
+            meta = self._shard(n).meta
+            if name not in meta.column_names:
+                raise StoreFormatError(f"{self.store_dir}: shard {n!r}: the index has no column {name!r} "
+                                       f"(columns: {meta.column_names})")
+            out[n] = meta.column(name).to_numpy()
+        return out
+
     def _locate(self, sample_id: str) -> tuple[str, int]:
         if self._where is None:
             where: dict[str, tuple[str, int]] = {}

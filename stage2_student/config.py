@@ -54,6 +54,10 @@ class DistillDataConfig:
     """Longest student sequence (after image expansion)."""
     num_workers: int = 2
     """DataLoader worker processes that read and collate ahead of the training step (0: in the main process)."""
+    length_group: int = 0
+    """Sort runs of this many batches by sequence length, longest first, so each batch pads less
+    (LLaVA-style length grouping, local to the run; 0 or 1: off). Changes which samples share a
+    batch, so it is part of the run's settings."""
     image_cache_mb: float = 256
     """Per data process (each worker, or the main process with 0 workers): bound of the cache of
     images preprocessed for the student, by image sha256 (0: preprocess every time)."""
@@ -73,6 +77,7 @@ class DistillDataConfig:
     def __post_init__(self):
         check(self.max_length >= 8, "max_length", f"must be >= 8, got {self.max_length}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
+        check(self.length_group >= 0, "length_group", f"must be >= 0 batches, got {self.length_group}")
         check(self.image_cache_mb >= 0, "image_cache_mb", f"must be >= 0, got {self.image_cache_mb}")
         check(self.read_cache_mb >= 0, "read_cache_mb", f"must be >= 0, got {self.read_cache_mb}")
         check(self.pixel_cache_dir is None or bool(self.pixel_cache_dir), "pixel_cache_dir", "must name a directory or be null")

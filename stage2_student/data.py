@@ -23,8 +23,14 @@ Three pieces, top to bottom:
   The samples of one window are sorted by ``sha256("sample/{seed}/{epoch}/{shard}/{index}")``
   (:func:`epoch_samples`). So a batch mixes samples of up to ``window_blocks`` shards, yet a window
   is read as ``window_blocks`` sequential block reads (cf. mosaicml streaming's block-wise shuffle).
+* Length groups (optional, ``length_group`` = g >= 2 batches): the sequence is cut into runs of
+  ``g * batch_size`` samples from the epoch's start, and each run is stably sorted by (window,
+  longest teacher sequence first), the length being the store index's ``length`` column
+  (:func:`epoch_samples`). Windows keep their order, so the reading pattern is unchanged; the
+  samples of one batch have similar lengths and their right padding shrinks (LLaVA-style
+  length grouping, within a run of g batches rather than the whole epoch).
 * Batches: consecutive runs of ``batch_size`` samples of that sequence, numbered 0, 1, ... (the
-  last is shorter unless ``drop_last``). A batch may straddle two windows.
+  last is shorter unless ``drop_last``). A batch may straddle two windows, never two length groups.
 * Who yields what: with ``world_size`` ranks, global batch ``i`` belongs to rank ``i % world_size``.
   Resuming at ``(epoch, b)`` skips the first ``b`` batches of the rank; the rest go round-robin to
   its DataLoader workers (the first to worker 0). The DataLoader collects from its workers
@@ -375,11 +381,14 @@ def _window_samples(seed: int, epoch: int, blocks: list[tuple[str, int, int]], f
 
 
 def epoch_samples(
-    seed: int, epoch: int, shard_sizes: dict[str, int], block_size: int, window_blocks: int
+    seed: int, epoch: int, shard_sizes: dict[str, int], block_size: int, window_blocks: int,
+    lengths: dict[str, np.ndarray] | None = None, group: int = 0,
 ) -> list[tuple[str, int]]:
-    """Every sample ``(shard, index)`` of one epoch, in training order ([order note], two bullets)."""
-    plan = _EpochPlan(seed, epoch, shard_sizes, block_size, window_blocks)
-    return [(shard, idx) for w in range(plan.n_windows) for _, shard, idx in plan.window(w)]
+    """Every sample ``(shard, index)`` of one epoch, in training order ([order note]: blocks, windows
+    and, with ``group`` > 0 samples per run and the per-sample ``lengths`` of each shard, length groups)."""
+    plan = _EpochPlan(seed, epoch, shard_sizes, block_size, window_blocks, lengths, group)
+    n = int(plan.window_start[-1])
+    return [(shard, idx) for _, shard, idx in plan.samples(0, n)]
 
 
 def batches_per_epoch(shard_sizes: dict[str, int], batch_size: int, drop_last: bool = False) -> int:
@@ -391,12 +400,20 @@ def batches_per_epoch(shard_sizes: dict[str, int], batch_size: int, drop_last: b
 
 
 class _EpochPlan:
-    """Random access to the batches of one epoch without materialising the whole sample order."""
+    """Random access to the batches of one epoch without materialising the whole sample order.
 
-    def __init__(self, seed: int, epoch: int, shard_sizes: dict[str, int], block_size: int, window_blocks: int):
+    ``group`` > 0: runs of that many samples (from the epoch's start) are sorted by (window, -length)
+    with ``lengths[shard][index]``; the last sorted run is kept (batches only move forward)."""
+
+    def __init__(self, seed: int, epoch: int, shard_sizes: dict[str, int], block_size: int, window_blocks: int,
+                 lengths: dict[str, np.ndarray] | None = None, group: int = 0):
         if window_blocks < 1:
             raise ValueError(f"window_blocks must be >= 1, got {window_blocks}")
+        if group < 0 or (group and lengths is None):
+            raise ValueError(f"length groups need group >= 1 and the sample lengths, got group={group}")
         self.seed, self.epoch, self.window_blocks = seed, epoch, window_blocks
+        self.lengths, self.group = lengths, group
+        self._groups: dict[int, list[tuple[int, str, int]]] = {}
         self.blocks = epoch_order(seed, epoch, shard_sizes, block_size)
         self.n_windows = math.ceil(len(self.blocks) / window_blocks)
         sizes = [sum(b - a for _, a, b in self.blocks[w * window_blocks : (w + 1) * window_blocks]) for w in range(self.n_windows)]
@@ -412,6 +429,23 @@ class _EpochPlan:
 
     def samples(self, lo: int, hi: int) -> list[tuple[int, str, int]]:
         """(block number, shard, index) of epoch samples [lo, hi)."""
+        if not self.group:
+            return self._shuffled(lo, hi)
+        out = []
+        while lo < hi:
+            g = lo // self.group
+            if g not in self._groups:
+                self._groups = {k: v for k, v in self._groups.items() if k >= g - 1}  # batches only move forward
+                start = g * self.group
+                run = self._shuffled(start, min(start + self.group, int(self.window_start[-1])))
+                self._groups[g] = sorted(run, key=lambda it: (it[0] // self.window_blocks, -int(self.lengths[it[1]][it[2]])))
+            take = min(hi, (g + 1) * self.group)
+            out += self._groups[g][lo - g * self.group : take - g * self.group]
+            lo = take
+        return out
+
+    def _shuffled(self, lo: int, hi: int) -> list[tuple[int, str, int]]:
+        """Samples [lo, hi) of the epoch before length grouping (blocks and windows shuffled)."""
         out = []
         w = int(np.searchsorted(self.window_start, lo, side="right")) - 1
         while lo < hi:
@@ -658,6 +692,8 @@ class StoreDataset(IterableDataset):
         temperature: the training temperature, refused if it is not the dump temperature.
         vocab_size: ids must be below this; default ``len(processor.tokenizer)`` (real tokens only).
         block_size, window_blocks: see [order note].
+        length_group: sort runs of this many batches by teacher sequence length, longest first, so
+            that a batch pads less ([order note]); 0 or 1: off.
         drop_last: drop the last, short batch of an epoch.
         rank, world_size: this process's share under DDP (global batch i goes to rank i % world_size;
             ranks get equal counts only when world_size divides ``n_batches``).
@@ -688,6 +724,7 @@ class StoreDataset(IterableDataset):
         vocab_size: int | None = None,
         block_size: int = 64,
         window_blocks: int = 8,
+        length_group: int = 0,
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
@@ -729,6 +766,10 @@ class StoreDataset(IterableDataset):
         _check_order_args(seed, 0, self.shard_sizes, block_size)  # now rather than in a worker
         if window_blocks < 1:
             raise ValueError(f"window_blocks must be >= 1, got {window_blocks}")
+        if length_group < 0:
+            raise ValueError(f"length_group must be >= 0 batches, got {length_group}")
+        self.group = batch_size * length_group if length_group > 1 else 0
+        self.lengths = reader.index_column("length") if self.group else None
         self.start = start
         self.records = self._read_records(reader, data_path, image_root, split)
         pixels = None
@@ -821,7 +862,8 @@ class StoreDataset(IterableDataset):
         blocks: dict[int, list[StoredSample]] = {}
         for epoch, i in self._worker_batches(worker, num_workers, self.repeat):
             if plan is None or plan.epoch != epoch:
-                plan = _EpochPlan(self.seed, epoch, self.shard_sizes, self.block_size, self.window_blocks)
+                plan = _EpochPlan(self.seed, epoch, self.shard_sizes, self.block_size, self.window_blocks,
+                                  self.lengths, self.group)
                 n_samples = int(plan.window_start[-1])
                 blocks = {}
             items = plan.samples(i * self.batch_size, min((i + 1) * self.batch_size, n_samples))

@@ -247,6 +247,7 @@ def run(cfg: DistillConfig) -> dict:
         data_path=cfg.data.path,
         image_root=cfg.data.image_root,
         start=(epoch, batch_in_epoch),
+        length_group=cfg.data.length_group,
         verify_checksums=cfg.store.verify_checksums,
         with_saliency=cfg.loss.iva_attention > 0,
         temperature=temperature,

@@ -305,6 +305,26 @@ def test_epoch_samples_shuffle_within_windows():
     assert batches_per_epoch(SIZES, 3) == 7 and batches_per_epoch(SIZES, 3, drop_last=True) == 6
 
 
+def test_length_groups_sort_each_run_and_keep_its_samples():
+    sizes = {"a": 13, "b": 9}
+    rng = np.random.default_rng(0)
+    lengths = {"a": rng.integers(5, 50, 13), "b": rng.integers(5, 50, 9)}
+    plain = epoch_samples(3, 1, sizes, 2, window_blocks=3)
+    grouped = epoch_samples(3, 1, sizes, 2, window_blocks=3, lengths=lengths, group=6)
+    assert grouped == epoch_samples(3, 1, sizes, 2, window_blocks=3, lengths=lengths, group=6)  # pure
+    assert grouped != plain
+    blocks = epoch_order(3, 1, sizes, 2)
+    window = {(s, i): w // 3 for w, (s, a, b) in enumerate(blocks) for i in range(a, b)}
+    for g in range(0, len(plain), 6):  # each run of 6 holds the same samples, sorted by (window, -length)
+        run = grouped[g : g + 6]
+        assert set(run) == set(plain[g : g + 6])
+        keys = [(window[x], -int(lengths[x[0]][x[1]])) for x in run]
+        assert keys == sorted(keys)
+    assert [window[x] for x in grouped] == sorted(window[x] for x in grouped)  # windows stay in order
+    with pytest.raises(ValueError, match="length groups"):
+        epoch_samples(3, 1, sizes, 2, window_blocks=3, group=6)
+
+
 # --------------------------------------------------------------------------------------------------
 # StoreDataset
 
@@ -358,6 +378,27 @@ def test_dataset_every_sample_once_any_workers(store, student):
     other = [b.sample_ids for b in ds]
     assert other != [b.sample_ids for b in serial]
     assert sorted(s for b in other for s in b) == sorted(ids)
+
+
+def test_length_grouped_batches_pad_less_and_resume(store, student):
+    plain = list(_dataset(store, student[1], window_blocks=8))
+    grouped = list(_dataset(store, student[1], window_blocks=8, length_group=2))
+    reader = StoreReader(store)
+    lengths = dict(zip(reader.sample_ids(), np.concatenate(list(reader.index_column("length").values()))))
+    with pytest.raises(StoreFormatError, match="no column 'nope'"):
+        reader.index_column("nope")
+    # runs of 2 batches: the same samples as without grouping, longest first
+    for g in range(0, len(plain), 2):
+        ids = [sid for b in grouped[g : g + 2] for sid in b.sample_ids]
+        assert sorted(ids) == sorted(sid for b in plain[g : g + 2] for sid in b.sample_ids)
+        assert [lengths[i] for i in ids] == sorted((lengths[i] for i in ids), reverse=True)
+    padded = lambda batches: sum(b.model_inputs["input_ids"].numel() for b in batches)  # noqa: E731
+    assert padded(grouped) < padded(plain)
+    resumed = list(DataLoader(_dataset(store, student[1], window_blocks=8, length_group=2, start=(0, 1)),
+                              batch_size=None, num_workers=2))
+    assert_same_batches(resumed, grouped[1:])
+    with pytest.raises(ValueError, match="length_group"):
+        _dataset(store, student[1], length_group=-1)
 
 
 @pytest.mark.parametrize("workers", [0, 2])
