@@ -342,7 +342,7 @@ def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. order: a pure function of (seed, epoch, shard sizes, block size, window)
+# 2. order: a pure function of (seed, epoch, shard sizes, block size, window; lengths when grouped)
 
 
 def _key(*parts) -> bytes:
