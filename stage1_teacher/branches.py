@@ -12,6 +12,8 @@ forward over ``x_0 … x_t, c`` gives at its last position. Two ways to run them
   forward's own output, and the branches then cost only their own tokens).
 
 Both build their token and position rows with :func:`_branch_rows`, so they cannot drift apart.
+:func:`logits_at` makes a forward's output head run only at given (sample, position) pairs;
+``forward_with_branches(..., seq_rows=...)`` uses it for the sequence rows a loss reads.
 
 Batches: a sample's inputs are right-padded to the batch's longest sequence (:func:`collate_model_inputs`)
 and its branch rows to the largest branch count, padded rows marked by ``branch_pos == -1``
