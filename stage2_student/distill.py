@@ -120,16 +120,16 @@ def sft_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
 
 
-def loss_pairs(batch: StudentBatch, cfg: DistillConfig) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The (sample, position) pairs whose logits the active sequence terms read: SFT the positions
-    whose next token is labelled, KD and IVA their rows of the store."""
-    lc, pairs = cfg.loss, []
+def loss_pairs(batch: StudentBatch, cfg: DistillConfig) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per active sequence term, the (sample, position) pairs whose logits it reads: SFT the
+    positions whose next token is labelled, KD and IVA their rows of the store."""
+    lc, pairs = cfg.loss, {}
     if lc.sft > 0:
-        pairs.append(sft_pairs(batch.labels))
+        pairs["sft"] = sft_pairs(batch.labels)
     if lc.kd > 0:
-        pairs.append((batch.kd.batch, batch.kd.pos))
+        pairs["kd"] = (batch.kd.batch, batch.kd.pos)
     if lc.iva > 0:
-        pairs.append((batch.iva.batch, batch.iva.pos))
+        pairs["iva"] = (batch.iva.batch, batch.iva.pos)
     return pairs
 
 
@@ -148,7 +148,8 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
         else contextlib.nullcontext()
     )
     ids = inputs["input_ids"]
-    b, t, index = row_index(loss_pairs(batch, cfg), tuple(ids.shape), ids.device)
+    pairs = loss_pairs(batch, cfg)
+    b, t, index = row_index(list(pairs.values()), tuple(ids.shape), ids.device)
     branch_logits = None
     with probe as p:
         if tpa is not None and tpa.branch_pos.numel():
@@ -162,19 +163,19 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
 
     terms: dict[str, torch.Tensor | None] = {"sft": None, "kd": None, "iva": None, "tpa": None, "iva_attention": None}
     if lc.sft > 0:
-        b, t = sft_pairs(batch.labels)
+        b, t = pairs["sft"]
         terms["sft"] = L.sft_loss(logits.at(b, t), batch.labels[b, t + 1])
     kw = dict(divergence=lc.divergence, beta=lc.beta, alpha=lc.alpha)
     if lc.kd > 0:
         kd = batch.kd
-        rows = logits.at(kd.batch, kd.pos)
+        rows = logits.at(*pairs["kd"])
         if lc.target == "sampled":
             terms["kd"] = L.sampled_kd_loss(rows, kd.sampled_ids, kd.sampled_counts)
         else:
             terms["kd"] = L.kd_loss(rows, kd.ids, kd.logprobs, **kw)
     if lc.iva > 0:
         iva = batch.iva
-        rows = logits.at(iva.batch, iva.pos)
+        rows = logits.at(*pairs["iva"])
         terms["iva"] = L.iva_loss(rows, iva.ids, iva.logprobs, iva.weights, group=iva.batch, **kw)
     if tpa is not None:
         if branch_logits is None:
