@@ -35,7 +35,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "H
 
 import torch  # noqa: E402
 
-from pipeline.tiny import TinySpec, save_tiny_vlm  # noqa: E402
+from pipeline.tools.tiny import TinySpec, save_tiny_vlm  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # the benchmark teacher and data
@@ -69,7 +69,7 @@ def build_teacher(out: Path, spec: TinySpec = BENCH_SPEC, family: str = "llava")
 
 def build_shapes_data(out: Path, n: int, turns: int, seed: int = 0) -> Path:
     """The synthetic shapes VQA set (multi-turn): ``n`` training records; returns the JSON path."""
-    from pipeline.synthetic import generate
+    from pipeline.tools.synthetic import generate
 
     return generate(out, seed=seed, n_train=n, n_val=0, n_test=0, turns=turns)["train"]
 

@@ -5,7 +5,7 @@ padded out with instruction text, so almost every position is an instruction row
 last two computing the same per-turn saliency map on the same layer L*:
 
 * plain   an SDPA forward without any saliency: the floor, so ``fused - plain`` is the probe's own cost.
-* fused   ``stage1_teacher.probe.capture`` around that SDPA forward: only layer L*'s instruction rows
+* fused   ``pipeline.modeling.probe.capture`` around that SDPA forward: only layer L*'s instruction rows
           are scored (float32, softmax over all keys), nothing else is materialised.
 * eager   the model loaded with ``attn_implementation="eager"``, ``output_attentions=True``: every
           layer's full ``[B, H, T, T]`` attention is kept and returned; the map is read from L*.
@@ -122,7 +122,7 @@ def load(model_dir: Path, data: Path, mode: str, device: str, dtype: str):
 
     from pipeline.data import encode, read_records
     from pipeline.processors import load_processor
-    from stage1_teacher.probe import capture, sample_indices, turn_saliency
+    from pipeline.modeling.probe import capture, sample_indices, turn_saliency
 
     kernel = "eager" if mode == "eager" else "sdpa"
     model = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=getattr(torch, dtype), attn_implementation=kernel)

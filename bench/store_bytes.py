@@ -39,7 +39,7 @@ from common import (
 
 import torch  # noqa: E402
 
-from pipeline.tiny import TinySpec, build_tiny_vlm  # noqa: E402
+from pipeline.tools.tiny import TinySpec, build_tiny_vlm  # noqa: E402
 from schemas.signals import array_specs  # noqa: E402
 
 # Small text model (bytes do not depend on its size), the benchmark's visual geometry: 64x64 image,

@@ -1,5 +1,8 @@
-"""The base of errors caused by user input (data, files, settings), reported without a traceback."""
+"""The base of errors caused by user input (data, files, settings), reported without a traceback.
 
+Defined with the store format (``schemas.errors``, the ground floor) so that every floor shares it.
+"""
 
-class PipelineError(Exception):
-    """Bad input a user can fix; the message names the file, sample or key."""
+from schemas.errors import PipelineError
+
+__all__ = ["PipelineError"]

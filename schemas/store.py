@@ -54,6 +54,8 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from schemas.errors import StoreFormatError
+
 FORMAT_VERSION = "1.0"
 
 MANIFEST_NAME = "manifest.json"
@@ -88,8 +90,6 @@ _RESERVED_MANIFEST_KEYS = ("format_version", "arrays", "shards", "n_samples", "n
                            "skipped_reasons")
 
 
-class StoreFormatError(Exception):
-    """Data on disk is missing, incomplete, of another format version, or inconsistent."""
 
 
 # ----------------------------------------------------------------------------------------------

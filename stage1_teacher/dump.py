@@ -22,7 +22,7 @@ from pipeline import __version__
 from pipeline.config import to_dict
 from pipeline.data import BadRecord, iter_records
 from pipeline.errors import PipelineError
-from pipeline.fingerprints import (
+from schemas.fingerprints import (
     chat_template_fingerprint,
     config_fingerprint,
     dataset_fingerprint,

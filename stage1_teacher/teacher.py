@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from pipeline.processors import load_processor
 from schemas.signals import SampleSignals
-from stage1_teacher.branches import (
+from pipeline.modeling.branches import (
     collate_model_inputs,
     forward_branches_from_cache,
     pad_branches,
@@ -37,7 +37,7 @@ from stage1_teacher.branches import (
     sequence_position_ids,
 )
 from stage1_teacher.config import SignalsConfig, TeacherConfig
-from stage1_teacher.probe import IrsItem, capture, irs_table, sample_indices, text_decoder, turn_saliency
+from pipeline.modeling.probe import IrsItem, capture, irs_table, sample_indices, text_decoder, turn_saliency
 from stage1_teacher.topk import sample_counts, select_transitions, topk_logprobs
 
 log = logging.getLogger("stage1.teacher")

@@ -78,9 +78,9 @@ from pipeline.data import EncodedSample, Record, read_records
 from pipeline.data.encode import IGNORE_INDEX
 from schemas import StoredSample, StoreFormatError, StoreReader
 from schemas.signals import SampleSignals, unpack
-from stage1_teacher.branches import collate_model_inputs, pad_branches
-from stage1_teacher.probe import sample_indices
-from stage2_student.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab, manifest_value
+from pipeline.modeling.branches import collate_model_inputs, pad_branches
+from pipeline.modeling.probe import sample_indices
+from schemas.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab, manifest_value
 from stage2_student.losses import PAD_ID
 from stage2_student.pixel_cache import PixelCache
 from stage2_student.reencode import ENCODING_MODES, EncodingMode, StudentDataError, StudentEncoder
@@ -528,7 +528,7 @@ class TpaRows(_Rows):
 @dataclass
 class SaliencyRows(_Rows):
     """For the optional attention variant, per sample b (lists of length B), in the form of
-    ``stage1_teacher.probe.capture(model, layers, rows, cols)`` (see ``probe.sample_indices``):
+    ``pipeline.modeling.probe.capture(model, layers, rows, cols)`` (see ``probe.sample_indices``):
     ``capture`` gives the student's block [|I_b|, |V_b|]; ``block[turn_rows[b][j]].mean(0)`` against
     ``maps[b][j]`` is one row of ``attention_kl``."""
 

@@ -27,11 +27,11 @@ from pipeline.data.encode import IGNORE_INDEX
 from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from schemas.store import fingerprint, read_manifest
-from stage1_teacher.branches import forward_with_branches, logits_at
-from stage1_teacher.probe import capture
+from pipeline.modeling.branches import forward_with_branches, logits_at
+from pipeline.modeling.probe import capture
 from stage2_student import losses as L
 from stage2_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from stage2_student.compat import check_compatible
+from schemas.compat import check_compatible
 from stage2_student.config import DistillConfig
 from stage2_student.data import StoreDataset, StudentBatch
 from stage2_student.forward import SequenceLogits, causal_inputs, row_index

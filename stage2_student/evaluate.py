@@ -7,7 +7,7 @@ the teacher's stored ones, and write one JSON report.
 * Turn by turn: the prompt of turn ``j`` is the conversation up to and including human turn ``j``,
   earlier turns answered with the *gold* answers (not the model's own), rendered with the model's
   chat template and generation prompt. So every turn is scored on its own, as in LLaVA-style evals.
-* Scoring (``ANSWER_KIND`` of ``pipeline.synthetic`` maps a question type to a kind): ``exact``
+* Scoring (``stage2_student.scoring``: ``ANSWER_KIND`` maps a question type to a kind): ``exact``
   (normalised equality), ``choice`` (the first standalone A-D letter), ``yesno`` (the first word;
   accuracy, and F1 with "yes" as the positive class plus the yes-ratio, as POPE reports). A record
   without ``question_types`` counts under type ``unknown`` with exact match. Overall accuracy is the
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -43,18 +42,15 @@ from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH
 from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from pipeline.processors import load_processor
-from pipeline.synthetic import ANSWER_KIND
 from schemas import StoreReader
 from schemas.signals import unpack
-from stage1_teacher.branches import collate_model_inputs, sequence_position_ids
-from stage2_student.compat import check_compatible, check_ids_in_vocab, manifest_value
+from pipeline.modeling.branches import collate_model_inputs, sequence_position_ids
+from schemas.compat import check_compatible, check_ids_in_vocab, manifest_value
 from stage2_student.data import StudentDataError, remap
 from stage2_student.losses import bucket_logprobs, forward_kl
+from stage2_student.scoring import ANSWER_KIND, UNKNOWN_TYPE, format_table, is_correct, summarise
 
 log = logging.getLogger("stage2.eval")
-
-UNKNOWN_TYPE = "unknown"
-KINDS = ("exact", "choice", "yesno")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -101,108 +97,6 @@ class EvalConfig:
         check(self.limit is None or self.limit >= 1, "limit", f"must be >= 1 or null, got {self.limit}")
         check(self.max_new_tokens >= 1, "max_new_tokens", f"must be >= 1, got {self.max_new_tokens}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-
-
-# ----------------------------------------------------------------------------------------------
-# scoring: plain functions of strings
-
-_CHOICE = re.compile(r"\b([A-D])\b")
-
-
-def normalise(text: str) -> str:
-    """Strip, lower-case, drop one trailing period: ``" Red. "`` -> ``"red"``."""
-    text = text.strip().lower()
-    return text[:-1].rstrip() if text.endswith(".") else text
-
-
-def choice_letter(text: str) -> str | None:
-    """The first standalone capital A-D in ``text`` (``"B. blue"`` -> ``"B"``); None if there is none.
-
-    Standalone, so the article in "a red one" and the B of "Blue" are not read as choices.
-    """
-    m = _CHOICE.search(text.strip())
-    return m.group(1) if m else None
-
-
-def yes_no(text: str) -> str | None:
-    """``"yes"`` or ``"no"`` when the normalised text's first word is one of them, else None."""
-    words = re.findall(r"[a-z]+", normalise(text))
-    return words[0] if words and words[0] in ("yes", "no") else None
-
-
-def is_correct(kind: str, prediction: str, gold: str) -> bool:
-    """Score one answer; ``kind`` is one of KINDS."""
-    if kind == "exact":
-        return normalise(prediction) == normalise(gold)
-    if kind == "choice":
-        letter = choice_letter(prediction)
-        return letter is not None and letter == choice_letter(gold)
-    if kind == "yesno":
-        answer = yes_no(prediction)
-        return answer is not None and answer == yes_no(gold)
-    raise ValueError(f"unknown answer kind {kind!r}; expected one of {KINDS}")
-
-
-def yesno_scores(predictions: list[str], golds: list[str]) -> dict:
-    """POPE's numbers, "yes" the positive class: accuracy, precision, recall, F1, yes-ratio.
-
-    A prediction that is neither yes nor no counts as a negative (and as wrong); precision, recall
-    and F1 are 0 where their denominators are.
-    """
-    pred = [yes_no(p) for p in predictions]
-    gold = [yes_no(g) for g in golds]
-    n = len(pred)
-    tp = sum(p == "yes" and g == "yes" for p, g in zip(pred, gold))
-    fp = sum(p == "yes" and g != "yes" for p, g in zip(pred, gold))
-    fn = sum(p != "yes" and g == "yes" for p, g in zip(pred, gold))
-    correct = sum(p is not None and p == g for p, g in zip(pred, gold))
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "n": n,
-        "correct": correct,
-        "accuracy": correct / n if n else 0.0,
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "yes_ratio": sum(p == "yes" for p in pred) / n if n else 0.0,
-    }
-
-
-def summarise(predictions: list[dict]) -> dict:
-    """Per-type and overall scores of scored predictions (dicts with type, kind, gold, prediction, correct)."""
-    by_type: dict[str, dict] = {}
-    for qtype in sorted({p["type"] for p in predictions}):
-        items = [p for p in predictions if p["type"] == qtype]
-        kind = items[0]["kind"]
-        if kind == "yesno":
-            scores = yesno_scores([p["prediction"] for p in items], [p["gold"] for p in items])
-        else:
-            correct = sum(p["correct"] for p in items)
-            scores = {"n": len(items), "correct": correct, "accuracy": correct / len(items)}
-        by_type[qtype] = {"kind": kind, **scores}
-    n = len(predictions)
-    correct = sum(p["correct"] for p in predictions)
-    return {"n_questions": n, "correct": correct, "accuracy": correct / n if n else 0.0, "by_type": by_type}
-
-
-def format_table(report: dict) -> str:
-    """type | n | accuracy | f1, one row per type, then the overall row (and the agreement, if any)."""
-    rows = [("type", "n", "accuracy", "f1")]
-    for qtype, s in report["by_type"].items():
-        rows.append((qtype, str(s["n"]), f"{s['accuracy']:.4f}", f"{s['f1']:.4f}" if "f1" in s else "-"))
-    rows.append(("overall", str(report["n_questions"]), f"{report['accuracy']:.4f}", "-"))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    lines = [" | ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    agree = report.get("agreement")
-    if agree:
-        lines.append(
-            f"agreement with {agree['store']}: forward KL {agree['forward_kl']:.6f}, "
-            f"top-1 {agree['top1_agreement']:.4f} ({agree['positions']} positions, {agree['samples']} samples)"
-        )
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------

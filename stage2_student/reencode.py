@@ -55,7 +55,7 @@ from pipeline.errors import PipelineError
 from schemas import StoreFormatError
 from schemas.signals import SampleSignals
 from schemas.store import LRUBytes
-from stage2_student.compat import IncompatibleStudentError
+from schemas.compat import IncompatibleStudentError
 from stage2_student.pixel_cache import PixelCache
 
 log = logging.getLogger("stage2.data")

@@ -24,7 +24,7 @@ def family(request) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_teacher_dir(tmp_path_factory, family) -> Path:
-    from pipeline.tiny import save_tiny_vlm
+    from pipeline.tools.tiny import save_tiny_vlm
 
     return save_tiny_vlm(tmp_path_factory.mktemp(f"{family}-teacher"), family, "teacher")
 
@@ -55,7 +55,7 @@ def write_json(path: Path, records: list, jsonl: bool = False) -> Path:
 @pytest.fixture(scope="module")
 def teacher(family):
     """(model, processor) of the tiny teacher of ``family``, built in memory."""
-    from pipeline.tiny import build_tiny_vlm
+    from pipeline.tools.tiny import build_tiny_vlm
 
     return build_tiny_vlm(family, "teacher", seed=0)
 

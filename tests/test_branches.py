@@ -17,7 +17,7 @@ from conftest import write_image
 
 from pipeline.data.encode import encode
 from pipeline.data.records import Record, Turn
-from stage1_teacher.branches import (
+from pipeline.modeling.branches import (
     collate_model_inputs,
     forward_branches_from_cache,
     forward_with_branches,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.cli import RUN_JOBS, main, resolve
+from pipeline.tools.cli import RUN_JOBS, main, resolve
 from pipeline.config import load_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_parser_and_command_table_agree():
     import argparse
 
-    from pipeline.cli import COMMANDS, build_parser
+    from pipeline.tools.cli import COMMANDS, build_parser
 
     sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
     assert set(sub.choices) == set(COMMANDS)

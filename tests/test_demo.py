@@ -6,10 +6,10 @@ import json
 
 from PIL import Image
 
-from pipeline.cli import RUN_JOBS, main, resolve
+from pipeline.tools.cli import RUN_JOBS, main, resolve
 from pipeline.config import load_config
-from pipeline.demo import METHODS, QUICK
-from pipeline.inspect_store import verify
+from pipeline.tools.demo import METHODS, QUICK
+from pipeline.tools.inspect_store import verify
 
 
 def test_demo_quick(tmp_path, capsys):

@@ -23,11 +23,11 @@ from pipeline.config import load_config
 from pipeline.data import Record
 from pipeline.errors import PipelineError
 from pipeline.processors import load_processor
-from pipeline.tiny import TinySpec, save_tiny_parts, save_tiny_vlm
+from pipeline.tools.tiny import TinySpec, save_tiny_parts, save_tiny_vlm
 from schemas import StoreFormatError
 from stage1_teacher.dump import run as dump
 from stage2_student import distill as distill_module
-from stage2_student.compat import IncompatibleStudentError
+from schemas.compat import IncompatibleStudentError
 from stage2_student.config import DistillConfig
 from stage2_student.distill import run
 
@@ -148,7 +148,7 @@ _BLOCKING_CHILD = """
 import sys, time
 from pathlib import Path
 from stage2_student import distill
-from pipeline.cli import main
+from pipeline.tools.cli import main
 block_at, ready = int(sys.argv[2]), Path(sys.argv[3])
 real, calls = distill.compute_losses, [0]
 def compute_losses(*args, **kwargs):
@@ -193,7 +193,7 @@ def test_sigkilled_run_resumes_to_the_same_losses(llava_store, tmp_path):
     assert not (killed / "final").exists()
     assert [r["step"] for r in losses(killed)] == [1, 2, 3, 4]
 
-    resumed = subprocess.run([sys.executable, "-m", "pipeline.cli", "run", "distill", "--config", str(cfg_path)],
+    resumed = subprocess.run([sys.executable, "-m", "pipeline.tools.cli", "run", "distill", "--config", str(cfg_path)],
                              capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = losses(straight), losses(killed)
@@ -233,7 +233,7 @@ def test_pixel_cache_dir_feeds_the_run_and_is_not_a_run_setting(llava_store, tmp
 
 
 def test_refuses_another_tokenizer(store, tmp_path, family):
-    from pipeline.tiny import build_tiny_vlm
+    from pipeline.tools.tiny import build_tiny_vlm
 
     model, processor = build_tiny_vlm(family, "student", vocab_size=600)
     d = tmp_path / "other"

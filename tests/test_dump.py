@@ -18,10 +18,10 @@ import torch
 from conftest import corrupt_chunk, write_image, write_json
 from transformers import AutoModelForImageTextToText
 
-from pipeline.cli import main
+from pipeline.tools.cli import main
 from pipeline.config import load_config
 from pipeline.data import DataConfig, iter_encoded
-from pipeline.inspect_store import verify
+from pipeline.tools.inspect_store import verify
 from pipeline.processors import load_processor
 from schemas import StoreReader
 from schemas.signals import unpack
@@ -228,7 +228,7 @@ def test_crash_then_resume_equals_uninterrupted(store, tmp_path, tiny_teacher_di
     from pipeline.config import save_config
 
     save_config(cfg, cfg_path)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "teacher-dump", "--config", str(cfg_path)],
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", "run", "teacher-dump", "--config", str(cfg_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 120

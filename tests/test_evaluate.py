@@ -12,16 +12,17 @@ import torch
 from test_dump import dump_config, make_dataset
 from transformers import AutoModelForImageTextToText
 
-from pipeline.cli import main
+from pipeline.tools.cli import main
 from pipeline.config import load_config
 from pipeline.errors import PipelineError
 from pipeline.data import DataSourceError
 from pipeline.processors import load_processor
-from pipeline.synthetic import generate as make_synthetic
-from pipeline.tiny import save_tiny_vlm
+from pipeline.tools.synthetic import generate as make_synthetic
+from pipeline.tools.tiny import save_tiny_vlm
 from stage1_teacher.dump import run as dump
 from stage2_student import evaluate as ev
-from stage2_student.evaluate import EvalConfig, choice_letter, is_correct, normalise, summarise, yes_no, yesno_scores
+from stage2_student.evaluate import EvalConfig
+from stage2_student.scoring import choice_letter, is_correct, normalise, summarise, yes_no, yesno_scores
 
 
 def eval_config(model: Path, data: Path, out: Path, **over) -> EvalConfig:
@@ -95,7 +96,7 @@ def wrong(kind: str, gold: str) -> str:
 def force_generation(monkeypatch, model_dir: Path, data: Path, seen: list[str]):
     """Replace the model's ``generate``: answer question i (in file order) with its gold answer when i
     is even, with a wrong one when odd; check each prompt ends with its own question."""
-    from pipeline.synthetic import ANSWER_KIND
+    from stage2_student.scoring import ANSWER_KIND
 
     records = json.loads(data.read_text())
     expected = [(r["conversations"][2 * j]["value"].replace("<image>\n", ""), a, ANSWER_KIND[t])

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.inspect_store import (
+from pipeline.tools.inspect_store import (
     SALIENCY_SUM_TOL,
     main_inspect,
     main_verify,

@@ -12,7 +12,7 @@ from conftest import two_image_record
 
 from pipeline.data.encode import encode
 from pipeline.data.records import Record, Turn
-from stage1_teacher.probe import (
+from pipeline.modeling.probe import (
     PROBE_ATTENTION,
     IrsItem,
     capture,

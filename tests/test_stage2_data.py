@@ -17,14 +17,14 @@ from torch.utils.data import DataLoader
 
 from pipeline.data import EncodedSample, Record, encode, read_records
 from pipeline.data.encode import IGNORE_INDEX, TurnPositions, VisualBlock
-from pipeline.tiny import build_tiny_vlm
+from pipeline.tools.tiny import build_tiny_vlm
 from schemas import StoreFormatError, StoreReader
 from schemas.signals import SampleSignals, unpack
-from stage1_teacher.branches import forward_with_branches
+from pipeline.modeling.branches import forward_with_branches
 from stage1_teacher.dump import run
-from stage1_teacher.probe import capture
+from pipeline.modeling.probe import capture
 from stage2_student import losses as L
-from stage2_student.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab
+from schemas.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab
 from stage2_student.data import (
     StoreDataset,
     _remap_visual,
@@ -242,7 +242,7 @@ def test_check_compatible(store, family, student, pooled):
         check_compatible(manifest, other)
     store_fp = manifest["tokenizer"]["fingerprint"]
     assert f"teacher tokenizer {store_fp[:12]} vs the student's" in str(e.value)
-    from pipeline.fingerprints import tokenizer_fingerprint
+    from schemas.fingerprints import tokenizer_fingerprint
 
     assert tokenizer_fingerprint(other.tokenizer)[:12] in str(e.value)
 

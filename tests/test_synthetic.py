@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.synthetic import COLOURS, QUESTION_TYPES, Item, _question, cell_names, draw_board, generate, make_board
+from pipeline.tools.synthetic import COLOURS, QUESTION_TYPES, Item, _question, cell_names, draw_board, generate, make_board
 
 
 def test_deterministic_by_seed(tmp_path):

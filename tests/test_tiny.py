@@ -11,7 +11,7 @@ from transformers import AutoModelForImageTextToText
 from pipeline.data.encode import encode
 from pipeline.data.records import Record, Turn
 from pipeline.processors import load_processor
-from pipeline.tiny import build_tiny_vlm, build_tokenizer, save_tiny_vlm
+from pipeline.tools.tiny import build_tiny_vlm, build_tokenizer, save_tiny_vlm
 
 
 def test_tokenizer_is_deterministic_and_lossless():

@@ -19,7 +19,7 @@ from pipeline.data import DataConfig, SampleError, iter_encoded
 from pipeline.logs import progress
 from pipeline.processors import load_processor
 
-log = logging.getLogger("pipeline.data_check")
+log = logging.getLogger("pipeline.tools.data_check")
 
 
 @dataclass

@@ -45,15 +45,6 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 QUESTION_TYPES = ("colour_at", "shape_at", "count", "exists", "relative", "choice")
-ANSWER_KIND = {  # how each type is scored
-    "colour_at": "exact",
-    "shape_at": "exact",
-    "count": "exact",
-    "exists": "yesno",
-    "relative": "yesno",
-    "choice": "choice",
-    "describe": "exact",
-}
 BACKGROUND = (30, 30, 30)
 
 

@@ -49,8 +49,8 @@ RUN_JOBS: dict[str, Job] = {
         "Stage 2: train a student against a teacher store (SFT, KD, IVA, TPA); resumable",
     ),
     "data-check": Job(
-        "pipeline.data_check:DataCheckConfig",
-        "pipeline.data_check:run",
+        "pipeline.tools.data_check:DataCheckConfig",
+        "pipeline.tools.data_check:run",
         "encode a dataset with a model's processor; report usable and skipped samples",
     ),
     "eval": Job(
@@ -82,7 +82,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _tiny(args: argparse.Namespace) -> int:
-    from pipeline.tiny import save_tiny_vlm
+    from pipeline.tools.tiny import save_tiny_vlm
 
     out = save_tiny_vlm(args.out, args.family, args.preset, args.seed)
     log.info("tiny %s %s written to %s", args.family, args.preset, out)
@@ -90,13 +90,13 @@ def _tiny(args: argparse.Namespace) -> int:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from pipeline.inspect_store import main_verify
+    from pipeline.tools.inspect_store import main_verify
 
     return main_verify(str(args.store))
 
 
 def _inspect(args: argparse.Namespace) -> int:
-    from pipeline.inspect_store import main_inspect
+    from pipeline.tools.inspect_store import main_inspect
 
     return main_inspect(
         str(args.store), args.sample, args.json, None if args.out is None else str(args.out), args.n,
@@ -105,7 +105,7 @@ def _inspect(args: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from pipeline.demo import run_demo
+    from pipeline.tools.demo import run_demo
 
     run_demo(Path(args.out), quick=args.quick, seeds=args.seeds)
     return 0

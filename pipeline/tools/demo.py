@@ -24,10 +24,10 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from pipeline.config import from_dict, save_config
-from pipeline.synthetic import generate
-from pipeline.tiny import TinySpec, save_tiny_vlm
+from pipeline.tools.synthetic import generate
+from pipeline.tools.tiny import TinySpec, save_tiny_vlm
 
-log = logging.getLogger("pipeline.demo")
+log = logging.getLogger("pipeline.tools.demo")
 
 FAMILY = "llava"
 METHODS = {  # one recipe, three sets of weights (DESIGN.md §4)
@@ -182,7 +182,7 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
     plot_accuracy(summary, reports / "accuracy.png")
 
     log.info("[6/6] saliency overlays of the teacher store")
-    from pipeline.inspect_store import render
+    from pipeline.tools.inspect_store import render
 
     render(str(out / "stores" / "train"), str(reports / "saliency"), n_samples=4)
     print(table)

@@ -17,14 +17,8 @@ from __future__ import annotations
 
 import math
 
-from pipeline.errors import PipelineError
-from pipeline.fingerprints import chat_template_fingerprint, tokenizer_fingerprint
-from schemas import StoreFormatError
-
-
-class IncompatibleStudentError(PipelineError):
-    """The student (tokenizer, chat template, temperature, vocabulary or visual geometry) cannot
-    use the store; the message names the store's side and the student's."""
+from schemas.fingerprints import chat_template_fingerprint, tokenizer_fingerprint
+from schemas.errors import IncompatibleStudentError, StoreFormatError
 
 
 def manifest_value(manifest: dict, *keys: str):
