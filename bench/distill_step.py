@@ -76,7 +76,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 from transformers import AutoModelForImageTextToText  # noqa: E402
 
 from pipeline.tools.tiny import build_tiny_vlm  # noqa: E402
-from schemas.store import read_manifest  # noqa: E402
+from schemas.manifest import read_manifest  # noqa: E402
 from stage1_teacher.dump import run as dump  # noqa: E402
 from stage2_student import losses as L  # noqa: E402
 from stage2_student.config import LossConfig  # noqa: E402

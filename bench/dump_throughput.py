@@ -56,9 +56,9 @@ import torch  # noqa: E402
 
 import stage1_teacher.shards as shards_module  # noqa: E402
 import stage1_teacher.teacher as teacher_module  # noqa: E402
-from schemas.store import ShardWriter  # noqa: E402
+from schemas.writer import ShardWriter  # noqa: E402
 from stage1_teacher import executors  # noqa: E402
-from pipeline.modeling.branches import collate_model_inputs  # noqa: E402
+from pipeline.modeling.batching import collate_model_inputs  # noqa: E402
 from stage1_teacher.config import SignalsConfig, TeacherConfig, TransitionsConfig  # noqa: E402
 from stage1_teacher.dump import run as dump_run  # noqa: E402
 from stage1_teacher.teacher import Teacher  # noqa: E402

@@ -79,7 +79,7 @@ from pipeline.data import Record  # noqa: E402
 from pipeline.data.encode import IGNORE_INDEX  # noqa: E402
 from pipeline.processors import load_processor  # noqa: E402
 from schemas import StoreReader  # noqa: E402
-from schemas.store import _ShardIndex  # noqa: E402
+from schemas.reader import _ShardIndex  # noqa: E402
 from stage1_teacher.dump import run as dump  # noqa: E402
 from stage2_student.data import StoreDataset, StudentTargets, collate, epoch_order, epoch_samples  # noqa: E402
 from stage2_student.pixel_cache import PixelCache  # noqa: E402

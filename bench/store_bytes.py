@@ -40,18 +40,12 @@ from common import (
 import torch  # noqa: E402
 
 from pipeline.tools.tiny import TinySpec, build_tiny_vlm  # noqa: E402
+from schemas.signals import SIGNAL_GROUPS as GROUPS  # noqa: E402
 from schemas.signals import array_specs  # noqa: E402
 
 # Small text model (bytes do not depend on its size), the benchmark's visual geometry: 64x64 image,
 # patch 8 -> 64 visual tokens per image.
 STORE_SPEC = TinySpec(image_size=64, patch=8)
-GROUPS = {  # as in stage1_teacher.dump.signal_bytes
-    "response_topk": ["resp_pos", "resp_ids", "resp_logprobs"],
-    "response_sampled": ["resp_sample_n", "resp_sample_ids", "resp_sample_counts"],
-    "saliency": ["saliency"],
-    "visual_topk": ["vis_pos", "vis_weight", "vis_ids", "vis_logprobs"],
-    "transitions": ["tpa_pos", "tpa_cand", "tpa_cand_logprob", "tpa_ids", "tpa_logprobs"],
-}
 # The array that has one row per "unit" of each group, to report bytes per unit.
 UNIT_ROWS = {
     "response_topk": ("resp_pos", "response position"),

@@ -24,7 +24,6 @@ import dataclasses
 import difflib
 import functools
 import inspect
-import os
 import re
 import textwrap
 import types
@@ -34,6 +33,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar, Union
 
 import yaml
+
+from schemas.io import atomic_write_text
 
 T = TypeVar("T")
 
@@ -297,12 +298,10 @@ def to_dict(cfg: Any) -> dict:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    """Write ``to_dict(cfg)`` as YAML, keys in field order; atomically (``.tmp`` then rename)."""
+    """Write ``to_dict(cfg)`` as YAML, keys in field order; atomically (``schemas.io.atomic_write_text``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False, allow_unicode=True))
 
 
 # ---------------------------------------------------------------- docs and help

@@ -11,13 +11,14 @@ it saves is read by the stock ``AutoProcessor`` too (``processor_class`` stays t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.processing_utils import ProcessorMixin
+
+from schemas.fingerprints import read_model_config
 
 
 class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
@@ -40,17 +41,14 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
 IMAGE_ONLY_PROCESSORS = {"qwen2_vl": ImageOnlyQwen2VLProcessor}
 
 
-def model_type_of(path: str | Path) -> str:
-    """The ``model_type`` in a checkpoint directory's config.json (clear error if absent)."""
-    cfg = Path(path) / "config.json"
-    if not cfg.is_file():
-        raise FileNotFoundError(f"{path}: not a model checkpoint directory (no config.json)")
-    return json.loads(cfg.read_text())["model_type"]
+def load_processor(path: str | Path, model_type: str | None = None):
+    """The processor saved in checkpoint directory ``path`` (offline, no remote code).
 
-
-def load_processor(path: str | Path):
-    """The processor saved in checkpoint directory ``path`` (offline, no remote code)."""
-    cls = IMAGE_ONLY_PROCESSORS.get(model_type_of(path))
+    ``model_type``: the checkpoint's, when the caller has read its config already.
+    """
+    if model_type is None:
+        model_type = read_model_config(path)["model_type"]
+    cls = IMAGE_ONLY_PROCESSORS.get(model_type)
     if cls is not None:
         return cls.from_pretrained(str(path))
     return AutoProcessor.from_pretrained(str(path), trust_remote_code=False)

@@ -1,4 +1,9 @@
-"""Refuse a student that cannot use a teacher store (DESIGN.md §4 temperature, §5.1 reuse).
+"""Open a teacher store for a consumer, and refuse a student that cannot use it (DESIGN.md §4
+temperature, §5.1 reuse).
+
+:func:`open_store` is the one way Stage 2 and the tools open a store: it reads the manifest once
+(format version), checks every file's checksum when asked, and with a student's processor makes
+every compatibility refusal, once.
 
 A store serves any student whose tokenizer fingerprint and chat template equal the teacher's: then
 every text token of a sample is the same id at a position the segment spans can map (data.remap).
@@ -16,28 +21,37 @@ Temperature is fixed at dump time: training at another one is refused, never app
 from __future__ import annotations
 
 import math
+import os
 
+from schemas.errors import IncompatibleStudentError
 from schemas.fingerprints import chat_template_fingerprint, tokenizer_fingerprint
-from schemas.errors import IncompatibleStudentError, StoreFormatError
+from schemas.manifest import Manifest
+from schemas.reader import StoreReader
 
 
-def manifest_value(manifest: dict, *keys: str):
-    """manifest[k0][k1]...; a missing key is a format problem of the store, named as such."""
-    value = manifest
-    for i, k in enumerate(keys):
-        if not isinstance(value, dict) or k not in value:
-            raise StoreFormatError(f"store manifest has no {'.'.join(keys[: i + 1])!r}; not a teacher store of this format")
-        value = value[k]
-    return value
+def open_store(store_dir: str | os.PathLike, processor=None, temperature: float | None = None,
+               verify_checksums: bool = False, cache_bytes: int = 0) -> StoreReader:
+    """The reader of a complete store, every refusal made here and once.
+
+    Args:
+        processor: the student's processor; when given, the store must serve it (``check_compatible``).
+        temperature: the training temperature, checked against the dump's (with ``processor``).
+        verify_checksums: check the size and sha256 of every file first.
+        cache_bytes: bound of the reader's cache of decoded chunks (0: none).
+    """
+    reader = StoreReader(store_dir, verify_checksums=verify_checksums, cache_bytes=cache_bytes)
+    if processor is not None:
+        check_compatible(reader.manifest, processor, temperature)
+    return reader
 
 
-def check_compatible(manifest: dict, student_processor, temperature: float | None = None) -> None:
+def check_compatible(manifest: Manifest, student_processor, temperature: float | None = None) -> None:
     """Raise IncompatibleStudentError unless the student can train on the store of ``manifest``.
 
     Checks, in order: tokenizer fingerprint, chat template fingerprint, and (when ``temperature`` is
     given) the training temperature against the dump temperature ``signals.temperature``.
     """
-    store_tok = manifest_value(manifest, "tokenizer", "fingerprint")
+    store_tok = manifest.tokenizer_fingerprint
     student_tok = tokenizer_fingerprint(student_processor.tokenizer)
     if store_tok != student_tok:
         raise IncompatibleStudentError(
@@ -45,7 +59,7 @@ def check_compatible(manifest: dict, student_processor, temperature: float | Non
             "a store serves only students with the teacher's tokenizer (same vocabulary, merges and "
             "special tokens; padded embedding rows are fine)"
         )
-    store_tpl = manifest_value(manifest, "chat_template_fingerprint")
+    store_tpl = manifest.chat_template_fingerprint
     student_tpl = chat_template_fingerprint(student_processor)
     if store_tpl != student_tpl:
         raise IncompatibleStudentError(
@@ -53,7 +67,7 @@ def check_compatible(manifest: dict, student_processor, temperature: float | Non
             "a store serves only students with the teacher's chat template (the token sequences would differ)"
         )
     if temperature is not None:
-        dumped = float(manifest_value(manifest, "signals", "temperature"))
+        dumped = manifest.temperature
         if not math.isclose(float(temperature), dumped, rel_tol=1e-9, abs_tol=0.0):
             raise IncompatibleStudentError(
                 f"trained at τ={float(temperature)} but the store was dumped at τ={dumped}; "

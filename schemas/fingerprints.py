@@ -6,11 +6,13 @@ thing: equal fingerprints mean the same token ids, the same rendered prompts, th
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from pathlib import Path
 
-from schemas.store import file_sha256, fingerprint
+from schemas.errors import PipelineError
+from schemas.io import file_sha256, fingerprint
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
@@ -37,8 +39,48 @@ def processor_fingerprint(processor) -> str:
     return fingerprint(processor.image_processor.to_dict())
 
 
-def config_fingerprint(model_dir: str | Path) -> str:
-    return fingerprint(json.loads((Path(model_dir) / "config.json").read_text()))
+def read_model_config(model_dir: str | Path) -> dict:
+    """A checkpoint directory's ``config.json`` as a dict; a missing or unreadable file is named."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{model_dir}: not a model checkpoint directory (no config.json)")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise PipelineError(f"{path}: unreadable model config: {e}") from e
+    if not isinstance(config, dict) or not isinstance(config.get("model_type"), str):
+        raise PipelineError(f"{path}: not a model config (a JSON object with a 'model_type' string)")
+    return config
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelIdentity:
+    """What a manifest records of a checkpoint, from one read of its ``config.json``."""
+
+    path: str
+    """The checkpoint directory, resolved."""
+    config: dict
+    """``config.json`` as read."""
+
+    @classmethod
+    def read(cls, model_dir: str | Path) -> "ModelIdentity":
+        return cls(str(Path(model_dir).resolve()), read_model_config(model_dir))
+
+    @property
+    def model_type(self) -> str:
+        return self.config["model_type"]
+
+    @property
+    def text_layers(self) -> int:
+        """Decoder layers of the language model (``text_config`` of a composite config)."""
+        return int(self.config.get("text_config", self.config)["num_hidden_layers"])
+
+    @property
+    def config_fingerprint(self) -> str:
+        return fingerprint(self.config)
+
+    def weights_fingerprint(self) -> str:
+        return weights_fingerprint(self.path)
 
 
 def weights_fingerprint(model_dir: str | Path) -> str:

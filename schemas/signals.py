@@ -31,12 +31,16 @@ them. Saliency is float16 as the design fixes (it is a weight, not a probability
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from schemas.store import ArraySpec, StoredSample, StoreFormatError, json_field
+from schemas.errors import StoreFormatError
+from schemas.layout import ARRAYS_DIR, SHARD_JSON, SHARDS_DIR, ArraySpec, StoredSample, list_complete_shards
+from schemas.meta_columns import json_field
 
 META_SCHEMA = pa.schema(
     [
@@ -47,6 +51,36 @@ META_SCHEMA = pa.schema(
         json_field("turns"),
     ]
 )
+
+
+# The arrays of each signal, for byte accounting (the manifest's ``signal_bytes``, bench/store_bytes.py).
+SIGNAL_GROUPS = {
+    "response_topk": ["resp_pos", "resp_ids", "resp_logprobs"],
+    "response_sampled": ["resp_sample_n", "resp_sample_ids", "resp_sample_counts"],
+    "saliency": ["saliency"],
+    "visual_topk": ["vis_pos", "vis_weight", "vis_ids", "vis_logprobs"],
+    "transitions": ["tpa_pos", "tpa_cand", "tpa_cand_logprob", "tpa_ids", "tpa_logprobs"],
+}
+
+
+def signal_bytes(store: Path) -> dict:
+    """Stored bytes of each signal group (and of the index), in total and per response token
+    (compressed, on disk), from the complete shards' ``shard.json``."""
+    total: dict[str, int] = {}
+    n_resp = 0
+    for name in list_complete_shards(store):
+        shard = json.loads((Path(store) / SHARDS_DIR / name / SHARD_JSON).read_text())
+        n_resp += shard["rows"].get("resp_pos", 0)
+        for rel, f in shard["files"].items():
+            parts = Path(rel).parts
+            key = parts[1] if parts[0] == ARRAYS_DIR and len(parts) > 2 else "index"
+            total[key] = total.get(key, 0) + f["bytes"]
+    out: dict = {"response_tokens": n_resp}
+    for g, names in {**SIGNAL_GROUPS, "index": ["index"]}.items():
+        b = sum(total.get(n, 0) for n in names)
+        if b:
+            out[g] = {"bytes": b, "bytes_per_response_token": b / max(1, n_resp)}
+    return out
 
 
 def array_specs(top_k: int, transition_top_k: int, sampled: bool, transitions: bool) -> dict[str, ArraySpec]:

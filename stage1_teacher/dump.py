@@ -22,50 +22,47 @@ from pipeline import __version__
 from pipeline.config import to_dict
 from pipeline.data import BadRecord, iter_records
 from pipeline.errors import PipelineError
+from pipeline.modeling.probe import select_layers
+from pipeline.processors import load_processor
 from schemas.fingerprints import (
+    ModelIdentity,
     chat_template_fingerprint,
-    config_fingerprint,
     dataset_fingerprint,
     processor_fingerprint,
     tokenizer_fingerprint,
-    weights_fingerprint,
 )
-from pipeline.processors import load_processor
-from schemas.signals import array_specs
-from schemas.store import (
-    atomic_write_text,
+from schemas.io import atomic_write_text
+from schemas.layout import (
+    CALIBRATION_FILE,
+    MANIFEST_NAME,
+    SETTINGS_FILE,
+    STORE_KIND,
     list_complete_shards,
-    read_manifest,
     remove_partial_shards,
     shard_name,
-    write_manifest,
 )
+from schemas.manifest import Manifest, read_manifest, write_manifest
+from schemas.signals import array_specs, signal_bytes
 from stage1_teacher.config import DumpConfig
 from stage1_teacher.executors import make_executor
 
 log = logging.getLogger("stage1.dump")
 
-SETTINGS_FILE = "dump.json"
-CALIBRATION_FILE = "calibration.json"
-STORE_KIND = "alignti-teacher-store"
-
-
 class StoreMismatchError(PipelineError):
     """An existing store was written with other settings; mixing would corrupt it."""
 
 
-def store_settings(cfg: DumpConfig, processor) -> dict:
+def store_settings(cfg: DumpConfig, teacher: ModelIdentity, processor) -> dict:
     """Everything that determines the store's contents (and nothing that does not, like workers)."""
-    teacher = Path(cfg.teacher.path)
     return {
         "kind": STORE_KIND,
         "teacher": {
-            "path": str(teacher.resolve()),
-            "model_type": json.loads((teacher / "config.json").read_text())["model_type"],
-            "config_fingerprint": config_fingerprint(teacher),
-            "weights_fingerprint": weights_fingerprint(teacher),
+            "path": teacher.path,
+            "model_type": teacher.model_type,
+            "config_fingerprint": teacher.config_fingerprint,
+            "weights_fingerprint": teacher.weights_fingerprint(),
             "dtype": cfg.teacher.dtype,
-            "text_layers": int(_text_config(teacher)["num_hidden_layers"]),
+            "text_layers": teacher.text_layers,
         },
         "tokenizer": {"fingerprint": tokenizer_fingerprint(processor.tokenizer), "size": len(processor.tokenizer)},
         "chat_template_fingerprint": chat_template_fingerprint(processor),
@@ -76,11 +73,6 @@ def store_settings(cfg: DumpConfig, processor) -> dict:
         "shard_size": cfg.output.shard_size,
         "seed": cfg.seed,
     }
-
-
-def _text_config(model_dir: Path) -> dict:
-    config = json.loads((model_dir / "config.json").read_text())
-    return config.get("text_config", config)
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
@@ -115,12 +107,15 @@ def check_or_claim_store(store: Path, settings: dict) -> None:
 def run(cfg: DumpConfig) -> dict:
     t0 = time.time()
     store = Path(cfg.output.dir)
-    processor = load_processor(cfg.teacher.path)
-    settings = store_settings(cfg, processor)
+    # The teacher's config is read once, and its processor loaded once per process (an in-process
+    # executor's teacher takes this one; a Ray actor loads its own).
+    teacher = ModelIdentity.read(cfg.teacher.path)
+    processor = load_processor(cfg.teacher.path, teacher.model_type)
+    settings = store_settings(cfg, teacher, processor)
     check_or_claim_store(store, settings)
-    if (store / "manifest.json").is_file():
+    if (store / MANIFEST_NAME).is_file():
         manifest = read_manifest(store)
-        log.info("%s is complete (%d samples); nothing to do", store, manifest["n_samples"])
+        log.info("%s is complete (%d samples); nothing to do", store, manifest.n_samples)
         return manifest
 
     records = list(iter_records(cfg.data))
@@ -143,11 +138,11 @@ def run(cfg: DumpConfig) -> dict:
         sampled=cfg.signals.sampled.enabled,
         transitions=cfg.signals.transitions.enabled,
     )
-    with make_executor(cfg) as executor:
+    with make_executor(cfg, processor) as executor:
         layers, irs = calibrate(cfg, store, executor, records)
         executor.run_shards(todo, specs, layers, n_samples=sum(len(r) for r in todo.values()))
 
-    stats = signal_bytes(store, specs)
+    stats = signal_bytes(store)
     manifest = write_manifest(
         store,
         {
@@ -182,47 +177,19 @@ def calibrate(cfg: DumpConfig, store: Path, executor, records) -> tuple[list[int
         )
     log.info("calibrating saliency layers (IRS) on %d samples", len(subset))
     irs = executor.calibrate(subset)
-    best = max(irs, key=lambda layer: irs[layer])
-    layers = [best]
+    layers = select_layers(irs)
     atomic_write_text(path, json.dumps({"layers": layers, "irs": {str(k): v for k, v in irs.items()}}, indent=2))
     log.info("IRS per layer: %s -> layers %s", ", ".join(f"{k}:{v:.4f}" for k, v in sorted(irs.items())), layers)
     return layers, irs
 
 
-def signal_bytes(store: Path, specs) -> dict:
-    """Stored bytes of each signal, in total and per response token (compressed, on disk)."""
-    total: dict[str, int] = {}
-    n_resp = 0
-    for name in list_complete_shards(store):
-        shard = json.loads((store / "shards" / name / "shard.json").read_text())
-        n_resp += shard["rows"].get("resp_pos", 0)
-        for rel, f in shard["files"].items():
-            parts = Path(rel).parts
-            key = parts[1] if parts[0] == "arrays.zarr" and len(parts) > 2 else "index"
-            total[key] = total.get(key, 0) + f["bytes"]
-    groups = {
-        "response_topk": ["resp_pos", "resp_ids", "resp_logprobs"],
-        "response_sampled": ["resp_sample_n", "resp_sample_ids", "resp_sample_counts"],
-        "saliency": ["saliency"],
-        "visual_topk": ["vis_pos", "vis_weight", "vis_ids", "vis_logprobs"],
-        "transitions": ["tpa_pos", "tpa_cand", "tpa_cand_logprob", "tpa_ids", "tpa_logprobs"],
-        "index": ["index"],
-    }
-    out = {"response_tokens": n_resp}
-    for g, names in groups.items():
-        b = sum(total.get(n, 0) for n in names)
-        if b:
-            out[g] = {"bytes": b, "bytes_per_response_token": b / max(1, n_resp)}
-    return out
-
-
-def print_summary(store: Path, manifest: dict, stats: dict, wall: float) -> None:
+def print_summary(store: Path, manifest: Manifest, stats: dict, wall: float) -> None:
     lines = [
         f"teacher-dump complete: {store}",
-        f"  samples written  {manifest['n_samples']}",
-        f"  samples skipped  {manifest['n_skipped']} {manifest.get('skipped_reasons') or ''}",
+        f"  samples written  {manifest.n_samples}",
+        f"  samples skipped  {manifest.n_skipped} {manifest.skipped_reasons or ''}",
         f"  response tokens  {stats['response_tokens']}",
-        f"  saliency layers  {manifest['saliency']['layers']}",
+        f"  saliency layers  {manifest.saliency_layers}",
         "  bytes per response token:",
     ]
     for g, v in stats.items():

@@ -18,18 +18,19 @@ from stage1_teacher.shards import dump_shard
 log = logging.getLogger("stage1.executors")
 
 
-def make_executor(cfg: DumpConfig) -> AbstractContextManager:
-    return InProcessExecutor(cfg) if cfg.workers == 0 else RayExecutor(cfg)
+def make_executor(cfg: DumpConfig, processor=None) -> AbstractContextManager:
+    """``processor``: the teacher's, already loaded by the caller; the in-process teacher reuses it."""
+    return InProcessExecutor(cfg, processor) if cfg.workers == 0 else RayExecutor(cfg)
 
 
 class InProcessExecutor(AbstractContextManager):
     """One teacher in this process; shards run one after another (debuggable, no Ray)."""
 
-    def __init__(self, cfg: DumpConfig):
+    def __init__(self, cfg: DumpConfig, processor=None):
         from stage1_teacher.teacher import Teacher
 
         self.cfg = cfg
-        self.teacher = Teacher(cfg.teacher, cfg.signals, cfg.seed)
+        self.teacher = Teacher(cfg.teacher, cfg.signals, cfg.seed, processor)
 
     def calibrate(self, records) -> dict[int, float]:
         return self.teacher.calibrate(records, self.cfg.data.max_length, self.cfg.batch_size)

@@ -13,7 +13,8 @@ from pipeline.data import BadRecord, Record, SampleError, encode
 from pipeline.data.records import TEACHER_ERROR
 from pipeline.errors import PipelineError
 from schemas.signals import META_SCHEMA, pack
-from schemas.store import ArraySpec, ShardInfo, ShardWriter
+from schemas.layout import ArraySpec, ShardInfo
+from schemas.writer import ShardWriter
 
 log = logging.getLogger("stage1.shards")
 

@@ -24,12 +24,13 @@ import torch
 from transformers import AutoModelForImageTextToText
 
 from pipeline.data import EncodedSample, SampleError, encode
+from pipeline.devices import resolve_device, resolve_dtype
 from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from pipeline.processors import load_processor
 from schemas.signals import SampleSignals
+from pipeline.modeling.batching import collate_model_inputs, pad_token_id
 from pipeline.modeling.branches import (
-    collate_model_inputs,
     forward_branches_from_cache,
     pad_branches,
     placeholder_ids,
@@ -37,20 +38,11 @@ from pipeline.modeling.branches import (
     sequence_position_ids,
 )
 from stage1_teacher.config import SignalsConfig, TeacherConfig
+from pipeline.modeling.logits import kept_rows
 from pipeline.modeling.probe import IrsItem, capture, irs_table, sample_indices, text_decoder, turn_saliency
 from stage1_teacher.topk import sample_counts, select_transitions, topk_logprobs
 
 log = logging.getLogger("stage1.teacher")
-
-
-def resolve_device_dtype(device: str, dtype: str) -> tuple[torch.device, torch.dtype]:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("teacher.device=cuda but no GPU is visible to this worker")
-    if dtype == "auto":
-        dtype = "bfloat16" if device == "cuda" else "float32"
-    return torch.device(device), getattr(torch, dtype)
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -59,14 +51,16 @@ def sample_seed(seed: int, sample_id: str) -> int:
 
 
 class Teacher:
-    def __init__(self, cfg: TeacherConfig, signals: SignalsConfig, seed: int = 0):
-        self.device, self.dtype = resolve_device_dtype(cfg.device, cfg.dtype)
+    def __init__(self, cfg: TeacherConfig, signals: SignalsConfig, seed: int = 0, processor=None):
+        """``processor``: the checkpoint's, when the caller has loaded it already (else loaded here)."""
+        self.device = resolve_device(cfg.device, "teacher.device")
+        self.dtype = resolve_dtype(cfg.dtype, self.device)
         self.model = AutoModelForImageTextToText.from_pretrained(
             cfg.path, dtype=self.dtype, attn_implementation="sdpa", trust_remote_code=False
         ).to(self.device).eval()
-        self.processor = load_processor(cfg.path)
+        self.processor = load_processor(cfg.path) if processor is None else processor
         tok = self.processor.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_token_id(tok)
         self.signals_cfg = signals
         self.seed = seed
         self.n_layers = len(text_decoder(self.model).layers)
@@ -90,9 +84,8 @@ class Teacher:
         position_ids = sequence_position_ids(self.model, inputs)
         indices = [sample_indices(e) for e in batch]
         # Logits only where a distribution is stored: response and visual positions, union over the batch.
-        keep = np.unique(np.concatenate([np.concatenate([e.response_positions, e.visual_positions]) for e in batch]))
-        column = np.full(inputs["input_ids"].shape[1], -1, dtype=np.int64)
-        column[keep] = np.arange(len(keep))
+        keep, column = kept_rows([np.concatenate([e.response_positions, e.visual_positions]) for e in batch],
+                                 inputs["input_ids"].shape[1])
         want_branches = cfg.transitions.enabled
         with capture(self.model, layers, [i[0] for i in indices], [i[1] for i in indices]) as probe:
             out = self.model(

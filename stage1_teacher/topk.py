@@ -58,7 +58,7 @@ def topk_logprobs(
 
     logits: [N, V], any float dtype. Returns ``ids`` [N, k] int64 and ``logprobs`` [N, k] float32,
     sorted by decreasing probability. The log-probs are normalised over all V tokens, so the tail
-    mass ``m = 1 − Σ_k p`` is exact (see :func:`tail_mass`).
+    mass ``m = 1 − Σ_k p`` is exact (see ``pipeline.modeling.sparse.tail_mass``).
     """
     _check_2d(logits)
     n, v = logits.shape
@@ -69,12 +69,6 @@ def topk_logprobs(
     for rows, lp in _logprob_chunks(logits, temperature, chunk_rows):
         lps[rows], ids[rows] = torch.topk(lp, k, dim=-1)
     return ids, lps
-
-
-def tail_mass(logprobs: torch.Tensor) -> torch.Tensor:
-    """``1 − Σ exp(logprobs)`` over the last dim, computed as ``−expm1(logsumexp)`` (no cancellation
-    when the kept ids carry almost all the mass); clamped at 0 against rounding. [..., k] -> [...]."""
-    return (-torch.expm1(torch.logsumexp(logprobs.float(), dim=-1))).clamp_min(0.0)
 
 
 def sample_counts(

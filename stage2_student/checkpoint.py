@@ -17,7 +17,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from pipeline.errors import PipelineError
-from schemas.store import atomic_write_text
+from schemas.io import atomic_write_text
 
 LATEST = "latest"
 

@@ -78,9 +78,11 @@ from pipeline.data import EncodedSample, Record, read_records
 from pipeline.data.encode import IGNORE_INDEX
 from schemas import StoredSample, StoreFormatError, StoreReader
 from schemas.signals import SampleSignals, unpack
-from pipeline.modeling.branches import collate_model_inputs, pad_branches
+from pipeline.modeling.batching import collate_model_inputs, pad_token_id
+from pipeline.modeling.branches import pad_branches
 from pipeline.modeling.probe import sample_indices
-from schemas.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab, manifest_value
+from schemas.compat import check_ids_in_vocab, open_store
+from schemas.errors import IncompatibleStudentError
 from stage2_student.losses import PAD_ID
 from stage2_student.pixel_cache import PixelCache
 from stage2_student.reencode import ENCODING_MODES, EncodingMode, StudentDataError, StudentEncoder
@@ -682,7 +684,7 @@ class StoreDataset(IterableDataset):
 
     Args:
         store_dir: the teacher store.
-        processor: the student's processor (checked with ``check_compatible``).
+        processor: the student's processor (``open_store`` checks that the store serves it).
         batch_size: samples per batch.
         seed: data-order seed.
         start: (epoch, batches of that epoch this rank has already yielded); (0, 0) for a fresh run.
@@ -707,6 +709,9 @@ class StoreDataset(IterableDataset):
         read_cache_mb: per-process bound of the cache of decoded store chunks.
         pixel_cache_dir: root of the on-disk cache of preprocessed images (None: none).
         pixel_cache_max_gb: bound of this processor's pixel cache directory (None: no bound).
+        reader: the store already opened by ``open_store(store_dir, processor, temperature, ...)``,
+            which made every refusal (then ``verify_checksums`` and ``read_cache_mb`` were its
+            business); None: open it here, the same way.
     """
 
     def __init__(
@@ -736,6 +741,7 @@ class StoreDataset(IterableDataset):
         read_cache_mb: float = 128,
         pixel_cache_dir: str | Path | None = None,
         pixel_cache_max_gb: float | None = None,
+        reader: StoreReader | None = None,
     ) -> None:
         super().__init__()
         if batch_size < 1:
@@ -748,14 +754,14 @@ class StoreDataset(IterableDataset):
             raise ValueError(f"cache sizes must be >= 0 MB, got image_cache_mb={image_cache_mb}, read_cache_mb={read_cache_mb}")
         self.store_dir = Path(store_dir)
         self.read_cache_bytes = int(read_cache_mb * 2**20)
-        reader = StoreReader(self.store_dir, verify_checksums=verify_checksums, cache_bytes=self.read_cache_bytes)
+        if reader is None:
+            reader = open_store(self.store_dir, processor, temperature, verify_checksums, self.read_cache_bytes)
         self.manifest = reader.manifest
-        check_compatible(self.manifest, processor, temperature)
         self.processor = processor
         tok = processor.tokenizer
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.pad_id = pad_token_id(tok)
         self.vocab_size = len(tok) if vocab_size is None else int(vocab_size)
-        self.max_length = int(manifest_value(self.manifest, "dataset", "max_length") if max_length is None else max_length)
+        self.max_length = self.manifest.max_length if max_length is None else int(max_length)
         self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
         self.block_size, self.window_blocks = block_size, window_blocks
         self.rank, self.world_size, self.with_saliency = rank, world_size, with_saliency
@@ -796,7 +802,7 @@ class StoreDataset(IterableDataset):
         return self._reader
 
     def _read_records(self, reader: StoreReader, data_path, image_root, split) -> dict[str, Record]:
-        dataset = manifest_value(self.manifest, "dataset")
+        dataset = self.manifest.dataset
         if data_path is None:
             data_path, limit = dataset["path"], dataset.get("limit")
             image_root = dataset.get("image_root") if image_root is None else image_root

@@ -26,12 +26,13 @@ from pipeline.config import save_config, to_dict
 from pipeline.data.encode import IGNORE_INDEX
 from pipeline.errors import PipelineError
 from pipeline.logs import progress
-from schemas.store import fingerprint, read_manifest
-from pipeline.modeling.branches import forward_with_branches, logits_at
+from schemas.io import fingerprint
+from pipeline.modeling.branches import forward_with_branches
+from pipeline.modeling.logits import logits_at
 from pipeline.modeling.probe import capture
 from stage2_student import losses as L
 from stage2_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from schemas.compat import check_compatible
+from schemas.compat import check_compatible, open_store
 from stage2_student.config import DistillConfig
 from stage2_student.data import StoreDataset, StudentBatch
 from stage2_student.forward import SequenceLogits, causal_inputs, row_index
@@ -193,20 +194,24 @@ def run(cfg: DistillConfig) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    manifest = read_manifest(cfg.store.dir)
+    # The store is opened once: format version and checksums here, compatibility with the student
+    # once it is loaded (its chat template may come from the store).
+    reader = open_store(cfg.store.dir, verify_checksums=cfg.store.verify_checksums,
+                        cache_bytes=int(cfg.data.read_cache_mb * 2**20))
+    manifest = reader.manifest
     torch.manual_seed(cfg.seed)
-    model, processor = load_student(cfg.student, manifest["chat_template"], cfg.seed)
-    temperature = cfg.loss.temperature if cfg.loss.temperature is not None else manifest["signals"]["temperature"]
+    model, processor = load_student(cfg.student, manifest.chat_template, cfg.seed)
+    temperature = cfg.loss.temperature if cfg.loss.temperature is not None else manifest.temperature
     check_compatible(manifest, processor, temperature)
-    if cfg.loss.target == "sampled" and not manifest["signals"]["sampled"]["enabled"]:
+    if cfg.loss.target == "sampled" and not manifest.has_sampled:
         raise PipelineError(f"loss.target=sampled but the store {cfg.store.dir} was dumped without sampled targets")
-    if cfg.loss.tpa > 0 and not manifest["signals"]["transitions"]["enabled"]:
+    if cfg.loss.tpa > 0 and not manifest.has_transitions:
         raise PipelineError(f"loss.tpa > 0 but the store {cfg.store.dir} has no transition statistics")
 
     attn_layer = None
     if cfg.loss.iva_attention > 0:
-        t_layer = manifest["saliency"]["layers"][0]
-        t_layers = manifest["teacher"]["text_layers"]
+        t_layer = manifest.saliency_layers[0]
+        t_layers = manifest.teacher_text_layers
         attn_layer = cfg.loss.iva_attention_layer
         if attn_layer is None:
             attn_layer = map_layer(t_layer, t_layers, text_layers(model))
@@ -258,6 +263,7 @@ def run(cfg: DistillConfig) -> dict:
         read_cache_mb=cfg.data.read_cache_mb,
         pixel_cache_dir=cfg.data.pixel_cache_dir,
         pixel_cache_max_gb=cfg.data.pixel_cache_max_gb,
+        reader=reader,
     )
     if dataset.batches_this_rank == 0:
         raise PipelineError(f"store {cfg.store.dir} has no samples to train on")
@@ -304,8 +310,8 @@ def run(cfg: DistillConfig) -> dict:
             "store": {
                 "dir": str(Path(cfg.store.dir).resolve()),
                 "manifest_sha256": fingerprint(manifest),
-                "teacher": manifest["teacher"],
-                "tokenizer_fingerprint": manifest["tokenizer"]["fingerprint"],
+                "teacher": manifest.teacher,
+                "tokenizer_fingerprint": manifest.tokenizer_fingerprint,
             },
             "steps": step,
             "final_loss": last_terms,

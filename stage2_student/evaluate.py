@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -38,14 +37,17 @@ from transformers import AutoModelForImageTextToText, GenerationConfig
 from pipeline.config import check, to_dict
 from pipeline.data import BadRecord, DataSourceError, Record, SampleError, encode, read_records
 from pipeline.data.encode import to_messages
+from pipeline.devices import resolve_device
 from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH
 from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from pipeline.processors import load_processor
-from schemas import StoreReader
 from schemas.signals import unpack
-from pipeline.modeling.branches import collate_model_inputs, sequence_position_ids
-from schemas.compat import check_compatible, check_ids_in_vocab, manifest_value
+from pipeline.modeling.batching import collate_model_inputs, pad_token_id
+from pipeline.modeling.branches import sequence_position_ids
+from pipeline.modeling.logits import kept_rows
+from schemas.compat import check_ids_in_vocab, open_store
+from schemas.io import atomic_write_text
 from stage2_student.data import StudentDataError, remap
 from stage2_student.losses import bucket_logprobs, forward_kl
 from stage2_student.scoring import ANSWER_KIND, UNKNOWN_TYPE, format_table, is_correct, summarise
@@ -202,32 +204,6 @@ def iter_questions(records: list[Record], raws: dict[str, dict], processor, max_
 # ----------------------------------------------------------------------------------------------
 # generation
 
-_TOKEN_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}  # None: the pad id
-_IMAGE_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
-
-
-def left_pad(samples: list[dict], pad_id: int) -> dict:
-    """Batch processor outputs (each a batch of one) for generation: token tensors left-padded, image
-    tensors concatenated in order (both families take images flattened over the batch)."""
-    unknown = set().union(*(s.keys() for s in samples)) - set(_TOKEN_KEYS) - set(_IMAGE_KEYS)
-    if unknown:
-        raise ValueError(f"cannot batch processor outputs {sorted(unknown)}")
-    length = max(int(s["input_ids"].shape[1]) for s in samples)
-    out: dict[str, torch.Tensor] = {}
-    for key, fill in _TOKEN_KEYS.items():
-        if key == "attention_mask" or any(key in s for s in samples):
-            rows = []
-            for s in samples:
-                x = s.get(key, torch.ones_like(s["input_ids"]) if key == "attention_mask" else torch.zeros_like(s["input_ids"]))
-                rows.append(torch.nn.functional.pad(x, (length - x.shape[1], 0), value=pad_id if fill is None else fill))
-            out[key] = torch.cat(rows)
-    for key in _IMAGE_KEYS:
-        parts = [s[key] for s in samples if key in s]
-        if parts:
-            out[key] = torch.cat(parts)
-    return out
-
-
 def _stop_ids(model, tokenizer) -> list[int]:
     eos = model.generation_config.eos_token_id
     eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -240,9 +216,9 @@ def _stop_ids(model, tokenizer) -> list[int]:
 def generate_answers(model, processor, questions: list[Question], max_new_tokens: int, device: torch.device) -> list[str]:
     """Greedy answers to one batch of questions (left-padded), decoded up to the first stop token."""
     tok = processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     stops = _stop_ids(model, tok)
-    inputs = {k: v.to(device) for k, v in left_pad([q.inputs for q in questions], pad_id).items()}
+    inputs = {k: v.to(device) for k, v in collate_model_inputs([q.inputs for q in questions], pad_id, side="left").items()}
     # An explicit config: greedy whatever sampling defaults the checkpoint ships with.
     gen = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
                            eos_token_id=stops, pad_token_id=pad_id)
@@ -264,16 +240,14 @@ def agreement(model, processor, records: list[Record], store_dir: str | Path, ma
               batch_size: int, device: torch.device) -> dict:
     """Mean forward KL (stored (k+1)-bucket coarsening, dump temperature) and top-1 agreement between
     the teacher's stored response distributions and ``model``'s, over the samples in both."""
-    reader = StoreReader(store_dir)
-    manifest = reader.manifest
-    check_compatible(manifest, processor)
-    tau = float(manifest_value(manifest, "signals", "temperature"))
+    reader = open_store(store_dir, processor)
+    tau = reader.manifest.temperature
     stored = set(reader.sample_ids())
     common = [r for r in records if r.sample_id in stored]
     if not common:
         raise PipelineError(f"no sample of the question file is in the store {store_dir}; agreement needs the data it was dumped from")
     tok = processor.tokenizer
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    pad_id = pad_token_id(tok)
     kl_sum, agree, positions, samples, skipped = 0.0, 0, 0, 0, []
     batches = [common[i : i + batch_size] for i in range(0, len(common), batch_size)]
     for batch in progress(batches, desc="agreement", unit="batch"):
@@ -297,9 +271,7 @@ def agreement(model, processor, records: list[Record], store_dir: str | Path, ma
             continue
         inputs = {k: v.to(device) for k, v in collate_model_inputs([e.model_inputs for e in encoded], pad_id).items()}
         # Logits only at response positions (union over the batch), as the dump computed them.
-        keep = np.unique(np.concatenate([t.resp_pos for t in targets]))
-        column = np.full(inputs["input_ids"].shape[1], -1, dtype=np.int64)
-        column[keep] = np.arange(len(keep))
+        keep, column = kept_rows([t.resp_pos for t in targets], inputs["input_ids"].shape[1])
         logits = model(**inputs, position_ids=sequence_position_ids(model, inputs),
                        logits_to_keep=torch.as_tensor(keep, device=device)).logits
         rows = torch.cat([logits[b, torch.as_tensor(column[t.resp_pos], device=device)] for b, t in enumerate(targets)])
@@ -329,14 +301,6 @@ def agreement(model, processor, records: list[Record], store_dir: str | Path, ma
 # the command
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device=cuda but no GPU is visible")
-    return torch.device(device)
-
-
 def read_question_file(path: str | Path, image_root: str | None, limit: int | None) -> tuple[list[Record], dict[str, dict], list[dict]]:
     """(records, raw records by id, skipped) of the first ``limit`` records of a LLaVA file."""
     path = Path(path)
@@ -353,9 +317,7 @@ def read_question_file(path: str | Path, image_root: str | None, limit: int | No
 
 def _write_json(path: Path, obj: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def run(cfg: EvalConfig) -> dict:

@@ -8,7 +8,7 @@ Two savings on ``distill``'s forward, neither of which changes a loss or a gradi
   TPA its branch rows). In a multi-turn sample with an image most positions (image, instructions,
   template) are read by none, and with a real vocabulary that tensor dominates the activation
   memory (2048 positions × 152k entries in fp32 is 1.2 GB per sample, and its gradient as much
-  again). :func:`row_index` lists the distinct read pairs, ``pipeline.modeling.branches.logits_at`` makes
+  again). :func:`row_index` lists the distinct read pairs, ``pipeline.modeling.logits.logits_at`` makes
   the head run on those alone, :class:`SequenceLogits` finds each term's rows among them.
 * **No padding mask for right-padded batches** (the forward without branch rows). With right
   padding, the keys a real token may see under the causal mask are real tokens already; the

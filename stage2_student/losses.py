@@ -37,11 +37,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from pipeline.modeling.sparse import tail_logprob
+
 PAD_ID = -1
 """Id value of a padded (unused) slot in ``ids``."""
 
 _NEG_INF = float("-inf")
-_LN2 = math.log(2.0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -116,33 +117,6 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
-def log1mexp(x: Tensor) -> Tensor:
-    """log(1 - exp(x)) for x < 0, accurate over the whole range (Maechler 2012, "Accurately
-    Computing log(1 - exp(-|a|))"): log(-expm1(x)) near 0, log1p(-exp(x)) far from it.
-
-    Both branches only ever see inputs in their own range, so neither produces inf/NaN gradients
-    that a `where` would multiply by 0. At x = 0 the result is -inf (callers clamp first).
-    """
-    near_zero = x > -_LN2
-    a = torch.log(-torch.expm1(torch.where(near_zero, x, -_LN2)))
-    b = torch.log1p(-torch.exp(torch.where(near_zero, -_LN2, x)))
-    return torch.where(near_zero, a, b)
-
-
-def _tail_logprob(logp_k: Tensor) -> Tensor:
-    """Log of the mass outside the stored ids, floored at eps (see [tail floor note]).
-
-    Args:
-        logp_k: [N, k] log-probs of the stored ids, -inf at padded slots.
-    Returns:
-        [N] log(max(1 - sum exp(logp_k), ~eps)); 0 for a row with no stored id.
-    """
-    eps = torch.finfo(logp_k.dtype).eps
-    covered = torch.logsumexp(logp_k, dim=-1)
-    # Clamp before log1mexp so it is never evaluated at 0 (whose gradient is infinite).
-    return log1mexp(covered.clamp(max=math.log1p(-eps)))
-
-
 def _student_logprobs_at(student_logits: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
     """Student log-probs at ``ids`` with one logsumexp per row and a gather.
 
@@ -185,8 +159,8 @@ def bucket_logprobs(
         )
     s_k, valid_k = _student_logprobs_at(student_logits, ids)
     t_k = torch.where(valid_k, teacher_logprobs.detach().to(s_k.dtype), _NEG_INF)
-    t_logp = torch.cat([t_k, _tail_logprob(t_k).unsqueeze(-1)], dim=-1)
-    s_logp = torch.cat([s_k, _tail_logprob(s_k).unsqueeze(-1)], dim=-1)
+    t_logp = torch.cat([t_k, tail_logprob(t_k).unsqueeze(-1)], dim=-1)
+    s_logp = torch.cat([s_k, tail_logprob(s_k).unsqueeze(-1)], dim=-1)
     valid = torch.cat([valid_k, torch.ones_like(valid_k[:, :1])], dim=-1)
     return t_logp, s_logp, valid
 

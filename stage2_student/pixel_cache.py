@@ -71,7 +71,7 @@ import torch
 import transformers
 
 from pipeline.errors import PipelineError
-from schemas.store import atomic_write_text, fingerprint
+from schemas.io import atomic_write_text, fingerprint
 
 log = logging.getLogger("stage2.data")
 

@@ -54,7 +54,7 @@ from pipeline.data.records import OVER_LENGTH
 from pipeline.errors import PipelineError
 from schemas import StoreFormatError
 from schemas.signals import SampleSignals
-from schemas.store import LRUBytes
+from schemas.reader import LRUBytes
 from schemas.compat import IncompatibleStudentError
 from stage2_student.pixel_cache import PixelCache
 

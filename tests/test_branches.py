@@ -17,15 +17,16 @@ from conftest import write_image
 
 from pipeline.data.encode import encode
 from pipeline.data.records import Record, Turn
+from pipeline.modeling.batching import collate_model_inputs
 from pipeline.modeling.branches import (
-    collate_model_inputs,
     forward_branches_from_cache,
     forward_with_branches,
     pad_branches,
     sequence_lengths,
     sequence_position_ids,
 )
-from stage1_teacher.topk import sample_counts, select_transitions, tail_mass, topk_logprobs
+from pipeline.modeling.sparse import tail_mass
+from stage1_teacher.topk import sample_counts, select_transitions, topk_logprobs
 
 ATOL = 1e-5  # on float32 log-probs
 

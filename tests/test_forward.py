@@ -13,7 +13,8 @@ from test_dump import dump_config, make_dataset
 from pipeline.config import from_dict
 from pipeline.data.encode import IGNORE_INDEX
 from pipeline.tools.tiny import build_tiny_vlm
-from pipeline.modeling.branches import forward_with_branches, logits_at
+from pipeline.modeling.branches import forward_with_branches
+from pipeline.modeling.logits import logits_at
 from stage1_teacher.dump import run as dump
 from stage2_student import losses as L
 from stage2_student.config import DistillConfig

@@ -11,22 +11,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from schemas.store import (
-    FORMAT_VERSION,
-    ArraySpec,
-    ShardWriter,
-    StoreFormatError,
-    StoreReader,
-    file_sha256,
-    fingerprint,
-    json_field,
-    list_complete_shards,
-    read_manifest,
-    remove_partial_shards,
-    shard_name,
-    verify_store,
-    write_manifest,
-)
+from schemas.errors import StoreFormatError
+from schemas.io import file_sha256, fingerprint
+from schemas.layout import FORMAT_VERSION, ArraySpec, list_complete_shards, remove_partial_shards, shard_name
+from schemas.manifest import read_manifest, write_manifest
+from schemas.meta_columns import json_field
+from schemas.reader import StoreReader
+from schemas.verify import verify_store
+from schemas.writer import ShardWriter
 
 SPECS = {
     "resp_ids": ArraySpec("int32", (4,)),
@@ -455,7 +447,7 @@ def test_chunk_cache_decodes_each_chunk_once(store):
 
 
 def test_lru_bytes_keeps_the_most_recent_within_its_bound():
-    from schemas.store import LRUBytes
+    from schemas.reader import LRUBytes
 
     c = LRUBytes(10)
     c.put("a", 1, 4)

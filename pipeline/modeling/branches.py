@@ -12,10 +12,10 @@ forward over ``x_0 … x_t, c`` gives at its last position. Two ways to run them
   forward's own output, and the branches then cost only their own tokens).
 
 Both build their token and position rows with :func:`_branch_rows`, so they cannot drift apart.
-:func:`logits_at` makes a forward's output head run only at given (sample, position) pairs;
+``logits.logits_at`` makes a forward's output head run only at given (sample, position) pairs;
 ``forward_with_branches(..., seq_rows=...)`` uses it for the sequence rows a loss reads.
 
-Batches: a sample's inputs are right-padded to the batch's longest sequence (:func:`collate_model_inputs`)
+Batches: a sample's inputs are right-padded to the batch's longest sequence (``pipeline.modeling.batching.collate_model_inputs``)
 and its branch rows to the largest branch count, padded rows marked by ``branch_pos == -1``
 (:func:`pad_branches`). A padded branch row sees only itself, so it stays finite; its logits are
 meaningless. Branches only ever see ``x_0 … x_t`` with ``t`` inside the sample, so padding keys are
@@ -55,14 +55,13 @@ import contextlib
 
 import torch
 
+from pipeline.modeling.logits import logits_at
+
 # Position-id layouts by model type (``config.model_type``); another family must be added explicitly.
 ROPE_1D_MODEL_TYPES = ("llava",)
 MROPE_MODEL_TYPES = ("qwen2_vl",)
 # Config attributes naming tokens that the wrapper replaces by vision features: never a branch token.
 _PLACEHOLDER_ATTRS = {"llava": ("image_token_id",), "qwen2_vl": ("image_token_id", "video_token_id")}
-# Processor outputs: per-token [1, T] tensors are right-padded (with this value), the rest concatenated.
-_PADDED_KEYS = {"input_ids": None, "attention_mask": 0, "mm_token_type_ids": 0}
-_CONCAT_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 # Inputs the model gets from us (explicit ids, mask, positions) rather than from the processor.
 _REPLACED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids")
 _MASK_KERNELS = ("sdpa", "eager")
@@ -76,40 +75,6 @@ def _model_type(model) -> str:
             f"supported: {list(ROPE_1D_MODEL_TYPES + MROPE_MODEL_TYPES)}"
         )
     return model_type
-
-
-def collate_model_inputs(samples: list[dict], pad_id: int) -> dict:
-    """Batch processor outputs (each a batch of one): token tensors right-padded, image tensors concatenated.
-
-    ``input_ids`` are padded with ``pad_id``, ``attention_mask`` and ``mm_token_type_ids`` with 0;
-    ``pixel_values``, ``image_grid_thw``, ``image_sizes`` are concatenated over the images of all
-    samples in order (both families take images flattened over the batch).
-    """
-    keys = set().union(*(s.keys() for s in samples))
-    unknown = keys - set(_PADDED_KEYS) - set(_CONCAT_KEYS)
-    if unknown:
-        raise ValueError(f"cannot batch processor outputs {sorted(unknown)}")
-    if any(s["input_ids"].shape[0] != 1 for s in samples):
-        raise ValueError("collate_model_inputs takes samples of batch size 1")
-    length = max(s["input_ids"].shape[1] for s in samples)
-    out: dict[str, torch.Tensor] = {}
-    for key, fill in _PADDED_KEYS.items():
-        if key not in keys:
-            continue
-        fill = pad_id if fill is None else fill
-        rows = []
-        for s in samples:
-            x = s[key] if key in s else torch.zeros_like(s["input_ids"])
-            rows.append(torch.nn.functional.pad(x, (0, length - x.shape[1]), value=fill))
-        out[key] = torch.cat(rows)
-    for key in _CONCAT_KEYS:
-        parts = [s[key] for s in samples if key in s]
-        if parts:
-            out[key] = torch.cat(parts)
-    if "attention_mask" not in out:
-        lens = torch.tensor([s["input_ids"].shape[1] for s in samples])
-        out["attention_mask"] = (torch.arange(length)[None, :] < lens[:, None]).long()
-    return out
 
 
 def pad_branches(
@@ -263,7 +228,7 @@ def forward_with_branches(
     for 1-D branch inputs): ``branch_logits[b, r]`` are the logits of ``p(· | x≤t, c)`` with
     ``t = branch_pos[b, r]``, ``c = branch_tok[b, r]``. Gradients flow (no ``no_grad`` here).
     With ``seq_rows`` = (batch, pos) index tensors [N], the head runs only on those sequence
-    positions and the branch rows (:func:`logits_at`), and ``seq_logits`` is [N, V], row i for
+    positions and the branch rows (``logits.logits_at``), and ``seq_logits`` is [N, V], row i for
     ``(batch[i], pos[i])``.
 
     Layout ([in-row note]): sample b's branch rows take the places right after its own
@@ -319,37 +284,6 @@ def forward_with_branches(
     n = len(seq_rows[0])
     seq_logits, branch_logits = out.logits[0, :n], out.logits[0, n:].view(*slot.shape, -1)
     return (seq_logits, branch_logits[0]) if single else (seq_logits, branch_logits)
-
-
-@contextlib.contextmanager
-def logits_at(model: torch.nn.Module, batch: torch.Tensor, pos: torch.Tensor):
-    """For one forward inside the block, the output head sees only the final hidden states at
-    ``(batch[i], pos[i])``: the model's logits come out as ``[1, N, V]``, row i for pair i.
-
-    A forward pre-hook on the output embedding, so the call still goes through the model's own
-    (possibly DDP-wrapped) forward. Losses that read few positions save the head's matmul and the
-    ``[B, T, V]`` logits (1.2 GB in fp32 for 2048 positions of a 152k vocabulary, per sample, and as
-    much again for its gradient). Refuses (RuntimeError) a forward in which the head did not run
-    exactly once, where the rows could not be trusted to be the final hidden states'.
-    """
-    inner = getattr(model, "module", model)  # DDP and similar wrappers
-    head = inner.get_output_embeddings()
-    if head is None:
-        raise RuntimeError(f"{type(inner).__name__} has no output embedding to pick logit rows for")
-    calls = []
-
-    def pick(module, args):
-        (hidden,) = args
-        calls.append(hidden.shape)
-        return (hidden[batch, pos].unsqueeze(0),)
-
-    handle = head.register_forward_pre_hook(pick)
-    try:
-        yield
-    finally:
-        handle.remove()
-    if len(calls) != 1:
-        raise RuntimeError(f"expected one call of the output head of {type(inner).__name__} in the block, saw {len(calls)}")
 
 
 def forward_branches_from_cache(

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 from pipeline.config import ConfigError, describe, load_config, save_config
 from pipeline.errors import PipelineError
 from pipeline.logs import setup_logging
-from schemas.store import StoreFormatError
+from schemas.errors import StoreFormatError
 
 log = logging.getLogger("pipeline")
 

@@ -23,7 +23,10 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from schemas.store import INDEX_NAME, SHARDS_DIR, StoredSample, StoreFormatError, StoreReader, verify_store
+from schemas.errors import StoreFormatError
+from schemas.layout import INDEX_NAME, SHARDS_DIR, StoredSample
+from schemas.reader import StoreReader
+from schemas.verify import verify_store
 
 log = logging.getLogger("pipeline.inspect")
 

@@ -1,0 +1,61 @@
+"""Logits at chosen rows only: with a real vocabulary the ``[B, T, V]`` logits of a plain forward
+are most of a forward's memory, and the head's matmul much of its time, so both stages run the
+output head only where a distribution is read.
+
+* :func:`kept_rows` — for HF's ``logits_to_keep``: the union of the positions a batch reads, and
+  each position's row in the kept logits (Stage 1's teacher, the evaluator's agreement).
+* :func:`logits_at` — a forward pre-hook on the output head: logits at given (sample, position)
+  pairs (Stage 2's losses, and the sequence rows of ``branches.forward_with_branches``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+
+def kept_rows(positions: list[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(keep, column)`` for a batch whose sample ``b`` reads logits at ``positions[b]``.
+
+    ``keep``: the sorted union of the positions (pass it as ``logits_to_keep``: the logits come out
+    ``[B, len(keep), V]``); ``column`` [seq_len]: the row of each position in those logits, -1 where
+    it is not kept. Sample ``b``'s rows are then ``logits[b, column[positions[b]]]``.
+    """
+    keep = np.unique(np.concatenate(positions)) if positions else np.zeros(0, np.int64)
+    column = np.full(seq_len, -1, dtype=np.int64)
+    column[keep] = np.arange(len(keep))
+    return keep, column
+
+
+@contextlib.contextmanager
+def logits_at(model: torch.nn.Module, batch: torch.Tensor, pos: torch.Tensor):
+    """For one forward inside the block, the output head sees only the final hidden states at
+    ``(batch[i], pos[i])``: the model's logits come out as ``[1, N, V]``, row i for pair i.
+
+    A forward pre-hook on the output embedding, so the call still goes through the model's own
+    (possibly DDP-wrapped) forward. Losses that read few positions save the head's matmul and the
+    ``[B, T, V]`` logits (1.2 GB in fp32 for 2048 positions of a 152k vocabulary, per sample, and as
+    much again for its gradient). Refuses (RuntimeError) a forward in which the head did not run
+    exactly once, where the rows could not be trusted to be the final hidden states'.
+    """
+    inner = getattr(model, "module", model)  # DDP and similar wrappers
+    head = inner.get_output_embeddings()
+    if head is None:
+        raise RuntimeError(f"{type(inner).__name__} has no output embedding to pick logit rows for")
+    calls = []
+
+    def pick(module, args):
+        (hidden,) = args
+        calls.append(hidden.shape)
+        return (hidden[batch, pos].unsqueeze(0),)
+
+    handle = head.register_forward_pre_hook(pick)
+    try:
+        yield
+    finally:
+        handle.remove()
+    if len(calls) != 1:
+        raise RuntimeError(f"expected one call of the output head of {type(inner).__name__} in the block, saw {len(calls)}")
+
