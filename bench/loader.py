@@ -73,8 +73,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402  (after common: it sets up sys.path and offline mode)
 from torch.utils.data import DataLoader  # noqa: E402
 
-import stage2_student.data as data_module  # noqa: E402
-import stage2_student.reencode as reencode_module  # noqa: E402
+import stage2_student.data.dataset as dataset_module  # noqa: E402
+import stage2_student.data.reencode as reencode_module  # noqa: E402
 from pipeline.data import Record  # noqa: E402
 from pipeline.data.encode import IGNORE_INDEX  # noqa: E402
 from pipeline.processors import load_processor  # noqa: E402
@@ -82,8 +82,8 @@ from schemas import StoreReader  # noqa: E402
 from schemas.reader import _ShardIndex  # noqa: E402
 from stage1_teacher.dump import run as dump  # noqa: E402
 from stage2_student.data import StoreDataset, StudentTargets, collate, epoch_order, epoch_samples  # noqa: E402
-from stage2_student.pixel_cache import PixelCache  # noqa: E402
-from stage2_student.reencode import StudentEncoder  # noqa: E402
+from stage2_student.data.pixel_cache import PixelCache  # noqa: E402
+from stage2_student.data.reencode import StudentEncoder  # noqa: E402
 
 TARGET = 0.5
 
@@ -349,14 +349,14 @@ def main() -> None:
             "read_block (zarr + index)": (StoreReader, "read_block"),
             "  array rows (zarr or chunk cache)": (StoreReader, "_rows"),
             "  index rows (Parquet -> dicts)": (_ShardIndex, "meta_rows"),
-            "unpack": (data_module, "unpack"),
+            "unpack": (dataset_module, "unpack"),
             "student encoding (all)": (StudentEncoder, "__call__"),
             "  image read + decode + sha256": (Record, "load"),
             "  image preprocess (processor)": (StudentEncoder, "_preprocess"),
             "  pixel cache read (disk)": (PixelCache, "get"),
             "  processor re-encode (encode)": (reencode_module, "encode"),
-            "remap": (data_module, "remap"),
-            "collate": (data_module, "collate"),
+            "remap": (dataset_module, "remap"),
+            "collate": (dataset_module, "collate"),
         }
         top = ["read_block (zarr + index)", "unpack", "student encoding (all)", "remap", "collate"]
 

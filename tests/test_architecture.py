@@ -108,7 +108,7 @@ def test_no_module_imports_from_a_floor_above_or_across_the_stages():
         ("pipeline.data.records", "def f():\n    from pipeline.tools.tiny import build_tiny_vlm\n", "floor 3) from floor 1"),
         ("stage2_student.distill", "from stage1_teacher import dump\n", "the stages never import each other"),
         ("stage1_teacher.teacher", "from stage2_student.losses import forward_kl\n", "the stages never import each other"),
-        ("schemas.store", "from . import signals\nfrom pipeline import config\n", "floor 1) from floor 0"),
+        ("schemas.reader", "from . import signals\nfrom pipeline import config\n", "floor 1) from floor 0"),
     ],
 )
 def test_the_checker_catches_an_upward_import(module, source, expected):

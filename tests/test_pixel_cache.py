@@ -1,4 +1,4 @@
-"""stage2_student.pixel_cache on its own: exact round trip, commit by index line, damage, foreign
+"""stage2_student.data.pixel_cache on its own: exact round trip, commit by index line, damage, foreign
 directories, the size bound, several writing processes. (With StoreDataset: test_stage2_data.py.)"""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import multiprocessing as mp
 import pytest
 import torch
 
-from stage2_student.pixel_cache import CONFIG_FILE, DATA_SUFFIX, INDEX_SUFFIX, PixelCache, PixelCacheError
+from stage2_student.data.pixel_cache import CONFIG_FILE, DATA_SUFFIX, INDEX_SUFFIX, PixelCache, PixelCacheError
 
 
 def key(i: int) -> str:

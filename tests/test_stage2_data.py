@@ -27,7 +27,6 @@ from stage2_student import losses as L
 from schemas.compat import IncompatibleStudentError, check_compatible, check_ids_in_vocab
 from stage2_student.data import (
     StoreDataset,
-    _remap_visual,
     StudentDataError,
     batches_per_epoch,
     epoch_order,
@@ -35,8 +34,9 @@ from stage2_student.data import (
     packed,
     remap,
 )
-from stage2_student.pixel_cache import PixelCache
-from stage2_student.reencode import StudentEncoder
+from stage2_student.data.pixel_cache import PixelCache
+from stage2_student.data.reencode import StudentEncoder
+from stage2_student.data.remap import _remap_visual
 
 # --------------------------------------------------------------------------------------------------
 # fixtures: one store per family (10 samples in shards of 4, 4, 2), students built from presets
@@ -491,7 +491,7 @@ def test_dataset_missing_record_is_named(store, student, tmp_path):
 
 
 # --------------------------------------------------------------------------------------------------
-# the student's encoding from the store (stage2_student.reencode)
+# the student's encoding from the store (stage2_student.data.reencode)
 
 
 def assert_same_encoding(fast: EncodedSample, slow: EncodedSample) -> None:
@@ -660,7 +660,7 @@ def test_packed_batch_is_one_buffer_with_the_same_values(store, student):
 
 
 # --------------------------------------------------------------------------------------------------
-# the on-disk pixel cache (stage2_student.pixel_cache) behind the student's encoding
+# the on-disk pixel cache (stage2_student.data.pixel_cache) behind the student's encoding
 
 
 def _no_image_reads(monkeypatch) -> None:

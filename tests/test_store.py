@@ -1,4 +1,4 @@
-"""Tests for schemas.store: the Zarr + Parquet shard store (DESIGN.md section 5). Tiny, CPU."""
+"""Tests for the store format (schemas: writer, manifest, reader, verify): the Zarr + Parquet shard store (DESIGN.md section 5). Tiny, CPU."""
 
 from __future__ import annotations
 

@@ -29,7 +29,7 @@ Images are read (and their sha256 compared with the store's) the first time a sa
 a process, and again whenever one of its images has left the cache; a sample whose images are all
 cached is not read again in that process.
 
-With a pixel cache directory (``stage2_student.pixel_cache``, ``data.pixel_cache_dir``), an image
+With a pixel cache directory (``stage2_student.data.pixel_cache``, ``data.pixel_cache_dir``), an image
 missing from the RAM cache is looked up there before it is read, and every image preprocessed is
 written there. A sample whose images are all in it is not read at all, in any process or run: the
 entries hold the tensors of the file whose sha256 the store records (checked when they were
@@ -55,8 +55,8 @@ from pipeline.errors import PipelineError
 from schemas import StoreFormatError
 from schemas.signals import SampleSignals
 from schemas.reader import LRUBytes
-from schemas.compat import IncompatibleStudentError
-from stage2_student.pixel_cache import PixelCache
+from schemas.errors import IncompatibleStudentError
+from stage2_student.data.pixel_cache import PixelCache
 
 log = logging.getLogger("stage2.data")
 

@@ -1,0 +1,270 @@
+"""Teacher positions -> student positions: one sample's teacher signals on the student's sequence.
+
+:func:`remap` moves one sample's teacher signals onto the student's own encoding of the same
+conversation, through the segment spans (text tokens one-to-one, image blocks block to block,
+integer pooling of the visual grid allowed; see ``[pooling note]``), giving its
+:class:`StudentTargets`.
+
+[pooling note] When the student's grid ``(r, c)`` is the teacher's ``(R, C)`` pooled by integer
+factors ``fr = R / r``, ``fc = C / c``, student cell ``(i, j)`` covers teacher cells
+``(i*fr .. i*fr+fr-1, j*fc .. j*fc+fc-1)``:
+
+* saliency: area sum over the covered cells, so each turn's map keeps its total (1);
+* visual-position distributions, stored only at the teacher's most salient cells: the student
+  cell's target is the mean over the stored covered cells ``S`` of their top-k distributions,
+  ``q(id) = (1/|S|) Σ_{v∈S} p_v(id)``, with ``p_v(id) = 0`` when ``id`` is not in cell ``v``'s
+  top-k (its mass stays in ``v``'s tail, hence in ``q``'s tail ``1 − Σ q``); the ``k`` most
+  probable ids of the union are kept (the rest joins the tail). The weight is ``Σ_{v∈S} w_v``
+  (``w_v`` = the stored turn-mean saliency), i.e. the area sum restricted to stored cells.
+  Approximation: the teacher never saw a merged token, so this mixture of its per-cell
+  predictions stands in for ``p_T`` at the student's cell; the zero-fill biases ids that are in
+  some cells' top-k but not others' down by at most the other cells' tail mass / |S|, and no mass
+  is invented (``Σ q ≤ 1``). Equal grids are the identity (stored values copied, not recomputed).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.data import EncodedSample
+from schemas import StoreFormatError
+from schemas.signals import SampleSignals
+from schemas.errors import IncompatibleStudentError
+from stage2_student.losses import PAD_ID
+
+
+@dataclass
+class StudentTargets:
+    """One sample's teacher signals on the student's sequence (positions index the student's tokens).
+
+    Row counts: R response positions, P stored visual rows, J turns, V student visual positions,
+    M branch rows (one per (t, c)). Ids are padded with -1 (log-probs -inf) where a pooled cell's
+    union has fewer than k ids.
+    """
+
+    sample_id: str
+    labels: np.ndarray  # int64 [T]: the student's labels (token at t, IGNORE_INDEX outside answers)
+    resp_pos: np.ndarray  # int64 [R]
+    resp_ids: np.ndarray  # int64 [R, k]
+    resp_logprobs: np.ndarray  # float32 [R, k]
+    vis_pos: np.ndarray  # int64 [P]
+    vis_weight: np.ndarray  # float32 [P]
+    vis_ids: np.ndarray  # int64 [P, k]
+    vis_logprobs: np.ndarray  # float32 [P, k]
+    saliency: np.ndarray  # float32 [J, V]: s_j over the student's visual positions (V = 0: text only)
+    sample_ids: np.ndarray | None = None  # int64 [R, m], -1 padded     (sampled target)
+    sample_counts: np.ndarray | None = None  # int64 [R, m], 0 padded
+    tpa_pos: np.ndarray | None = None  # int64 [M]                     (transitions)
+    tpa_cand: np.ndarray | None = None  # int64 [M]
+    tpa_cand_logprob: np.ndarray | None = None  # float32 [M]
+    tpa_ids: np.ndarray | None = None  # int64 [M, k']
+    tpa_logprobs: np.ndarray | None = None  # float32 [M, k']
+
+
+def _segments(ids: np.ndarray, blocks: list[tuple[int, int]]) -> list[np.ndarray]:
+    """Positions of the text runs around the visual blocks ``[(start, length), ...]`` (len(blocks) + 1)."""
+    out, cursor = [], 0
+    for start, length in blocks:
+        out.append(np.arange(cursor, start))
+        cursor = start + length
+    out.append(np.arange(cursor, len(ids)))
+    return out
+
+
+def _equal(a: np.ndarray, b: np.ndarray) -> bool:
+    """Same shape and values (``np.array_equal`` without its overhead, for 1-D int arrays)."""
+    return a.shape == b.shape and bool((a == b).all())
+
+
+def _text_mask(n: int, blocks: list[tuple[int, int]]) -> np.ndarray:
+    """bool [n]: True at the positions of a sequence of ``n`` tokens outside the visual blocks."""
+    text = np.ones(n, dtype=bool)
+    for start, length in blocks:
+        text[start : start + length] = False
+    return text
+
+
+def _text_mismatch(where: str, t_ids, s_ids, t_blocks, s_blocks) -> IncompatibleStudentError:
+    """The error for text that differs: the first text segment and token where it does."""
+    for j, (tp, sp) in enumerate(zip(_segments(t_ids, t_blocks), _segments(s_ids, s_blocks))):
+        a, b = t_ids[tp], s_ids[sp]
+        if len(a) != len(b) or not np.array_equal(a, b):
+            n = min(len(a), len(b))
+            diff = np.flatnonzero(a[:n] != b[:n])
+            at = int(diff[0]) if len(diff) else n
+            seen = (f"teacher token {int(a[at]) if at < len(a) else 'end'} vs student token "
+                    f"{int(b[at]) if at < len(b) else 'end'}")
+            return IncompatibleStudentError(
+                f"{where}: the text tokens differ between the teacher's sequence and the student's "
+                f"(text segment {j}, token {at}: {seen}); the tokenizer or chat template differs"
+            )
+    raise AssertionError(f"{where}: _text_mismatch called on equal text")
+
+
+def _pool_sum(x: np.ndarray, grid: tuple[int, int], factor: tuple[int, int]) -> np.ndarray:
+    """[..., R*C] row-major cells -> [..., r*c]: area sum over fr x fc cells."""
+    (rows, cols), (fr, fc) = grid, factor
+    lead = x.shape[:-1]
+    y = x.astype(np.float64).reshape(*lead, rows // fr, fr, cols // fc, fc).sum(axis=(-3, -1))
+    return y.reshape(*lead, (rows // fr) * (cols // fc)).astype(np.float32)
+
+
+def _union_mean(ids: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean of n sparse distributions (rows of ids/logprobs [n, k]) over the union of their ids.
+
+    A row's missing id counts as 0; the k most probable ids are kept (ties: smaller id first),
+    padded with -1 / -inf. See [pooling note].
+    """
+    flat_ids, flat_lp = ids.reshape(-1), logprobs.reshape(-1).astype(np.float64)
+    valid = flat_ids >= 0
+    uniq, inverse = np.unique(flat_ids[valid], return_inverse=True)
+    mass = np.bincount(inverse, weights=np.exp(flat_lp[valid]), minlength=len(uniq)) / ids.shape[0]
+    keep = np.lexsort((uniq, -mass))[:k]
+    out_ids = np.full(k, PAD_ID, dtype=np.int64)
+    out_lp = np.full(k, -np.inf, dtype=np.float32)
+    out_ids[: len(keep)] = uniq[keep]
+    with np.errstate(divide="ignore"):
+        out_lp[: len(keep)] = np.log(mass[keep])
+    return out_ids, out_lp
+
+
+def _remap_visual(teacher: SampleSignals, geometry: list, n_turns: int, k: int, where: str):
+    """Visual signals block to block (equal grids copied, pooled grids per [pooling note]):
+    saliency [J, V_student], and the stored rows' positions, weights, ids and log-probs."""
+    sal_parts, vis_rows = [], []  # per block: saliency [J, r*c]; (pos, weight, ids, logprobs)
+    t_offset = covered = 0
+    for t_start, t_len, (R, C), (r, c), s_start in geometry:
+        fr, fc = R // r, C // c
+        block_sal = teacher.saliency[:, t_offset : t_offset + t_len]
+        t_offset += t_len
+        in_block = (teacher.vis_pos >= t_start) & (teacher.vis_pos < t_start + t_len)
+        rows = np.flatnonzero(in_block)
+        covered += len(rows)
+        cells = teacher.vis_pos[rows] - t_start
+        if fr == fc == 1:  # identity: copy the stored values
+            sal_parts.append(block_sal.astype(np.float32))
+            vis_rows.append((s_start + cells, teacher.vis_weight[rows], teacher.vis_ids[rows], teacher.vis_logprobs[rows]))
+            continue
+        sal_parts.append(_pool_sum(block_sal, (R, C), (fr, fc)))
+        target = (cells // C // fr) * c + (cells % C) // fc  # student cell of each stored row
+        cell_ids, group = np.unique(target, return_inverse=True)
+        ids = np.empty((len(cell_ids), k), dtype=np.int64)
+        lps = np.empty((len(cell_ids), k), dtype=np.float32)
+        weights = np.zeros(len(cell_ids), dtype=np.float64)
+        for g in range(len(cell_ids)):
+            members = rows[group == g]
+            ids[g], lps[g] = _union_mean(teacher.vis_ids[members], teacher.vis_logprobs[members], k)
+            weights[g] = teacher.vis_weight[members].astype(np.float64).sum()
+        vis_rows.append((s_start + cell_ids, weights.astype(np.float32), ids, lps))
+    if covered != len(teacher.vis_pos):
+        raise StoreFormatError(f"{where}: a stored visual position lies outside every image block")
+    saliency = np.concatenate(sal_parts, axis=1) if sal_parts else np.zeros((n_turns, 0), np.float32)
+    if len(vis_rows) == 1:
+        return (saliency, *vis_rows[0])
+    if vis_rows:
+        return (saliency, *(np.concatenate(x) for x in zip(*vis_rows)))
+    return (saliency, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, k), np.int64),
+            np.zeros((0, k), np.float32))
+
+
+def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
+    """The teacher's signals of one sample, moved onto the student's encoding of it.
+
+    Every non-visual token must be equal and in the same order in both sequences; image blocks
+    correspond in order. Response and branch positions are text and map one-to-one; visual
+    signals map block to block: equal grids are copied, integer-pooled grids are area-summed /
+    averaged ([pooling note]); anything else raises IncompatibleStudentError naming both
+    geometries and the sample.
+    """
+    sid = teacher.sample_id
+    where = f"sample {sid!r}"
+    t_blocks = [(int(b["start"]), int(b["length"])) for b in teacher.visual_blocks]
+    s_blocks = [(b.start, b.length) for b in student.visual_blocks]
+    if len(t_blocks) != len(s_blocks):
+        raise IncompatibleStudentError(
+            f"{where}: the teacher's sequence has {len(t_blocks)} image block(s), the student's "
+            f"{len(s_blocks)}; the processor or chat template differs"
+        )
+
+    # Text: the tokens outside the image blocks, equal and in the same order in both sequences.
+    t_ids, s_ids = np.asarray(teacher.input_ids), np.asarray(student.input_ids)
+    t_text = _text_mask(len(t_ids), t_blocks)
+    if t_blocks == s_blocks and _equal(t_ids, s_ids):  # same layout (equal grids): identity
+        pos_map = np.where(t_text, np.arange(len(t_ids)), -1)
+    else:
+        tp, sp = np.flatnonzero(t_text), np.flatnonzero(_text_mask(len(s_ids), s_blocks))
+        if not _equal(t_ids[tp], s_ids[sp]):
+            raise _text_mismatch(where, t_ids, s_ids, t_blocks, s_blocks)
+        pos_map = np.full(len(t_ids), -1, dtype=np.int64)  # teacher text position -> student position
+        pos_map[tp] = sp
+
+    def text_positions(pos: np.ndarray, what: str) -> np.ndarray:
+        pos = np.asarray(pos, dtype=np.int64)
+        if len(pos) and (pos.min() < 0 or pos.max() >= len(t_ids)):
+            raise StoreFormatError(f"{where}: stored {what} position outside the sequence of {len(t_ids)} tokens")
+        out = pos_map[pos]
+        if (out < 0).any():
+            bad = int(pos[np.flatnonzero(out < 0)[0]])
+            raise StoreFormatError(f"{where}: stored {what} position {bad} is a visual token, expected text")
+        return out
+
+    resp_pos = text_positions(teacher.resp_pos, "response")
+    if not _equal(resp_pos, student.response_positions):
+        raise IncompatibleStudentError(
+            f"{where}: the teacher's response positions do not map onto the student's "
+            f"({len(resp_pos)} vs {len(student.response_positions)} positions); the chat template differs"
+        )
+
+    # Visual: block to block.
+    n_turns = len(student.turns)
+    if t_blocks and teacher.saliency.shape[0] != n_turns:
+        raise IncompatibleStudentError(
+            f"{where}: the store has saliency maps for {teacher.saliency.shape[0]} turn(s), the student's "
+            f"encoding has {n_turns}; the chat template differs"
+        )
+    k = teacher.vis_ids.shape[1]
+    geometry = []  # per block: (teacher start, length, teacher grid, student grid, student start)
+    for b, (tb, sb) in enumerate(zip(teacher.visual_blocks, student.visual_blocks)):
+        (R, C), (r, c) = tuple(int(x) for x in tb["grid"]), tuple(int(x) for x in sb.grid)
+        t_start, t_len = int(tb["start"]), int(tb["length"])
+        if R * C != t_len:
+            raise StoreFormatError(f"{where}: image {b}: grid {R}x{C} but {t_len} visual tokens")
+        if R % r or C % c:
+            raise IncompatibleStudentError(
+                f"{where}: image {b}: the teacher's visual grid {R}x{C} vs the student's {r}x{c}; "
+                "a student grid must be the teacher's pooled by an integer factor in each direction"
+            )
+        geometry.append((t_start, t_len, (R, C), (r, c), sb.start))
+    vis_pos = teacher.vis_pos
+    if (all(tg == sg and ts == ss for ts, _, tg, sg, ss in geometry)
+            and (len(vis_pos) < 2 or (vis_pos[1:] >= vis_pos[:-1]).all())):
+        # Every image where it was, with the teacher's grid (the stored rows are in position
+        # order, as Stage 1 writes them): the block-by-block identity below, in one step.
+        if len(vis_pos) and (vis_pos[0] < 0 or vis_pos[-1] >= len(t_ids) or t_text[vis_pos].any()):
+            raise StoreFormatError(f"{where}: a stored visual position lies outside every image block")
+        saliency = teacher.saliency.astype(np.float32) if t_blocks else np.zeros((n_turns, 0), np.float32)
+        vis_weight, vis_ids, vis_lp = teacher.vis_weight, teacher.vis_ids, teacher.vis_logprobs
+    else:
+        saliency, vis_pos, vis_weight, vis_ids, vis_lp = _remap_visual(teacher, geometry, n_turns, k, where)
+
+    return StudentTargets(
+        sample_id=sid,
+        labels=np.asarray(student.labels, dtype=np.int64),
+        resp_pos=resp_pos,
+        resp_ids=np.asarray(teacher.resp_ids, dtype=np.int64),
+        resp_logprobs=np.asarray(teacher.resp_logprobs, dtype=np.float32),
+        vis_pos=vis_pos.astype(np.int64, copy=False),
+        vis_weight=vis_weight.astype(np.float32, copy=False),
+        vis_ids=vis_ids.astype(np.int64, copy=False),
+        vis_logprobs=vis_lp.astype(np.float32, copy=False),
+        saliency=saliency,
+        sample_ids=teacher.sample_ids,
+        sample_counts=teacher.sample_counts,
+        tpa_pos=None if teacher.tpa_pos is None else text_positions(teacher.tpa_pos, "branch"),
+        tpa_cand=teacher.tpa_cand,
+        tpa_cand_logprob=None if teacher.tpa_cand_logprob is None else np.asarray(teacher.tpa_cand_logprob, np.float32),
+        tpa_ids=teacher.tpa_ids,
+        tpa_logprobs=None if teacher.tpa_logprobs is None else np.asarray(teacher.tpa_logprobs, np.float32),
+    )
