@@ -109,7 +109,8 @@ class Manifest(dict):
     """A store's ``manifest.json``: the document itself (a ``dict``, as written, so it serialises and
     hashes like the file) plus typed, checked properties for everything the product reads from it.
 
-    Code reads the properties; subscripts are left for tools that show the whole document.
+    Code reads the properties (or :meth:`value`, which refuses a missing key naming it);
+    :meth:`optional` serves tools that report a missing entry instead of refusing.
     """
 
     def __init__(self, path: Path, doc: dict) -> None:
@@ -123,6 +124,15 @@ class Manifest(dict):
             if not isinstance(value, dict) or k not in value:
                 raise StoreFormatError(f"store manifest {self.path} has no {'.'.join(keys[: i + 1])!r}; "
                                        "not a teacher store of this format")
+            value = value[k]
+        return value
+
+    def optional(self, *keys: str) -> Any:
+        """``self[k0][k1]...``, or None where a key is missing (for tools that report, not refuse)."""
+        value: Any = self
+        for k in keys:
+            if not isinstance(value, dict) or k not in value:
+                return None
             value = value[k]
         return value
 

@@ -13,18 +13,10 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import PipelineError
-from pipeline.tools.inspect_store import (
-    SALIENCY_SUM_TOL,
-    main_inspect,
-    main_verify,
-    overlay,
-    render,
-    sample_json,
-    stats,
-    verify,
-    verify_signals,
-)
+from pipeline.tools.inspect_store import main_inspect, main_verify, sample_json, stats, verify
+from pipeline.tools.render import overlay, render
 from schemas import ShardWriter, write_manifest
+from schemas.signal_checks import SALIENCY_SUM_TOL, verify_signals
 from schemas.signals import META_SCHEMA, SampleSignals, array_specs, pack
 
 VOCAB, K, KP, DRAWS, IMAGE_TOKEN = 50, 8, 4, 20, 49

@@ -182,7 +182,7 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
     plot_accuracy(summary, reports / "accuracy.png")
 
     log.info("[6/6] saliency overlays of the teacher store")
-    from pipeline.tools.inspect_store import render
+    from pipeline.tools.render import render
 
     render(str(out / "stores" / "train"), str(reports / "saliency"), n_samples=4)
     print(table)
