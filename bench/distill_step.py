@@ -316,7 +316,7 @@ def main() -> None:
             "teacher_text_params": t_params,
             "student_text_params": s_params,
             "store_dump_s": dump_s,
-            "store_signals": manifest["signals"],
+            "store_signals": manifest.signals,
             "samples": n_samples,
             "batches": len(batches),
             "sequence_tokens": seq_tokens,

@@ -192,10 +192,10 @@ def main() -> None:
             took = {k: sum(v) for k, v in phase.items()}
             e2e = {
                 "wall_s": wall,
-                "samples": manifest["n_samples"],
-                "samples_per_s": manifest["n_samples"] / wall,
+                "samples": manifest.n_samples,
+                "samples_per_s": manifest.n_samples / wall,
                 "shards_phase_s": took["shards"],
-                "samples_per_s_shards_phase": manifest["n_samples"] / took["shards"],
+                "samples_per_s_shards_phase": manifest.n_samples / took["shards"],
                 "encode_s": took["encode"],
                 "signals_s": took["signals"],
                 "pack_and_add_s": took["pack_write"],

@@ -107,7 +107,7 @@ def dump(teacher: Path, data: Path, out: Path, args, sampled: bool) -> dict:
     s = cfg.signals
     specs = array_specs(s.top_k, s.transitions.top_k, sampled=sampled, transitions=s.transitions.enabled)
     rows = raw_rows(out)
-    stored = manifest["signal_bytes"]
+    stored = manifest.signal_bytes
     n_resp = stored["response_tokens"]
     groups = {}
     for g, names in GROUPS.items():
@@ -132,22 +132,22 @@ def dump(teacher: Path, data: Path, out: Path, args, sampled: bool) -> dict:
         "raw_bytes": None,
         "stored_per_response_token": stored["index"]["bytes_per_response_token"],
         "raw_per_response_token": None,
-        "units": manifest["n_samples"],
+        "units": manifest.n_samples,
         "unit": "sample",
-        "stored_per_unit": stored["index"]["bytes"] / manifest["n_samples"],
+        "stored_per_unit": stored["index"]["bytes"] / manifest.n_samples,
         "raw_per_unit": None,
     }
     total_stored = sum(v["stored_bytes"] for v in groups.values())
     total_raw = sum(v["raw_bytes"] or 0 for v in groups.values())
     return {
         "wall_s": wall,
-        "samples": manifest["n_samples"],
+        "samples": manifest.n_samples,
         "response_tokens": n_resp,
         "rows": rows,
         "groups": groups,
         "total_stored_per_response_token": total_stored / n_resp,
         "total_raw_per_response_token_excl_index": total_raw / n_resp,
-        "signals": manifest["signals"],
+        "signals": manifest.signals,
     }
 
 

@@ -164,8 +164,8 @@ def child(args) -> None:
             {
                 **phases,
                 "total_s": total,
-                "samples": manifest["n_samples"],
-                "shards": len(manifest["shards"]),
+                "samples": manifest.n_samples,
+                "shards": len(manifest.shards),
                 # 1-minute load average (all processes on the machine, Ray's own included) around the run
                 "load_average_1min": [load_before, os.getloadavg()[0]],
             }

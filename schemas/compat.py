@@ -6,14 +6,14 @@ temperature, §5.1 reuse).
 every compatibility refusal, once.
 
 A store serves any student whose tokenizer fingerprint and chat template equal the teacher's: then
-every text token of a sample is the same id at a position the segment spans can map (data.remap).
+every text token of a sample is the same id at a position the segment spans can map (``stage2_student.data.remap``).
 What is *not* compared, on purpose:
 
 * the embedding matrix size: padded rows (e.g. 152064 vs 151936) are a property of the model, not
   of the tokenizer (``tokenizer_fingerprint`` hashes vocabulary, merges and special tokens only);
   what matters is that every stored id is a real token of the student (`check_ids_in_vocab`);
 * the image processor: a student may see fewer visual tokens; its geometry is checked per sample
-  in data.remap (integer pooling of the teacher's grid, or refused naming both grids).
+  in ``stage2_student.data.remap`` (integer pooling of the teacher's grid, or refused naming both grids).
 
 Temperature is fixed at dump time: training at another one is refused, never approximated.
 """

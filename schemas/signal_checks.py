@@ -1,9 +1,9 @@
 """The semantic checks of a teacher store's signals: what every stored sample must mean (DESIGN.md §3).
 
-- :func:`verify` = :func:`schemas.store.verify_store` (structure: versions, checksums, offsets) +
+- :func:`verify` = :func:`schemas.verify.verify_store` (structure: versions, checksums, offsets) +
   :func:`verify_signals` (meaning: every sample's signals obey DESIGN.md §3; see ``SIGNAL_CHECKS``).
 
-They check the layout of :mod:`schemas.signals` as read back by :class:`schemas.store.StoreReader`;
+They check the layout of :mod:`schemas.signals` as read back by :class:`schemas.reader.StoreReader`;
 the tolerances below say how far float32 / float16 rounding may move a stored number.
 ``pipeline verify STORE`` prints their result.
 """

@@ -1,6 +1,6 @@
 """``pipeline verify STORE`` and ``pipeline inspect STORE``: check a teacher store and look inside it.
 
-- :func:`verify` (from :mod:`schemas.signal_checks`) = :func:`schemas.store.verify_store` (structure:
+- :func:`verify` (from :mod:`schemas.signal_checks`) = :func:`schemas.verify.verify_store` (structure:
   versions, checksums, offsets) + :func:`~schemas.signal_checks.verify_signals` (meaning: every
   sample's signals obey DESIGN.md §3; see ``SIGNAL_CHECKS`` there).
 - :func:`stats` summarises a store from its manifest and Parquet indexes (no array reads).

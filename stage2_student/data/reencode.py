@@ -3,7 +3,7 @@
 Stage 2 needs, per sample, what ``pipeline.data.encode`` gives for the *student's* processor: token
 ids, labels, visual blocks, turn position sets and model inputs. Re-running the chat template and the
 tokenizer for that is wasted work: a store serves only students whose tokenizer and chat template
-equal the teacher's (``compat.check_compatible``), so every text token of the student's sequence is
+equal the teacher's (``schemas.compat.check_compatible``), so every text token of the student's sequence is
 the teacher's, in the same order. Only the visual blocks differ (a pooled grid, another geometry).
 :class:`StudentEncoder` therefore ([fast path note]):
 
