@@ -76,6 +76,11 @@ class ModelIdentity:
         return int(self.config.get("text_config", self.config)["num_hidden_layers"])
 
     @property
+    def head_rows(self) -> int:
+        """Rows of the output head (``vocab_size`` of the language model's config), padding included."""
+        return int(self.config.get("text_config", self.config)["vocab_size"])
+
+    @property
     def config_fingerprint(self) -> str:
         return fingerprint(self.config)
 

@@ -171,6 +171,11 @@ class Manifest(dict):
         return self.value("chat_template")
 
     @property
+    def vocab_size(self) -> int:
+        """Real tokens of the teacher's tokenizer: every stored id is below it (padded head rows masked)."""
+        return int(self.value("tokenizer", "size"))
+
+    @property
     def teacher(self) -> dict:
         """Teacher identity: path, model_type, config and weights fingerprints, dtype, text_layers."""
         return dict(self.value("teacher"))

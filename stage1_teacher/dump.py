@@ -22,6 +22,7 @@ from pipeline import __version__
 from pipeline.config import to_dict
 from pipeline.data import BadRecord, iter_records
 from pipeline.errors import PipelineError
+from pipeline.modeling.logits import real_vocab_size
 from pipeline.modeling.probe import select_layers
 from pipeline.processors import load_processor
 from schemas.fingerprints import (
@@ -54,6 +55,7 @@ class StoreMismatchError(PipelineError):
 
 def store_settings(cfg: DumpConfig, teacher: ModelIdentity, processor) -> dict:
     """Everything that determines the store's contents (and nothing that does not, like workers)."""
+    n_tokens = real_vocab_size(processor.tokenizer, teacher.head_rows, f"teacher {teacher.path}")
     return {
         "kind": STORE_KIND,
         "teacher": {
@@ -65,6 +67,8 @@ def store_settings(cfg: DumpConfig, teacher: ModelIdentity, processor) -> dict:
             "text_layers": teacher.text_layers,
         },
         "tokenizer": {"fingerprint": tokenizer_fingerprint(processor.tokenizer), "size": len(processor.tokenizer)},
+        # Distributions are over the tokenizer's tokens; the head's padded rows are masked (§3.1).
+        "vocabulary": {"tokens": n_tokens, "head_rows": teacher.head_rows, "masked_rows": teacher.head_rows - n_tokens},
         "chat_template_fingerprint": chat_template_fingerprint(processor),
         "chat_template": processor.chat_template,
         "processor_fingerprint": processor_fingerprint(processor),

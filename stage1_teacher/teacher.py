@@ -38,7 +38,7 @@ from pipeline.modeling.branches import (
     sequence_position_ids,
 )
 from stage1_teacher.config import SignalsConfig, TeacherConfig
-from pipeline.modeling.logits import kept_rows
+from pipeline.modeling.logits import kept_rows, real_vocab_size
 from pipeline.modeling.probe import IrsItem, capture, irs_table, sample_indices, text_decoder, turn_saliency
 from stage1_teacher.topk import sample_counts, select_transitions, topk_logprobs
 
@@ -61,6 +61,10 @@ class Teacher:
         self.processor = load_processor(cfg.path) if processor is None else processor
         tok = self.processor.tokenizer
         self.pad_id = pad_token_id(tok)
+        # Every distribution is over the tokenizer's tokens only (DESIGN.md §3.1): output rows at or
+        # above len(tokenizer) are padding (Qwen2: 152,064 rows for 151,646 tokens) and are cut off
+        # the logits before any log-softmax, top-k, sampled target or candidate choice.
+        self.vocab_size = real_vocab_size(tok, self.model.get_output_embeddings().weight.shape[0], cfg.path)
         self.signals_cfg = signals
         self.seed = seed
         self.n_layers = len(text_decoder(self.model).layers)
@@ -95,7 +99,7 @@ class Teacher:
                 logits_to_keep=torch.as_tensor(keep, device=self.device),
             )
             blocks = [probe.block(b) for b in range(len(batch))]
-        logits = out.logits  # [B, len(keep), V]
+        logits = out.logits[..., : self.vocab_size]  # [B, len(keep), V]: the real tokens' rows
 
         results, branches = [], []
         for b, enc in enumerate(batch):
@@ -155,7 +159,7 @@ class Teacher:
                 branch_logits = forward_branches_from_cache(
                     self.model, out.past_key_values, position_ids, pos.to(self.device), tok.to(self.device),
                     sequence_lengths(inputs),
-                )
+                )[..., : self.vocab_size]
                 for b, sig in enumerate(results):
                     n = len(sig.tpa_pos)
                     ids, lp = topk_logprobs(branch_logits[b, :n], k2, cfg.temperature)

@@ -28,7 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from schemas.io import fingerprint
 from pipeline.modeling.branches import forward_with_branches
-from pipeline.modeling.logits import logits_at
+from pipeline.modeling.logits import logits_at, real_vocab_size
 from pipeline.modeling.probe import capture
 from stage2_student import losses as L
 from stage2_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -134,11 +134,14 @@ def loss_pairs(batch: StudentBatch, cfg: DistillConfig) -> dict[str, tuple[torch
     return pairs
 
 
-def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: int | None) -> tuple[torch.Tensor, dict[str, float]]:
+def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: int | None,
+                   vocab_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: one student forward (sequence + TPA branch rows), every active loss term.
 
     The head runs only at the pairs the terms read (and the TPA branch rows); a forward without
-    branch rows runs under the causal mask alone (``stage2_student.forward``)."""
+    branch rows runs under the causal mask alone (``stage2_student.forward``). ``vocab_size``: the
+    real tokens; the logits' padded columns above it are cut off before every loss, so the
+    student's distributions have the teacher's support (DESIGN.md §3.1; None: every column)."""
     lc = cfg.loss
     inputs = batch.model_inputs
     tpa = batch.tpa if lc.tpa > 0 else None
@@ -160,6 +163,9 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
                 head_rows = model(**causal_inputs(inputs)).logits[0]
         if p is not None:
             attn = [p.block(i) for i in range(ids.shape[0])]
+    if vocab_size is not None:
+        head_rows = head_rows[..., :vocab_size]
+        branch_logits = None if branch_logits is None else branch_logits[..., :vocab_size]
     logits = SequenceLogits(head_rows, index)
 
     terms: dict[str, torch.Tensor | None] = {"sft": None, "kd": None, "iva": None, "tpa": None, "iva_attention": None}
@@ -203,6 +209,8 @@ def run(cfg: DistillConfig) -> dict:
     model, processor = load_student(cfg.student, manifest.chat_template, cfg.seed)
     temperature = cfg.loss.temperature if cfg.loss.temperature is not None else manifest.temperature
     check_compatible(manifest, processor, temperature)
+    vocab_size = real_vocab_size(processor.tokenizer, model.get_output_embeddings().weight.shape[0],
+                                 f"student {cfg.student.path or cfg.student.language_model}")
     if cfg.loss.target == "sampled" and not manifest.has_sampled:
         raise PipelineError(f"loss.target=sampled but the store {cfg.store.dir} was dumped without sampled targets")
     if cfg.loss.tpa > 0 and not manifest.has_transitions:
@@ -279,7 +287,7 @@ def run(cfg: DistillConfig) -> dict:
                 epoch, batch_in_epoch, batch = next(stream)
                 batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):
-                    loss, terms = compute_losses(model, batch, cfg, attn_layer)
+                    loss, terms = compute_losses(model, batch, cfg, attn_layer, vocab_size)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)

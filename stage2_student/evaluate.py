@@ -45,7 +45,7 @@ from pipeline.processors import load_processor
 from schemas.signals import unpack
 from pipeline.modeling.batching import collate_model_inputs, pad_token_id
 from pipeline.modeling.branches import sequence_position_ids
-from pipeline.modeling.logits import kept_rows
+from pipeline.modeling.logits import kept_rows, real_vocab_size
 from schemas.compat import check_ids_in_vocab, open_store
 from schemas.io import atomic_write_text
 from stage2_student.data import StudentDataError, remap
@@ -248,6 +248,8 @@ def agreement(model, processor, records: list[Record], store_dir: str | Path, ma
         raise PipelineError(f"no sample of the question file is in the store {store_dir}; agreement needs the data it was dumped from")
     tok = processor.tokenizer
     pad_id = pad_token_id(tok)
+    # The model's distributions over its real tokens, the support of the stored ones (§3.1).
+    vocab = real_vocab_size(tok, model.get_output_embeddings().weight.shape[0], "the evaluated model")
     kl_sum, agree, positions, samples, skipped = 0.0, 0, 0, 0, []
     batches = [common[i : i + batch_size] for i in range(0, len(common), batch_size)]
     for batch in progress(batches, desc="agreement", unit="batch"):
@@ -273,7 +275,7 @@ def agreement(model, processor, records: list[Record], store_dir: str | Path, ma
         # Logits only at response positions (union over the batch), as the dump computed them.
         keep, column = kept_rows([t.resp_pos for t in targets], inputs["input_ids"].shape[1])
         logits = model(**inputs, position_ids=sequence_position_ids(model, inputs),
-                       logits_to_keep=torch.as_tensor(keep, device=device)).logits
+                       logits_to_keep=torch.as_tensor(keep, device=device)).logits[..., :vocab]
         rows = torch.cat([logits[b, torch.as_tensor(column[t.resp_pos], device=device)] for b, t in enumerate(targets)])
         ids = torch.as_tensor(np.concatenate([t.resp_ids for t in targets]), device=device)
         lps = torch.as_tensor(np.concatenate([t.resp_logprobs for t in targets]), device=device)

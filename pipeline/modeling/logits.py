@@ -6,6 +6,9 @@ output head only where a distribution is read.
   each position's row in the kept logits (Stage 1's teacher, the evaluator's agreement).
 * :func:`logits_at` — a forward pre-hook on the output head: logits at given (sample, position)
   pairs (Stage 2's losses, and the sequence rows of ``branches.forward_with_branches``).
+* :func:`real_vocab_size` — the columns that are tokens: checkpoints carry padded output rows
+  (Qwen2: 152,064 rows for 151,646 tokens); both stages cut the logits to ``len(tokenizer)``
+  columns before any log-softmax (DESIGN.md §3.1), so both sides share one support.
 """
 
 from __future__ import annotations
@@ -14,6 +17,20 @@ import contextlib
 
 import numpy as np
 import torch
+
+from pipeline.errors import PipelineError
+
+
+def real_vocab_size(tokenizer, head_rows: int, where: str) -> int:
+    """``len(tokenizer)``, the number of real tokens (the logits' columns below it). A tokenizer with
+    more tokens than the model has output rows is refused: its extra tokens could never be predicted."""
+    n = len(tokenizer)
+    if n > head_rows:
+        raise PipelineError(
+            f"{where}: the tokenizer has {n} tokens but the model's output head only {head_rows} rows; "
+            "the tokenizer does not belong to this model"
+        )
+    return n
 
 
 def kept_rows(positions: list[np.ndarray], seq_len: int) -> tuple[np.ndarray, np.ndarray]:

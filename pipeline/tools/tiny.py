@@ -123,6 +123,7 @@ class TinySpec:
     image_size: int = 32  # llava: square input side; qwen2_vl: target side for min/max pixels
     patch: int = 8  # llava: ViT patch; qwen2_vl: effective patch after the 2x2 merge
     max_positions: int = 1024
+    padded_rows: int = 0  # output-head rows beyond the tokenizer's tokens (real checkpoints pad, e.g. Qwen2 +418)
 
 
 PRESETS = {
@@ -133,9 +134,9 @@ PRESETS = {
 }
 
 
-def _text_ids(tok: PreTrainedTokenizerFast) -> dict:
+def _text_ids(tok: PreTrainedTokenizerFast, padded_rows: int = 0) -> dict:
     return dict(
-        vocab_size=len(tok),
+        vocab_size=len(tok) + padded_rows,
         bos_token_id=tok.convert_tokens_to_ids(BOS_TURN),
         eos_token_id=tok.convert_tokens_to_ids(EOS_TURN),
         pad_token_id=tok.convert_tokens_to_ids(PAD),
@@ -160,7 +161,7 @@ def build_llava(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_positions,
-        **_text_ids(tok),
+        **_text_ids(tok, spec.padded_rows),
     )
     n_tokens = (spec.image_size // spec.patch) ** 2
     config = LlavaConfig(
@@ -206,7 +207,7 @@ def build_qwen2_vl(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_positions,
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-        **_text_ids(tok),
+        **_text_ids(tok, spec.padded_rows),
     )
     vision = dict(
         depth=spec.vision_layers,
