@@ -18,6 +18,7 @@ from schemas.errors import StoreFormatError
 from schemas.layout import StoredSample
 from schemas.manifest import Manifest
 from schemas.reader import StoreReader
+from schemas.signals import turn_sees_image
 from schemas.verify import verify_store
 
 # Tolerances of the semantic checks.
@@ -47,8 +48,10 @@ resp_pos: unique, equal to the union of the turns' response positions
 resp_ids/resp_logprobs, vis_ids/vis_logprobs, tpa_ids/tpa_logprobs: one row per position; log-probs
   finite and <= 0, each row sorted descending, sum(exp) <= 1 (tail mass >= 0); ids in
   [0, tokenizer.size) and unique within a row (-1 is padding, only at a row's end)
-saliency: n_turns * |V| values (0 for text-only samples), finite, >= 0, each turn's map sums to 1
-vis_pos: unique, inside the visual blocks; vis_weight = turn-mean saliency there, one per position
+saliency: n_turns * |V| values (0 for text-only samples), finite, >= 0, each turn's map sums to 1;
+  a turn that cannot see a visual token (its instructions all before the image) has no map: all zeros
+vis_pos: unique, inside the visual blocks; vis_weight = turn-mean saliency there (over the turns
+  that have a map), one per position; none when no turn has a map
 resp_sample_*: resp_sample_n per response position, ids in the vocabulary and unique per position,
   counts >= 1 and summing to signals.sampled.draws per position
 tpa_*: positions among resp_pos, at most signals.transitions.max_positions of them, at most
@@ -198,11 +201,20 @@ def _sample_problems(s: StoredSample, ctx: _Context, where: str) -> list[str]:
         if not np.isfinite(smap).all() or (smap < 0).any():
             bad("saliency", "values must be finite and >= 0")
         sums = smap.sum(axis=1)
-        off = np.abs(sums - 1.0) > SALIENCY_SUM_TOL
+        # A turn none of whose instruction tokens comes after a visual token cannot see the image:
+        # it has no map (an all-zero row, never a uniform one); every other turn's map sums to 1.
+        sees = np.array([turn_sees_image(t["instruction"], blocks) for t in turns], dtype=bool)
+        off = sees & (np.abs(sums - 1.0) > SALIENCY_SUM_TOL)
         if off.any():
             j = _first(off)
             bad("saliency", f"{int(off.sum())} of {n_turns} turn maps do not sum to 1 within {SALIENCY_SUM_TOL} "
                             f"(first: turn {j}, sum {sums[j]:.4g})")
+        stray = ~sees & (sums != 0)
+        if stray.any():
+            j = _first(stray)
+            bad("saliency", f"turn {j} cannot see any visual token but has a map (sum {sums[j]:.4g}); "
+                            "a turn without information must have no map (all zeros)")
+        smap = smap[sees]
 
     # -- visual-position distributions
     vis_pos = a["vis_pos"].astype(np.int64)
@@ -214,10 +226,12 @@ def _sample_problems(s: StoredSample, ctx: _Context, where: str) -> list[str]:
     w = a["vis_weight"]
     if len(w) != len(vis_pos):
         bad("vis_weight", f"{len(w)} rows for {len(vis_pos)} visual positions")
-    elif smap is not None and not outside.any():
+    elif smap is not None and len(smap) == 0 and len(vis_pos):
+        bad("vis_pos", f"{len(vis_pos)} stored visual positions but no turn has a saliency map to choose them by")
+    elif smap is not None and len(smap) and not outside.any():
         col = np.searchsorted(np.sort(vis_all), vis_pos)
         col = np.argsort(vis_all)[col]
-        mean = smap.mean(axis=0)[col]
+        mean = smap.mean(axis=0)[col]  # over the turns that have a map
         off = ~np.isclose(w, mean, rtol=VIS_WEIGHT_RTOL, atol=VIS_WEIGHT_ATOL)
         if off.any():
             i = _first(off)

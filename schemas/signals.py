@@ -37,9 +37,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from schemas.errors import StoreFormatError
-from schemas.layout import ARRAYS_DIR, SHARD_JSON, SHARDS_DIR, ArraySpec, StoredSample, list_complete_shards
+from schemas.layout import ARRAYS_DIR, INDEX_NAME, SHARD_JSON, SHARDS_DIR, ArraySpec, StoredSample, list_complete_shards
 from schemas.meta_columns import json_field
 
 META_SCHEMA = pa.schema(
@@ -81,6 +82,28 @@ def signal_bytes(store: Path) -> dict:
         if b:
             out[g] = {"bytes": b, "bytes_per_response_token": b / max(1, n_resp)}
     return out
+
+
+def turn_sees_image(instruction: list[int], visual_blocks: list[dict]) -> bool:
+    """Can a turn with these instruction positions see a visual token (one before it, causally)?
+    A turn that cannot has no saliency map (DESIGN.md §3.2): an all-zero row, no IVA weight."""
+    starts = [int(b["start"]) for b in visual_blocks if int(b["length"]) > 0]
+    return bool(instruction) and bool(starts) and max(instruction) > min(starts)
+
+
+def saliency_coverage(store: Path) -> dict:
+    """Turns of samples with images, and how many of them have no saliency map, from the complete
+    shards' indexes (meta columns only, no array reads)."""
+    with_images = without_map = 0
+    for name in list_complete_shards(store):
+        table = pq.read_table(Path(store) / SHARDS_DIR / name / INDEX_NAME, columns=["turns", "visual_blocks"])
+        for turns, blocks in zip(table.column("turns").to_pylist(), table.column("visual_blocks").to_pylist()):
+            turns, blocks = json.loads(turns), json.loads(blocks)
+            if not blocks:
+                continue
+            with_images += len(turns)
+            without_map += sum(not turn_sees_image(t["instruction"], blocks) for t in turns)
+    return {"turns_with_images": with_images, "turns_without_map": without_map}
 
 
 def array_specs(top_k: int, transition_top_k: int, sampled: bool, transitions: bool) -> dict[str, ArraySpec]:

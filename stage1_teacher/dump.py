@@ -43,7 +43,7 @@ from schemas.layout import (
     shard_name,
 )
 from schemas.manifest import Manifest, read_manifest, write_manifest
-from schemas.signals import array_specs, signal_bytes
+from schemas.signals import array_specs, saliency_coverage, signal_bytes
 from stage1_teacher.config import DumpConfig
 from stage1_teacher.executors import make_executor
 
@@ -152,7 +152,8 @@ def run(cfg: DumpConfig) -> dict:
         {
             **settings,
             "pipeline_version": __version__,
-            "saliency": {"layers": layers, "irs": {str(k): v for k, v in irs.items()} if irs else None},
+            "saliency": {"layers": layers, "irs": {str(k): v for k, v in irs.items()} if irs else None,
+                         **saliency_coverage(store)},
             "signal_bytes": stats,
             "created_unix": int(time.time()),
         },
@@ -194,6 +195,8 @@ def print_summary(store: Path, manifest: Manifest, stats: dict, wall: float) -> 
         f"  samples skipped  {manifest.n_skipped} {manifest.skipped_reasons or ''}",
         f"  response tokens  {stats['response_tokens']}",
         f"  saliency layers  {manifest.saliency_layers}",
+        f"  turns without a saliency map  {manifest['saliency']['turns_without_map']} of "
+        f"{manifest['saliency']['turns_with_images']} with images (the image comes after the question: no IVA weight)",
         "  bytes per response token:",
     ]
     for g, v in stats.items():

@@ -39,7 +39,15 @@ from pipeline.modeling.branches import (
 )
 from stage1_teacher.config import SignalsConfig, TeacherConfig
 from pipeline.modeling.logits import kept_rows, real_vocab_size
-from pipeline.modeling.probe import IrsItem, capture, irs_table, sample_indices, text_decoder, turn_saliency
+from pipeline.modeling.probe import (
+    IrsItem,
+    capture,
+    irs_table,
+    sample_indices,
+    text_decoder,
+    turn_saliency,
+    turns_see_image,
+)
 from stage1_teacher.topk import sample_counts, select_transitions, topk_logprobs
 
 log = logging.getLogger("stage1.teacher")
@@ -175,8 +183,12 @@ class Teacher:
         if n_vis == 0:
             empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float32)
             return np.zeros((0, 0), np.float32), empty_i, empty_f, np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        maps = turn_saliency(block, turn_rows)  # [n_turns, |V|], rows sum to 1
-        mean_map = maps.mean(0)
+        maps = turn_saliency(block, turn_rows)  # [n_turns, |V|]: rows sum to 1, or 0 for a turn without a map
+        with_map = maps.sum(1) > 0
+        if not bool(with_map.any()):  # no turn can see the image: nothing says where to look
+            return (maps.cpu().numpy(), np.zeros(0, np.int64), np.zeros(0, np.float32),
+                    np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
+        mean_map = maps[with_map].mean(0)  # turns without a map carry no IVA weight
         n_keep = min(n_vis, math.ceil(cfg.visual_fraction * n_vis))
         # Most salient first (ties: earlier position), then back to position order.
         order = torch.sort(-mean_map, stable=True).indices[:n_keep].sort().values
@@ -211,7 +223,10 @@ class Teacher:
                     maps = probe.layer_maps(b, indices[b][2])
                     key = "|".join(enc.image_hashes)
                     grid = tuple(tuple(v.grid) for v in enc.visual_blocks)
+                    sees = turns_see_image(*indices[b])
                     for j, turn in enumerate(enc.turns):
+                        if not sees[j]:  # no map, whatever the layer: not an IRS item
+                            continue
                         instruction = ",".join(map(str, enc.input_ids[turn.instruction].tolist()))
                         for layer in layers:
                             items[layer].append(IrsItem(key, grid, maps[layer][j].cpu(), instruction))

@@ -102,7 +102,8 @@ def attention_term(blocks: list[torch.Tensor], saliency, like: torch.Tensor) -> 
     student_maps, teacher_maps = [], []
     for b, block in enumerate(blocks):
         for j, turn_rows in enumerate(saliency.turn_rows[b]):
-            if len(turn_rows) and block.shape[1]:
+            # A turn without a teacher map (all zeros: it cannot see the image) has nothing to align.
+            if len(turn_rows) and block.shape[1] and bool(saliency.maps[b][j].sum() > 0):
                 student_maps.append(block[turn_rows].mean(0))
                 teacher_maps.append(saliency.maps[b][j])
     if not student_maps:

@@ -21,6 +21,7 @@ from pipeline.modeling.probe import (
     sample_indices,
     select_layers,
     turn_saliency,
+    turns_see_image,
 )
 
 ATOL = 1e-6
@@ -142,22 +143,25 @@ def test_padded_batch_equals_single_samples(teacher, samples):
         )
 
 
-def test_empty_instruction_turn_gets_a_uniform_map(teacher, samples):
+def test_empty_instruction_turn_has_no_map(teacher, samples):
+    """A turn with no instruction tokens has nothing to attend from: no map (zeros), never a uniform one."""
     model, _ = teacher
     enc = samples["empty"]
     rows, cols, turn_rows = sample_indices(enc)
     assert len(turn_rows[0]) == 0 and len(turn_rows[1]) > 0
     probe, _ = probe_forward(model, enc.model_inputs, [1], [rows], [cols])
     maps = turn_saliency(probe.block(0), turn_rows)
-    torch.testing.assert_close(maps[0], torch.full((len(cols),), 1.0 / len(cols)), atol=0, rtol=0)
-    torch.testing.assert_close(maps.sum(1), torch.ones(2), atol=ATOL, rtol=0)
-    assert not torch.allclose(maps[1], maps[0], atol=1e-4)
+    torch.testing.assert_close(maps[0], torch.zeros(len(cols)), atol=0, rtol=0)
+    torch.testing.assert_close(maps[1].sum(), torch.tensor(1.0), atol=ATOL, rtol=0)
+    assert turns_see_image(rows, cols, turn_rows) == [False, True]
 
 
 def test_turn_saliency_pure_function():
     block = torch.tensor([[1.0, 3.0, 0.0], [3.0, 1.0, 0.0], [0.0, 0.0, 2.0]])
     maps = turn_saliency(block, [torch.tensor([0, 1]), torch.tensor([2]), torch.tensor([], dtype=torch.long)])
-    torch.testing.assert_close(maps, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [1 / 3, 1 / 3, 1 / 3]]))
+    torch.testing.assert_close(maps, torch.tensor([[0.5, 0.5, 0.0], [0.0, 0.0, 1.0], [0.0, 0.0, 0.0]]))
+    # Instruction rows that can see no visual token (the image comes later) give a zero row: no map.
+    assert turn_saliency(torch.zeros(2, 3), [torch.tensor([0, 1])]).abs().sum() == 0
     assert turn_saliency(torch.zeros(2, 0), [torch.tensor([0, 1])]).shape == (1, 0)  # text-only sample
 
 

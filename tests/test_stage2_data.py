@@ -36,7 +36,7 @@ from stage2_student.data import (
 )
 from stage2_student.data.pixel_cache import PixelCache
 from stage2_student.data.reencode import StudentEncoder
-from stage2_student.data.remap import _remap_visual
+from stage2_student.data.remap import _axis_overlap, _remap_visual, _resample_sum, _union_mean
 
 # --------------------------------------------------------------------------------------------------
 # fixtures: one store per family (10 samples in shards of 4, 4, 2), students built from presets
@@ -208,12 +208,22 @@ def test_remap_pooled_pads_a_short_union():
     assert tg.vis_logprobs[0, 1] == -np.inf
 
 
-def test_remap_refuses_non_integer_geometry():
+def test_remap_non_integer_geometry_hand_computed():
+    """3x3 teacher -> 2x2 student: each axis splits the middle teacher cell in halves (overlap 1, 1/2)."""
     teacher, enc = _hand_case(teacher_grid=(3, 3), student_grid=(2, 2))
-    teacher.vis_pos, teacher.vis_weight = teacher.vis_pos[:1], teacher.vis_weight[:1]
+    teacher.saliency = np.array([[0.05, 0.10, 0.15, 0.20, 0.01, 0.09, 0.25, 0.10, 0.05]], dtype=np.float32)
+    teacher.vis_pos, teacher.vis_weight = teacher.vis_pos[:1], teacher.vis_weight[:1]  # teacher cell (0, 0)
     teacher.vis_ids, teacher.vis_logprobs = teacher.vis_ids[:1], teacher.vis_logprobs[:1]
-    with pytest.raises(IncompatibleStudentError, match=r"'hand'.*3x3.*2x2"):
-        remap(teacher, enc)
+    tg = remap(teacher, enc)
+    s = teacher.saliency[0].astype(np.float64).reshape(3, 3)
+    a = np.array([[1.0, 0.5, 0.0], [0.0, 0.5, 1.0]])  # student cell i's share of teacher cell (row/col) a
+    np.testing.assert_allclose(tg.saliency[0].reshape(2, 2), a @ s @ a.T, rtol=1e-6)
+    np.testing.assert_allclose(tg.saliency.sum(), s.sum(), rtol=1e-6)  # mass preserved
+    # Teacher cell (0, 0) lies wholly in student cell (0, 0): its distribution, its weight.
+    np.testing.assert_array_equal(tg.vis_pos, [2])
+    np.testing.assert_allclose(tg.vis_weight, [0.2], rtol=1e-6)
+    np.testing.assert_array_equal(tg.vis_ids, teacher.vis_ids)
+    np.testing.assert_allclose(tg.vis_logprobs, teacher.vis_logprobs, rtol=1e-6)
 
 
 def test_remap_refuses_other_text_naming_the_sample():
@@ -790,3 +800,68 @@ def test_damaged_pixel_cache_is_rebuilt_with_a_warning_naming_the_file(store, st
     with caplog.at_level("WARNING", logger="stage2.data"):
         assert_same_batches(list(_dataset(store, student[1], **cached)), plain)
     assert f"pixel cache {rebuilt}: entry for image {entry['key'][:12]}… fails its crc32" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# geometry: any student grid, by overlap area
+
+
+@pytest.mark.parametrize(("teacher_n", "student_n"), [(4, 2), (4, 3), (27, 13), (3, 4), (5, 5), (7, 1)])
+def test_axis_overlap_shares_out_every_teacher_cell(teacher_n, student_n):
+    a = _axis_overlap(teacher_n, student_n)
+    assert a.shape == (student_n, teacher_n) and (a >= 0).all()
+    np.testing.assert_allclose(a.sum(0), 1.0, rtol=0, atol=1e-15)  # each teacher cell's length, all of it
+    np.testing.assert_allclose(a.sum(1), teacher_n / student_n, rtol=0, atol=1e-12)  # each student cell's length
+
+
+@pytest.mark.parametrize(("teacher", "student"), [((4, 4), (3, 3)), ((27, 27), (13, 13)), ((3, 5), (2, 4)), ((2, 2), (3, 3))])
+def test_resample_preserves_mass_and_matches_a_dense_area_matrix(teacher, student):
+    rng = np.random.default_rng(0)
+    (R, C), (r, c) = teacher, student
+    x = rng.random((3, R * C)).astype(np.float16).astype(np.float32)
+    y = _resample_sum(x, teacher, student)
+    np.testing.assert_allclose(y.sum(1), x.sum(1), rtol=1e-6)
+    # The same map from the 2-D overlap areas, cell by cell: student cell (i, j) x teacher cell (a, b).
+    w = np.zeros((r * c, R * C))
+    for i in range(r):
+        for j in range(c):
+            for a in range(R):
+                for b in range(C):
+                    w[i * c + j, a * C + b] = (max(0, min((i + 1) * R / r, a + 1) - max(i * R / r, a))
+                                               * max(0, min((j + 1) * C / c, b + 1) - max(j * C / c, b)))
+    np.testing.assert_allclose(w.sum(0), 1.0, atol=1e-12)
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w.T, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize(("teacher", "factor"), [((4, 4), (2, 2)), ((6, 4), (3, 2)), ((27, 27), (3, 3)), ((8, 6), (1, 3))])
+def test_integer_pooling_is_bit_identical_to_the_area_sum(teacher, factor):
+    """The general map, on an integer factor, equals the plain fr x fc area sum bit for bit (float16
+    saliency summed in float64 is exact, and the overlap weights are exact zeros and ones)."""
+    rng = np.random.default_rng(1)
+    (R, C), (fr, fc) = teacher, factor
+    x = rng.random((2, R * C)).astype(np.float16)
+    area_sum = x.astype(np.float64).reshape(2, R // fr, fr, C // fc, fc).sum(axis=(-3, -1)).reshape(2, -1).astype(np.float32)
+    y = _resample_sum(x, teacher, (R // fr, C // fc))
+    assert y.dtype == np.float32 and np.array_equal(y, area_sum)
+    ids = rng.integers(0, 50, (fr * fc, 8))
+    lps = np.log(rng.dirichlet(np.ones(9), fr * fc)[:, :8]).astype(np.float32)
+    unweighted = _union_mean(ids, lps, 8)
+    weighted = _union_mean(ids, lps, 8, np.ones(fr * fc))
+    assert all(np.array_equal(a, b) for a, b in zip(unweighted, weighted))
+
+
+def test_union_mean_weights_the_rows_by_overlap():
+    ids = np.array([[1, 2], [2, 3]])
+    lps = np.log(np.array([[0.6, 0.4], [0.5, 0.5]]))
+    out_ids, out_lp = _union_mean(ids, lps, 3, np.array([0.75, 0.25]))
+    # 1: 0.75*0.6, 2: 0.75*0.4 + 0.25*0.5, 3: 0.25*0.5
+    np.testing.assert_array_equal(out_ids, [1, 2, 3])
+    np.testing.assert_allclose(np.exp(out_lp), [0.45, 0.425, 0.125], rtol=1e-6)
+
+
+def test_remap_refuses_another_tiling_naming_both_layouts():
+    teacher, enc = _hand_case()
+    enc.visual_blocks = [VisualBlock(0, 2, 1, (1, 1)), VisualBlock(0, 3, 1, (1, 1))]
+    enc.input_ids = np.array([10, 11, 3, 3, 12, 13])
+    with pytest.raises(IncompatibleStudentError, match=r"1 image block\(s\) \(image 0: 2x4\), the student's 2 \(image 0: 1x1 \+ 1x1\)"):
+        remap(teacher, enc)

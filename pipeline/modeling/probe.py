@@ -243,12 +243,13 @@ def turn_saliency(block: torch.Tensor, turn_rows: Sequence[torch.Tensor]) -> tor
     block [|I|, |V|]: head-mean attention from instruction rows to visual columns; turn_rows[j]:
     indices into the block's rows of turn j's instruction I_j. Returns float32 [n_turns, |V|],
     ``s_j = normalize(mean_{i in I_j} block[i])`` (DESIGN.md §3.2), each row summing to 1.
-    A turn with no instruction tokens (e.g. a human turn that is only an image) has no query to
-    attend from; it gets the uniform map 1/|V|, as does a turn whose attention on V underflows to 0.
+    A turn without information has no map, an all-zero row (never a uniform one): a turn with no
+    instruction tokens (a human turn that is only an image), or one none of whose tokens can see a
+    visual token (the image comes after the question: causal attention gives it exactly 0).
     With |V| = 0 (text-only sample) the result is [n_turns, 0].
     """
     n_vis = block.shape[1]
-    out = torch.full((len(turn_rows), n_vis), 1.0 / max(n_vis, 1), dtype=torch.float32, device=block.device)
+    out = torch.zeros((len(turn_rows), n_vis), dtype=torch.float32, device=block.device)
     for j, idx in enumerate(turn_rows):
         if len(idx) == 0 or n_vis == 0:
             continue
@@ -257,6 +258,15 @@ def turn_saliency(block: torch.Tensor, turn_rows: Sequence[torch.Tensor]) -> tor
         if total > 0:
             out[j] = mean / total
     return out
+
+
+def turns_see_image(rows: torch.Tensor, cols: torch.Tensor, turn_rows: Sequence[torch.Tensor]) -> list[bool]:
+    """Per turn: can any of its instruction tokens attend to a visual token (one before it)? The
+    turns for which ``turn_saliency`` can give a map; from positions alone, so equal for every layer."""
+    if len(cols) == 0:
+        return [False] * len(turn_rows)
+    first_visual = int(cols.min())
+    return [len(idx) > 0 and int(rows[torch.as_tensor(idx, dtype=torch.long)].max()) > first_visual for idx in turn_rows]
 
 
 class IrsItem(NamedTuple):

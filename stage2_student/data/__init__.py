@@ -7,7 +7,7 @@ One module per job, bottom to top:
 * ``reencode``: :class:`StudentEncoder`, each sample's student encoding built from the teacher's
   stored ids (only the image blocks re-expanded, [fast path note]); :class:`StudentDataError`.
 * ``remap``: :func:`remap` moves one sample's teacher signals onto the student's encoding of it
-  (:class:`StudentTargets`; [pooling note]).
+  (:class:`StudentTargets`; [geometry note]).
 * ``order``: :func:`epoch_order` / :func:`epoch_samples`: the data order, a pure function of
   (seed, epoch, shard sizes, block size, window), so resume state is (epoch, batch index)
   ([order note]).

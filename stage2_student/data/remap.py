@@ -2,24 +2,34 @@
 
 :func:`remap` moves one sample's teacher signals onto the student's own encoding of the same
 conversation, through the segment spans (text tokens one-to-one, image blocks block to block,
-integer pooling of the visual grid allowed; see ``[pooling note]``), giving its
-:class:`StudentTargets`.
+integer pooling of the visual grid allowed; see ``[geometry note] A student image block of grid ``(r, c)`` covers the same picture as the teacher's
+block of grid ``(R, C)``. On each axis, student cell ``i`` spans ``[i·R/r, (i+1)·R/r)`` in teacher-cell
+units, so it overlaps teacher cell ``a`` over a length ``A[i, a]`` (``_axis_overlap``; every teacher
+cell's length 1 is shared out among the student cells, so each column of ``A`` sums to 1); the area
+of teacher cell ``(a, b)`` inside student cell ``(i, j)`` is ``W = A_r[i, a] · A_c[j, b]``.
 
-[pooling note] When the student's grid ``(r, c)`` is the teacher's ``(R, C)`` pooled by integer
-factors ``fr = R / r``, ``fc = C / c``, student cell ``(i, j)`` covers teacher cells
-``(i*fr .. i*fr+fr-1, j*fc .. j*fc+fc-1)``:
+* saliency: ``s'_j[i, j'] = Σ_{a,b} W · s_j[a, b]``, so each turn's map keeps its total (1). Integer
+  pooling (``R = fr·r``, ``C = fc·c``) is the special case ``W ∈ {0, 1}``: the area sum over
+  ``fr × fc`` cells (27×27 → 13×13, the paper's 729 → 169, is not integer and shares the boundary
+  cells between neighbours).
+* visual-position distributions, stored only at the teacher's most salient cells: a student cell's
+  target is the overlap-weighted mixture of the stored teacher cells ``S`` it overlaps,
+  ``q(id) = Σ_{v∈S} W_v p_v(id) / Σ_{v∈S} W_v``, with ``p_v(id) = 0`` when ``id`` is not in cell
+  ``v``'s top-k (its mass stays in ``v``'s tail, hence in ``q``'s tail ``1 − Σ q``); the ``k`` most
+  probable ids of the union are kept (the rest joins the tail). Its weight is ``Σ_{v∈S} W_v w_v``
+  (``w_v`` = the stored turn-mean saliency): the area-weighted saliency restricted to stored cells.
+  For integer pooling ``W_v = 1``: the plain mean of the covered stored cells, weight their sum.
+  What is approximated (docs/geometry.md): the teacher never saw the student's cell, so the mixture of
+  its per-cell predictions stands in for ``p_T`` there; a teacher cell that was not stored (outside
+  the top fraction ρ) contributes neither to ``q`` nor to the weight, so ``q`` is the mixture over the
+  stored part of the cell only, and a student cell that overlaps no stored cell has no target; the
+  zero-fill biases ids that are in some cells' top-k but not others' down by at most the other
+  cells' tail mass, and no mass is invented (``Σ q ≤ 1``). Equal grids are the identity (stored
+  values copied, not recomputed).
 
-* saliency: area sum over the covered cells, so each turn's map keeps its total (1);
-* visual-position distributions, stored only at the teacher's most salient cells: the student
-  cell's target is the mean over the stored covered cells ``S`` of their top-k distributions,
-  ``q(id) = (1/|S|) Σ_{v∈S} p_v(id)``, with ``p_v(id) = 0`` when ``id`` is not in cell ``v``'s
-  top-k (its mass stays in ``v``'s tail, hence in ``q``'s tail ``1 − Σ q``); the ``k`` most
-  probable ids of the union are kept (the rest joins the tail). The weight is ``Σ_{v∈S} w_v``
-  (``w_v`` = the stored turn-mean saliency), i.e. the area sum restricted to stored cells.
-  Approximation: the teacher never saw a merged token, so this mixture of its per-cell
-  predictions stands in for ``p_T`` at the student's cell; the zero-fill biases ids that are in
-  some cells' top-k but not others' down by at most the other cells' tail mass / |S|, and no mass
-  is invented (``Σ q ≤ 1``). Equal grids are the identity (stored values copied, not recomputed).
+Tiled layouts (several blocks per image: anyres crops, image splits) map block to block, tile by
+tile, when both sides tile alike (the same number of blocks per image); otherwise the sample is
+refused, naming both layouts.
 """
 
 from __future__ import annotations
@@ -103,24 +113,42 @@ def _text_mismatch(where: str, t_ids, s_ids, t_blocks, s_blocks) -> Incompatible
     raise AssertionError(f"{where}: _text_mismatch called on equal text")
 
 
-def _pool_sum(x: np.ndarray, grid: tuple[int, int], factor: tuple[int, int]) -> np.ndarray:
-    """[..., R*C] row-major cells -> [..., r*c]: area sum over fr x fc cells."""
-    (rows, cols), (fr, fc) = grid, factor
+def _axis_overlap(n_teacher: int, n_student: int) -> np.ndarray:
+    """float64 [n_student, n_teacher]: the length of teacher cell ``a`` inside student cell ``i`` on
+    one axis, in teacher-cell units ([geometry note]); each column sums to 1. Computed on integers
+    (coordinates times ``n_student``), so integer pooling gives exact zeros and ones."""
+    t_lo = np.arange(n_teacher) * n_student  # teacher cell a: [a·s, (a+1)·s)
+    s_lo = np.arange(n_student) * n_teacher  # student cell i: [i·t, (i+1)·t)
+    lo = np.maximum(s_lo[:, None], t_lo[None, :])
+    hi = np.minimum(s_lo[:, None] + n_teacher, t_lo[None, :] + n_student)
+    return np.clip(hi - lo, 0, None) / n_student
+
+
+def _resample_sum(x: np.ndarray, teacher: tuple[int, int], student: tuple[int, int]) -> np.ndarray:
+    """[..., R*C] row-major cells -> [..., r*c]: each student cell sums the teacher cells it overlaps,
+    weighted by the overlap area (mass preserving; an area sum for integer pooling)."""
+    (R, C), (r, c) = teacher, student
     lead = x.shape[:-1]
-    y = x.astype(np.float64).reshape(*lead, rows // fr, fr, cols // fc, fc).sum(axis=(-3, -1))
-    return y.reshape(*lead, (rows // fr) * (cols // fc)).astype(np.float32)
+    grid = x.astype(np.float64).reshape(-1, R, C)
+    y = np.einsum("ia,nab,jb->nij", _axis_overlap(R, r), grid, _axis_overlap(C, c))
+    return y.reshape(*lead, r * c).astype(np.float32)
 
 
-def _union_mean(ids: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Mean of n sparse distributions (rows of ids/logprobs [n, k]) over the union of their ids.
+def _union_mean(ids: np.ndarray, logprobs: np.ndarray, k: int,
+                weights: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean of n sparse distributions (rows of ids/logprobs [n, k]) over the union of their ids.
 
-    A row's missing id counts as 0; the k most probable ids are kept (ties: smaller id first),
-    padded with -1 / -inf. See [pooling note].
+    ``weights`` [n] (default: equal): each row's share, normalised to sum to 1. A row's missing id
+    counts as 0; the k most probable ids are kept (ties: smaller id first), padded with -1 / -inf.
+    See [geometry note].
     """
+    n = ids.shape[0]
     flat_ids, flat_lp = ids.reshape(-1), logprobs.reshape(-1).astype(np.float64)
+    row_w = np.ones(n) if weights is None else np.asarray(weights, dtype=np.float64)
+    flat_w = np.repeat(row_w, ids.shape[1])
     valid = flat_ids >= 0
     uniq, inverse = np.unique(flat_ids[valid], return_inverse=True)
-    mass = np.bincount(inverse, weights=np.exp(flat_lp[valid]), minlength=len(uniq)) / ids.shape[0]
+    mass = np.bincount(inverse, weights=np.exp(flat_lp[valid]) * flat_w[valid], minlength=len(uniq)) / row_w.sum()
     keep = np.lexsort((uniq, -mass))[:k]
     out_ids = np.full(k, PAD_ID, dtype=np.int64)
     out_lp = np.full(k, -np.inf, dtype=np.float32)
@@ -131,32 +159,41 @@ def _union_mean(ids: np.ndarray, logprobs: np.ndarray, k: int) -> tuple[np.ndarr
 
 
 def _remap_visual(teacher: SampleSignals, geometry: list, n_turns: int, k: int, where: str):
-    """Visual signals block to block (equal grids copied, pooled grids per [pooling note]):
+    """Visual signals block to block (equal grids copied, other grids by overlap area, [geometry note]):
     saliency [J, V_student], and the stored rows' positions, weights, ids and log-probs."""
     sal_parts, vis_rows = [], []  # per block: saliency [J, r*c]; (pos, weight, ids, logprobs)
     t_offset = covered = 0
     for t_start, t_len, (R, C), (r, c), s_start in geometry:
-        fr, fc = R // r, C // c
         block_sal = teacher.saliency[:, t_offset : t_offset + t_len]
         t_offset += t_len
         in_block = (teacher.vis_pos >= t_start) & (teacher.vis_pos < t_start + t_len)
         rows = np.flatnonzero(in_block)
         covered += len(rows)
         cells = teacher.vis_pos[rows] - t_start
-        if fr == fc == 1:  # identity: copy the stored values
+        if (R, C) == (r, c):  # identity: copy the stored values
             sal_parts.append(block_sal.astype(np.float32))
             vis_rows.append((s_start + cells, teacher.vis_weight[rows], teacher.vis_ids[rows], teacher.vis_logprobs[rows]))
             continue
-        sal_parts.append(_pool_sum(block_sal, (R, C), (fr, fc)))
-        target = (cells // C // fr) * c + (cells % C) // fc  # student cell of each stored row
+        sal_parts.append(_resample_sum(block_sal, (R, C), (r, c)))
+        # Every (student cell, stored teacher row) pair that overlaps, with its overlap area.
+        a_r, a_c = _axis_overlap(R, r), _axis_overlap(C, c)
+        target, member, area = [], [], []
+        for row, cell in zip(rows.tolist(), cells.tolist()):
+            for i in np.flatnonzero(a_r[:, cell // C]).tolist():
+                for j in np.flatnonzero(a_c[:, cell % C]).tolist():
+                    target.append(i * c + j)
+                    member.append(row)
+                    area.append(a_r[i, cell // C] * a_c[j, cell % C])
+        target, member, area = np.asarray(target, np.int64), np.asarray(member, np.int64), np.asarray(area)
         cell_ids, group = np.unique(target, return_inverse=True)
         ids = np.empty((len(cell_ids), k), dtype=np.int64)
         lps = np.empty((len(cell_ids), k), dtype=np.float32)
         weights = np.zeros(len(cell_ids), dtype=np.float64)
         for g in range(len(cell_ids)):
-            members = rows[group == g]
-            ids[g], lps[g] = _union_mean(teacher.vis_ids[members], teacher.vis_logprobs[members], k)
-            weights[g] = teacher.vis_weight[members].astype(np.float64).sum()
+            pick = group == g
+            members, w = member[pick], area[pick]
+            ids[g], lps[g] = _union_mean(teacher.vis_ids[members], teacher.vis_logprobs[members], k, w)
+            weights[g] = (w * teacher.vis_weight[members].astype(np.float64)).sum()
         vis_rows.append((s_start + cell_ids, weights.astype(np.float32), ids, lps))
     if covered != len(teacher.vis_pos):
         raise StoreFormatError(f"{where}: a stored visual position lies outside every image block")
@@ -169,23 +206,36 @@ def _remap_visual(teacher: SampleSignals, geometry: list, n_turns: int, k: int, 
             np.zeros((0, k), np.float32))
 
 
+def _layout(blocks) -> str:
+    """An image layout for messages: per image, its blocks' grids ("image 0: 4x4 + 2x2; image 1: 4x4")."""
+    per_image: dict[int, list[str]] = {}
+    for index, grid in blocks:
+        per_image.setdefault(int(index), []).append("x".join(str(int(g)) for g in grid))
+    return "; ".join(f"image {i}: {' + '.join(g)}" for i, g in per_image.items()) or "no image"
+
+
 def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
     """The teacher's signals of one sample, moved onto the student's encoding of it.
 
     Every non-visual token must be equal and in the same order in both sequences; image blocks
     correspond in order. Response and branch positions are text and map one-to-one; visual
-    signals map block to block: equal grids are copied, integer-pooled grids are area-summed /
-    averaged ([pooling note]); anything else raises IncompatibleStudentError naming both
-    geometries and the sample.
+    signals map block to block: equal grids are copied, any other student grid takes the teacher
+    cells it overlaps, weighted by overlap area ([geometry note]); a different tiling raises
+    IncompatibleStudentError naming both layouts and the sample.
     """
     sid = teacher.sample_id
     where = f"sample {sid!r}"
     t_blocks = [(int(b["start"]), int(b["length"])) for b in teacher.visual_blocks]
     s_blocks = [(b.start, b.length) for b in student.visual_blocks]
-    if len(t_blocks) != len(s_blocks):
+    t_tiles = [int(b["image_index"]) for b in teacher.visual_blocks]
+    s_tiles = [int(b.image_index) for b in student.visual_blocks]
+    if t_tiles != s_tiles:  # tiled layouts map tile by tile only when both sides tile alike
+        t_layout = _layout((b["image_index"], b["grid"]) for b in teacher.visual_blocks)
+        s_layout = _layout((b.image_index, b.grid) for b in student.visual_blocks)
         raise IncompatibleStudentError(
-            f"{where}: the teacher's sequence has {len(t_blocks)} image block(s), the student's "
-            f"{len(s_blocks)}; the processor or chat template differs"
+            f"{where}: the teacher's sequence has {len(t_blocks)} image block(s) ({t_layout}), the student's "
+            f"{len(s_blocks)} ({s_layout}); a store maps onto a student block by block, tile by tile, so both "
+            "must tile each image alike (the processor or chat template differs)"
         )
 
     # Text: the tokens outside the image blocks, equal and in the same order in both sequences.
@@ -230,12 +280,9 @@ def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
         (R, C), (r, c) = tuple(int(x) for x in tb["grid"]), tuple(int(x) for x in sb.grid)
         t_start, t_len = int(tb["start"]), int(tb["length"])
         if R * C != t_len:
-            raise StoreFormatError(f"{where}: image {b}: grid {R}x{C} but {t_len} visual tokens")
-        if R % r or C % c:
-            raise IncompatibleStudentError(
-                f"{where}: image {b}: the teacher's visual grid {R}x{C} vs the student's {r}x{c}; "
-                "a student grid must be the teacher's pooled by an integer factor in each direction"
-            )
+            raise StoreFormatError(f"{where}: visual block {b}: grid {R}x{C} but {t_len} visual tokens")
+        if r * c != sb.length:
+            raise IncompatibleStudentError(f"{where}: visual block {b}: the student's grid {r}x{c} but {sb.length} visual tokens")
         geometry.append((t_start, t_len, (R, C), (r, c), sb.start))
     vis_pos = teacher.vis_pos
     if (all(tg == sg and ts == ss for ts, _, tg, sg, ss in geometry)
