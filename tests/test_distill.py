@@ -23,7 +23,7 @@ from pipeline.config import load_config
 from pipeline.data import Record
 from pipeline.errors import PipelineError
 from pipeline.processors import load_processor
-from pipeline.tools.tiny import TinySpec, save_tiny_parts, save_tiny_vlm
+from pipeline.tools.tiny import save_tiny_parts, save_tiny_vlm
 from schemas import StoreFormatError
 from stage1_teacher.dump import run as dump
 from stage2_student import distill as distill_module
