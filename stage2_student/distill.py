@@ -6,6 +6,11 @@ one, train with per-term loss logging, save the student in HF format with its pr
 
 The data order is a pure function of (seed, epoch, shard sizes), so resume state is the step and
 the data position; a resumed run sees the same batches and reproduces the same losses.
+
+Under torchrun or accelerate launch (DDP), N processes at batch B train as one process at batch
+N·B: each step's N·B samples are split between the processes ([order note], ``pad_ranks``), every
+loss term is normalised over all of them (:func:`global_loss`, [ddp note] in ``losses``), and
+process 0 alone writes logs, checkpoints and ``final/``.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ import contextlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch.utils.data import DataLoader
 
 from pipeline import __version__
@@ -96,9 +103,10 @@ def _truncate_log(run_dir: Path, step: int) -> None:
         path.write_text("".join(line + "\n" for line in keep))
 
 
-def attention_term(blocks: list[torch.Tensor], saliency, like: torch.Tensor) -> torch.Tensor:
+def attention_term(blocks: list[torch.Tensor], saliency, like: torch.Tensor) -> tuple[torch.Tensor, int]:
     """The IVA attention variant: per turn, the student's instruction-mean attention over V against
-    the teacher's map s_j; turns of different samples have different |V|, so rows are padded and masked."""
+    the teacher's map s_j; turns of different samples have different |V|, so rows are padded and
+    masked. Returns the term and the turns its mean divides by ([ddp note] in ``losses``)."""
     student_maps, teacher_maps = [], []
     for b, block in enumerate(blocks):
         for j, turn_rows in enumerate(saliency.turn_rows[b]):
@@ -107,14 +115,15 @@ def attention_term(blocks: list[torch.Tensor], saliency, like: torch.Tensor) -> 
                 student_maps.append(block[turn_rows].mean(0))
                 teacher_maps.append(saliency.maps[b][j])
     if not student_maps:
-        return like.sum() * 0.0  # no image in this batch: a zero that keeps the graph
+        return like.sum() * 0.0, 0  # no image in this batch: a zero that keeps the graph
     width = max(m.shape[0] for m in student_maps)
 
     def padded(rows: list[torch.Tensor]) -> torch.Tensor:
         return torch.stack([torch.nn.functional.pad(r, (0, width - r.shape[0])) for r in rows])
 
     mask = torch.stack([torch.arange(width, device=like.device) < m.shape[0] for m in student_maps])
-    return L.attention_kl(padded(student_maps), padded(teacher_maps), mask)
+    student, teacher = padded(student_maps), padded(teacher_maps)
+    return L.attention_kl(student, teacher, mask), L.attention_count(student, teacher, mask)
 
 
 def sft_pairs(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,19 +145,24 @@ def loss_pairs(batch: StudentBatch, cfg: DistillConfig) -> dict[str, tuple[torch
 
 
 def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: int | None,
-                   vocab_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+                   accelerator: Accelerator | None = None, vocab_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: one student forward (sequence + TPA branch rows), every active loss term.
 
     The head runs only at the pairs the terms read (and the TPA branch rows); a forward without
-    branch rows runs under the causal mask alone (``stage2_student.forward``). ``vocab_size``: the
-    real tokens; the logits' padded columns above it are cut off before every loss, so the
-    student's distributions have the teacher's support (DESIGN.md §3.1; None: every column)."""
+    branch rows runs under the causal mask alone (``stage2_student.forward``).
+
+    With ``accelerator``, this micro-batch is this process's share of a global one (one per process,
+    [ddp note]): the loss returned is this share's part of the global batch's loss, so that DDP's
+    mean of the gradients over processes is the gradient of the global batch's loss, and the log is
+    the global batch's (every process returns the same). ``vocab_size``: the real tokens; the
+    logits' padded columns above it are cut off before every loss, so the student's distributions
+    have the teacher's support (DESIGN.md §3.1; None: every column)."""
     lc = cfg.loss
     inputs = batch.model_inputs
     tpa = batch.tpa if lc.tpa > 0 else None
     attn = None
     probe = (
-        capture(model, [attn_layer], batch.saliency.rows, batch.saliency.cols)
+        capture(getattr(model, "module", model), [attn_layer], batch.saliency.rows, batch.saliency.cols)
         if lc.iva_attention > 0
         else contextlib.nullcontext()
     )
@@ -170,31 +184,67 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
     logits = SequenceLogits(head_rows, index)
 
     terms: dict[str, torch.Tensor | None] = {"sft": None, "kd": None, "iva": None, "tpa": None, "iva_attention": None}
+    counts: dict[str, int] = {}  # the rows or groups each term's mean divides by ([ddp note])
     if lc.sft > 0:
         b, t = pairs["sft"]
         terms["sft"] = L.sft_loss(logits.at(b, t), batch.labels[b, t + 1])
+        counts["sft"] = L.sft_count(batch.labels[b, t + 1])
     kw = dict(divergence=lc.divergence, beta=lc.beta, alpha=lc.alpha)
     if lc.kd > 0:
         kd = batch.kd
         rows = logits.at(*pairs["kd"])
         if lc.target == "sampled":
             terms["kd"] = L.sampled_kd_loss(rows, kd.sampled_ids, kd.sampled_counts)
+            counts["kd"] = L.sampled_kd_count(kd.sampled_ids, kd.sampled_counts)
         else:
             terms["kd"] = L.kd_loss(rows, kd.ids, kd.logprobs, **kw)
+            counts["kd"] = L.kd_count(kd.ids)
     if lc.iva > 0:
         iva = batch.iva
         rows = logits.at(*pairs["iva"])
         terms["iva"] = L.iva_loss(rows, iva.ids, iva.logprobs, iva.weights, group=iva.batch, **kw)
+        counts["iva"] = L.iva_count(iva.ids, iva.weights, iva.batch)
     if tpa is not None:
         if branch_logits is None:
             terms["tpa"] = head_rows.sum() * 0.0  # no branch rows in this batch
+            counts["tpa"] = 0
         else:
             rows = branch_logits[tpa.batch, tpa.row]
             terms["tpa"] = L.tpa_loss(rows, tpa.ids, tpa.logprobs, tpa.candidate_logprob, tpa.group, **kw)
+            counts["tpa"] = L.tpa_count(tpa.ids, tpa.candidate_logprob, tpa.group)
     if attn is not None:
-        terms["iva_attention"] = attention_term(attn, batch.saliency, head_rows)
+        terms["iva_attention"], counts["iva_attention"] = attention_term(attn, batch.saliency, head_rows)
     weights = {"sft": lc.sft, "kd": lc.kd, "iva": lc.iva, "tpa": lc.tpa, "iva_attention": lc.iva_attention}
-    return L.total_loss(terms, weights)
+    if accelerator is None:
+        return L.total_loss(terms, weights)
+    if batch.filler:  # a rank's stand-in at an epoch's end (StoreDataset pad_ranks): it weighs nothing
+        counts = dict.fromkeys(counts, 0)
+    return global_loss(terms, counts, weights, accelerator)
+
+
+def global_loss(terms: dict[str, torch.Tensor | None], counts: dict[str, int], weights: dict[str, float],
+                accelerator: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
+    """This process's share of the loss of the global batch, and the global batch's log ([ddp note]).
+
+    Term k is a mean over this process's n_k rows; the global batch's is sum_r n_k,r mean_k,r / N_k
+    with N_k = sum_r n_k,r. DDP averages gradients over the W processes, so this process
+    contributes mean_k * n_k * W / N_k: the average of those is the global mean's gradient,
+    whatever the split (one process with the whole batch gets a factor of exactly 1). One
+    all-reduce per micro-batch carries the counts and the sums n_k mean_k for the log."""
+    names = [k for k, w in weights.items() if w > 0]
+    local = torch.tensor([float(counts[k]) for k in names] + [counts[k] * float(terms[k].detach()) for k in names],
+                         dtype=torch.float64)
+    total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+    world = accelerator.num_processes
+    scaled, log = {}, {}
+    for i, k in enumerate(names):
+        n_all, sum_all = float(total[i]), float(total[len(names) + i])
+        # A term no process has rows for is 0 everywhere (masks are safe when empty): weigh it 0.
+        scaled[k] = terms[k] * (counts[k] * world / n_all if n_all > 0 else 0.0)
+        log[k] = sum_all / n_all if n_all > 0 else 0.0
+    loss, _ = L.total_loss(scaled, weights)
+    log["total"] = sum(weights[k] * log[k] for k in names)
+    return loss, log
 
 
 def run(cfg: DistillConfig) -> dict:
@@ -228,7 +278,33 @@ def run(cfg: DistillConfig) -> dict:
     precision = cfg.train.precision
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
-    accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    # Under torchrun (WORLD_SIZE > 1) on a machine without an accelerator device, accelerate sets up
+    # gloo only when told cpu=True; otherwise every process would train alone on the whole data,
+    # all of them writing one run directory.
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    # find_unused_parameters: a VLM has parameters no loss reaches (LLaVA reads the vision tower's
+    # hidden states before its post_layernorm) or that one rank's batch leaves unused (no image in
+    # it); DDP refuses both otherwise. Parameters unused on every rank keep no gradient, as in one process.
+    accelerator = Accelerator(cpu=launched > 1 and not torch.accelerator.is_available(),
+                              mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if accelerator.num_processes != launched:
+        raise PipelineError(
+            f"launched as {launched} processes (WORLD_SIZE) but accelerate set up {accelerator.num_processes} "
+            f"({accelerator.distributed_type}); launch with torchrun or accelerate launch on a supported device"
+        )
+    # FSDP and DeepSpeed shard weights and optimizer state; checkpoint.py writes whole state dicts
+    # from process 0, so such a launch is refused rather than checkpointed wrong. (On CPU accelerate
+    # ignores ACCELERATE_USE_FSDP and would silently run DDP: refused too, since FSDP was asked for.)
+    sharded = (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM)
+    if accelerator.distributed_type in sharded or any(
+        os.environ.get(f"ACCELERATE_USE_{k}", "").lower() in ("1", "true") for k in ("FSDP", "DEEPSPEED")
+    ):
+        raise PipelineError(
+            f"distill runs on one process or on DDP (torchrun, accelerate launch --multi_gpu); "
+            f"{accelerator.distributed_type} / ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED are not supported: "
+            "its checkpoints hold whole, unsharded weights and optimizer state"
+        )
     if cfg.train.freeze:
         n = freeze(model, cfg.train.freeze)
         log.info("frozen: %s (%d parameters)", ", ".join(cfg.train.freeze), n)
@@ -246,12 +322,22 @@ def run(cfg: DistillConfig) -> dict:
                 f"{run_dir} holds a run with other settings (checkpoint {ckpt.name}); use another output.dir "
                 "or delete it to start over"
             )
+        # The global batch (processes x train.batch_size) and the data position depend on the process count.
+        if state.get("world_size", 1) != accelerator.num_processes:
+            raise PipelineError(
+                f"{ckpt / 'state.json'}: the run was checkpointed with world_size {state.get('world_size', 1)} processes, "
+                f"this launch has {accelerator.num_processes}; resume with {state.get('world_size', 1)}"
+            )
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
-        _truncate_log(run_dir, step)
+        rng = state["rng"]  # one state per process; a flat list in checkpoints written before that
+        rng = rng if rng and isinstance(rng[0], list) else [rng]
+        torch.set_rng_state(torch.tensor(rng[accelerator.process_index], dtype=torch.uint8))
+        if accelerator.is_main_process:
+            _truncate_log(run_dir, step)
         log.info("resuming %s from %s (step %d, epoch %d, batch %d)", run_dir, ckpt.name, step, epoch, batch_in_epoch)
-    save_config(cfg, run_dir / "config.yaml")
+    if accelerator.is_main_process:
+        save_config(cfg, run_dir / "config.yaml")
 
     dataset = StoreDataset(
         store_dir=cfg.store.dir,
@@ -262,12 +348,14 @@ def run(cfg: DistillConfig) -> dict:
         data_path=cfg.data.path,
         image_root=cfg.data.image_root,
         start=(epoch, batch_in_epoch),
-        length_group=cfg.data.length_group,
+        # runs of length_group global batches (processes x batch_size samples), as in one process
+        length_group=cfg.data.length_group * (accelerator.num_processes if cfg.data.length_group > 1 else 1),
         verify_checksums=cfg.store.verify_checksums,
         with_saliency=cfg.loss.iva_attention > 0,
         temperature=temperature,
         rank=accelerator.process_index,
         world_size=accelerator.num_processes,
+        pad_ranks=True,
         image_cache_mb=cfg.data.image_cache_mb,
         read_cache_mb=cfg.data.read_cache_mb,
         pixel_cache_dir=cfg.data.pixel_cache_dir,
@@ -276,19 +364,25 @@ def run(cfg: DistillConfig) -> dict:
     )
     if dataset.batches_this_rank == 0:
         raise PipelineError(f"store {cfg.store.dir} has no samples to train on")
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    # The scheduler stays unprepared: accelerate's wrapper steps it once per process at each
+    # optimizer step (it assumes a per-process loader over a W times longer epoch), which would run
+    # the schedule W times too fast here, where a step is one global batch.
+    model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
     logger = LossLog(run_dir) if accelerator.is_main_process else None
     stream = batch_stream(dataset, epoch, batch_in_epoch, cfg.data.num_workers)
     last_terms: dict[str, float] = {}
     try:
-        for step_index in progress(range(step, cfg.train.steps), total=cfg.train.steps - step, desc="distill", unit="step"):
+        steps = range(step, cfg.train.steps)
+        if accelerator.is_main_process:  # one progress bar per run
+            steps = progress(steps, total=cfg.train.steps - step, desc="distill", unit="step")
+        for step_index in steps:
             accumulated: dict[str, float] = {}
             for _ in range(cfg.train.grad_accum):
                 epoch, batch_in_epoch, batch = next(stream)
                 batch = batch.to(accelerator.device)
                 with accelerator.accumulate(model):
-                    loss, terms = compute_losses(model, batch, cfg, attn_layer, vocab_size)
+                    loss, terms = compute_losses(model, batch, cfg, attn_layer, accelerator, vocab_size)
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and cfg.train.max_grad_norm > 0:
                         accelerator.clip_grad_norm_(trainable, cfg.train.max_grad_norm)
@@ -309,24 +403,28 @@ def run(cfg: DistillConfig) -> dict:
             logger.close()
 
     _checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, fp, epoch, batch_in_epoch)
-    final = save_student(
-        accelerator.unwrap_model(model),
-        processor,
-        run_dir / "final",
-        {
-            "pipeline_version": __version__,
-            "config": to_dict(cfg),
-            "store": {
-                "dir": str(Path(cfg.store.dir).resolve()),
-                "manifest_sha256": fingerprint(manifest),
-                "teacher": manifest.teacher,
-                "tokenizer_fingerprint": manifest.tokenizer_fingerprint,
+    final = run_dir / "final"
+    if accelerator.is_main_process:  # the processes hold the same weights: one writes them
+        save_student(
+            accelerator.unwrap_model(model),
+            processor,
+            final,
+            {
+                "pipeline_version": __version__,
+                "config": to_dict(cfg),
+                "store": {
+                    "dir": str(Path(cfg.store.dir).resolve()),
+                    "manifest_sha256": fingerprint(manifest),
+                    "teacher": manifest.teacher,
+                    "tokenizer_fingerprint": manifest.tokenizer_fingerprint,
+                },
+                "steps": step,
+                "final_loss": last_terms,
+                "world_size": accelerator.num_processes,
             },
-            "steps": step,
-            "final_loss": last_terms,
-        },
-    )
-    log.info("student saved to %s (%d steps, %.1f s)", final, step, time.time() - t0)
+        )
+        log.info("student saved to %s (%d steps, %.1f s)", final, step, time.time() - t0)
+    accelerator.wait_for_everyone()  # no process returns before final/ is complete
     return {"final": str(final), "steps": step, "last": last_terms}
 
 
@@ -349,10 +447,13 @@ def batch_stream(dataset, epoch: int, batch_in_epoch: int, num_workers: int):
 
 
 def _checkpoint(accelerator, run_dir, step, model, optimizer, scheduler, fp, epoch, batch_in_epoch):
+    """Process 0 writes the checkpoint (every process holds the same weights and optimizer state);
+    every process calls this, for the gather of their RNG states (each resumes its own)."""
+    rng = accelerator.gather(torch.get_rng_state().to(accelerator.device)).cpu()
     if not accelerator.is_main_process:
         return
     save_checkpoint(
         run_dir, step, accelerator.unwrap_model(model), optimizer, scheduler,
         {"run_fingerprint": fp, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-         "rng": torch.get_rng_state().tolist()},
+         "world_size": accelerator.num_processes, "rng": rng.view(accelerator.num_processes, -1).tolist()},
     )

@@ -498,19 +498,71 @@ def attention_kl(
     Returns:
         scalar; rows with no position, or zero teacher or student mass, are left out.
     """
-    dtype = _compute_dtype(student_attn)
+    a, t, a_sum, t_sum, row_ok = _attention_masses(student_attn, teacher_saliency, mask)
+    dtype = a.dtype
     if mask is None:
         mask = torch.ones_like(student_attn, dtype=torch.bool)
-    a = torch.where(mask, student_attn.to(dtype), 0.0)
-    t = torch.where(mask, teacher_saliency.detach().to(dtype), 0.0)
-    a_sum, t_sum = a.sum(-1, keepdim=True), t.sum(-1, keepdim=True)
-    row_ok = ((a_sum > 0) & (t_sum > 0)).squeeze(-1)
     tiny = torch.finfo(dtype).tiny
     s_logp = a.clamp_min(tiny).log() - a_sum.clamp_min(tiny).log()
     t_logp = t.clamp_min(tiny).log() - t_sum.clamp_min(tiny).log()
     t_logp = torch.where(mask & (t > 0), t_logp, _NEG_INF)
     rows = _kl_terms(t_logp, torch.where(mask, s_logp, 0.0)).sum(-1)
     return masked_mean(rows, row_ok)
+
+
+def _attention_masses(student_attn: Tensor, teacher_saliency: Tensor, mask: Tensor | None):
+    """Masked maps, their sums and the rows `attention_kl` keeps (shared with `attention_count`)."""
+    dtype = _compute_dtype(student_attn)
+    if mask is None:
+        mask = torch.ones_like(student_attn, dtype=torch.bool)
+    a = torch.where(mask, student_attn.to(dtype), 0.0)
+    t = torch.where(mask, teacher_saliency.detach().to(dtype), 0.0)
+    a_sum, t_sum = a.sum(-1, keepdim=True), t.sum(-1, keepdim=True)
+    return a, t, a_sum, t_sum, ((a_sum > 0) & (t_sum > 0)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# Denominators: how many rows (or groups) each term's mean divides by
+# --------------------------------------------------------------------------------------------------
+# [ddp note] Every term is a mean over rows or groups of one batch, so the mean of a global batch
+# split across processes is sum_r n_r * mean_r / sum_r n_r, not the mean of the per-process means.
+# The trainer reduces these counts across processes to weigh each process's share exactly
+# (``stage2_student.distill.compute_losses``). Each count mirrors its loss's mask; a test checks
+# loss(A u B) == (n_A loss(A) + n_B loss(B)) / (n_A + n_B) for every term.
+
+
+def sft_count(labels: Tensor, ignore_index: int = -100) -> int:
+    """Denominator of `sft_loss`: labelled positions."""
+    return int((labels != ignore_index).sum())
+
+
+def kd_count(ids: Tensor) -> int:
+    """Denominator of `kd_loss`: rows with at least one stored id."""
+    return int((ids >= 0).any(-1).sum())
+
+
+def sampled_kd_count(ids: Tensor, counts: Tensor) -> int:
+    """Denominator of `sampled_kd_loss`: rows with at least one draw."""
+    return int(((ids >= 0) & (counts > 0)).any(-1).sum())
+
+
+def iva_count(ids: Tensor, weights: Tensor, group: Tensor | None = None) -> int:
+    """Denominator of `iva_loss`: samples with a valid row of positive weight."""
+    used = (ids >= 0).any(-1) & (weights > 0)
+    if group is None:
+        return int(used.any())
+    return int(torch.unique(group[used]).numel())
+
+
+def tpa_count(ids: Tensor, candidate_logprob: Tensor, group: Tensor) -> int:
+    """Denominator of `tpa_loss`: positions with a valid row (its weight is > 0 after the shift by the group max)."""
+    used = (ids >= 0).any(-1) & (candidate_logprob > _NEG_INF)
+    return int(torch.unique(group[used]).numel())
+
+
+def attention_count(student_attn: Tensor, teacher_saliency: Tensor, mask: Tensor | None = None) -> int:
+    """Denominator of `attention_kl`: turns with student and teacher mass."""
+    return int(_attention_masses(student_attn, teacher_saliency, mask)[-1].sum())
 
 
 def total_loss(

@@ -237,14 +237,15 @@ def forward_with_branches(
     padded branch entries are finite and meaningless.
     """
     branch_pos, branch_tok, single = _as_batch(branch_pos, branch_tok)
+    inner = getattr(model, "module", model)  # DDP and similar wrappers: read the model, call the wrapper
     ids = model_inputs["input_ids"]
     if single and ids.shape[0] != 1:
         raise ValueError(f"1-D branch_pos needs a batch of one, got batch {ids.shape[0]}")
     batch, length = ids.shape
     device = ids.device
-    seq_pos = sequence_position_ids(model, model_inputs)
+    seq_pos = sequence_position_ids(inner, model_inputs)
     lens = sequence_lengths(model_inputs)
-    tokens, positions = _branch_rows(model, seq_pos, lens, branch_pos, branch_tok)
+    tokens, positions = _branch_rows(inner, seq_pos, lens, branch_pos, branch_tok)
 
     # Where each branch row goes: after its sample's tokens, valid rows in order.
     valid = branch_pos.to(device) >= 0
@@ -253,7 +254,7 @@ def forward_with_branches(
     sample = torch.arange(batch, device=device)[:, None].expand_as(slot)
     at_b, at_q = sample[valid], slot[valid]
 
-    input_ids = torch.nn.functional.pad(ids, (0, width - length), value=_filler_token(model))
+    input_ids = torch.nn.functional.pad(ids, (0, width - length), value=_filler_token(inner))
     input_ids[at_b, at_q] = tokens[valid]
     position_ids = torch.nn.functional.pad(seq_pos, (0, width - length), value=0)
     position_ids[..., at_b, at_q] = positions[..., valid]
@@ -273,7 +274,7 @@ def forward_with_branches(
     with rows:
         out = model(
             input_ids=input_ids,
-            attention_mask=_kernel_mask(model, allowed[:, None]),  # [B, 1, W, W]
+            attention_mask=_kernel_mask(inner, allowed[:, None]),  # [B, 1, W, W]
             position_ids=position_ids,
             use_cache=False,
             **extra,

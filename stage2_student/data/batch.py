@@ -110,6 +110,7 @@ class StudentBatch(_Rows):
     saliency: SaliencyRows | None  # None unless asked for (``with_saliency``)
     tpa: TpaRows | None  # None when the store has no transition statistics
     position: tuple[int, int]  # (epoch, global batch index) of this batch
+    filler: bool = False  # a rank's stand-in past an epoch's last batch (StoreDataset pad_ranks): weigh it 0
 
 
 def _pad_rows(arrays: list[np.ndarray], fill, dtype) -> np.ndarray:

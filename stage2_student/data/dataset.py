@@ -69,7 +69,11 @@ class StoreDataset(IterableDataset):
             that a batch pads less ([order note]); 0 or 1: off.
         drop_last: drop the last, short batch of an epoch.
         rank, world_size: this process's share under DDP (global batch i goes to rank i % world_size;
-            ranks get equal counts only when world_size divides ``n_batches``).
+            ranks get equal counts only when world_size divides ``n_batches``, or with ``pad_ranks``).
+        pad_ranks: every rank yields ceil(n_batches / world_size) batches per epoch, so that ranks
+            stay in step (one DDP step takes one batch from each) into the next epoch: a rank's
+            batch past the epoch's last is a *filler*, a copy of the epoch's last batch with
+            ``batch.filler`` True, which a trainer weighs 0 ([order note]).
         verify_checksums: check every file's size and sha256 before reading.
         with_saliency: also yield the saliency rows (the optional attention variant of IVA).
         repeat: go on with the next epoch after the last batch of one, without end.
@@ -104,6 +108,7 @@ class StoreDataset(IterableDataset):
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        pad_ranks: bool = False,
         verify_checksums: bool = False,
         with_saliency: bool = True,
         repeat: bool = False,
@@ -139,7 +144,9 @@ class StoreDataset(IterableDataset):
         self.repeat = repeat
         self.shard_sizes = reader.shard_sizes()
         self.n_batches = batches_per_epoch(self.shard_sizes, batch_size, drop_last)  # global, all ranks
-        self.batches_this_rank = len(range(rank, self.n_batches, world_size))
+        # with pad_ranks, rank r's batches are r, r + W, ... below the next multiple of W (fillers past n_batches)
+        self._rank_end = -(-self.n_batches // world_size) * world_size if pad_ranks else self.n_batches
+        self.batches_this_rank = len(range(rank, self._rank_end, world_size))
         _check_order_args(seed, 0, self.shard_sizes, block_size)  # now rather than in a worker
         if window_blocks < 1:
             raise ValueError(f"window_blocks must be >= 1, got {window_blocks}")
@@ -220,7 +227,7 @@ class StoreDataset(IterableDataset):
         from ``start`` on (to the end of that epoch, or on through the next epochs with ``repeat``)
         form one stream, dealt round-robin to the workers from worker 0 on, as the DataLoader
         collects them."""
-        mine = range(self.rank, self.n_batches, self.world_size)
+        mine = range(self.rank, self._rank_end, self.world_size)
         epoch, first, dealt = self.epoch, self.start_batch, 0
         while True:
             remaining = mine[first:]
@@ -243,7 +250,9 @@ class StoreDataset(IterableDataset):
                                   self.lengths, self.group)
                 n_samples = int(plan.window_start[-1])
                 blocks = {}
-            items = plan.samples(i * self.batch_size, min((i + 1) * self.batch_size, n_samples))
+            filler = i >= self.n_batches
+            last = min(i, self.n_batches - 1)  # a filler reads the epoch's last batch
+            items = plan.samples(last * self.batch_size, min((last + 1) * self.batch_size, n_samples))
             # Batches only move forward through the windows: blocks of earlier windows are done.
             window = min(block for block, _, _ in items) // self.window_blocks
             blocks = {k: v for k, v in blocks.items() if k // self.window_blocks >= window}
@@ -257,6 +266,7 @@ class StoreDataset(IterableDataset):
                 encoded.append(enc)
                 targets.append(tg)
             batch = collate(encoded, targets, self.pad_id, position=(epoch, i), with_saliency=self.with_saliency)
+            batch.filler = filler
             yield batch if info is None else packed(batch)
 
     def encode_and_remap(self, stored: StoredSample) -> tuple[EncodedSample, StudentTargets]:

@@ -28,6 +28,12 @@ batches of one epoch.
   its DataLoader workers (the first to worker 0). The DataLoader collects from its workers
   round-robin, so a rank sees its batches in increasing order whatever ``num_workers`` is, and
   ``(epoch, b)`` alone resumes it.
+* Ranks in step (``pad_ranks``, as ``distill`` uses them): a DDP step takes one batch from each
+  rank, global batches ``sW .. sW + W - 1`` at step s: the consecutive samples of one batch of
+  ``W * batch_size``, so W processes at batch B see what one process sees at batch W·B. Each rank
+  yields ``ceil(n_batches / W)`` batches per epoch; those past the epoch's last are *fillers*
+  (copies of the last batch, ``batch.filler``) that the trainer weighs 0, so that no rank runs
+  into the next epoch while another finishes this one.
 
 A worker reads (and keeps until its batches leave that window) only the blocks that hold samples
 of its own batches; with N workers a block may be read by up to N of them (each worker decodes a
