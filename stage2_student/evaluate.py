@@ -38,7 +38,7 @@ from pipeline.config import check, to_dict
 from pipeline.data import BadRecord, DataSourceError, Record, SampleError, encode, read_records
 from pipeline.data.encode import to_messages
 from pipeline.devices import resolve_device
-from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH
+from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH, iter_llava_file, record_id
 from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from pipeline.processors import load_processor
@@ -119,20 +119,16 @@ class Question:
 
 
 def _raw_records(path: Path) -> dict[str, dict]:
-    """``{id: record}`` of a LLaVA .json/.jsonl file, for the keys ``read_records`` does not keep."""
-    if path.suffix == ".jsonl":
-        rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # blank or broken: read_records reports the broken ones
-                continue
-    else:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+    """``{id: record}`` of a LLaVA .json/.jsonl file, for the keys ``read_records`` does not keep;
+    read and keyed as ``read_records`` reads them (an id's first record wins; what it reports as
+    broken is left out)."""
     out: dict[str, dict] = {}
-    for i, row in enumerate(rows):
+    for index, row, origin in iter_llava_file(path):
         if isinstance(row, dict):
-            out.setdefault(str(row.get("id", f"row-{i}")), row)
+            try:
+                out.setdefault(record_id(row, index, origin), row)
+            except SampleError:
+                continue
     return out
 
 

@@ -15,6 +15,9 @@ used (``Record.load_images`` or encoding), so a caller can skip it with its reas
 
 Images are read under an :class:`ImagePolicy`: only regular files inside the image root (unless
 allowed), at most so many bytes and pixels; anything else is skipped with its reason, never read.
+
+Sample ids key a store, so :func:`read_records` makes them unique: the first record with an id keeps
+it, and every later one is a bad record whose skip record is keyed ``<id>@<origin>``.
 """
 
 from __future__ import annotations
@@ -52,13 +55,18 @@ REASONS = (
 
 
 class SampleError(Exception):
-    """One sample cannot be used. ``reason`` is one of ``REASONS``; ``detail`` says exactly why."""
+    """One sample cannot be used. ``reason`` is one of ``REASONS``; ``detail`` says exactly why.
 
-    def __init__(self, sample_id: str, reason: str, detail: str):
+    ``skip_id`` is the id its skip record carries in a store: the sample id, except for a record
+    whose id an earlier record holds (then ``<id>@<origin>``, see :func:`claim_id`).
+    """
+
+    def __init__(self, sample_id: str, reason: str, detail: str, skip_id: str | None = None):
         if reason not in REASONS:
             raise ValueError(f"unknown sample error reason {reason!r}")
         super().__init__(f"sample {sample_id!r}: {reason}: {detail}")
         self.sample_id, self.reason, self.detail = sample_id, reason, detail
+        self.skip_id = sample_id if skip_id is None else skip_id
 
 
 class DataSourceError(PipelineError):
@@ -238,10 +246,25 @@ def _image_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
+def record_id(row: Mapping, index: int, origin: str) -> str:
+    """The sample id of a raw record: its ``id``, a non-empty string or an integer (read as its
+    decimal string); ``row-<index>`` when it has none. Any other id is SampleError(MALFORMED),
+    keyed ``@<origin>`` since the record has no usable id."""
+    value = row.get("id")
+    if value is None:
+        return f"row-{index}"
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise SampleError(f"@{origin}", MALFORMED,
+                          f"{origin}: sample id must be a string or an integer, found {type(value).__name__} {value!r}")
+    if not str(value).strip():
+        raise SampleError(f"@{origin}", MALFORMED, f"{origin}: empty sample id {value!r}")
+    return str(value)
+
+
 def record_from_llava(obj: dict, index: int, image_root: Path, origin: str, policy: ImagePolicy = ImagePolicy()) -> Record:
-    sample_id = str(obj.get("id", f"row-{index}")) if isinstance(obj, dict) else f"row-{index}"
     if not isinstance(obj, dict):
-        raise SampleError(sample_id, MALFORMED, f"{origin}: record is not a JSON object")
+        raise SampleError(f"row-{index}", MALFORMED, f"{origin}: record is not a JSON object")
+    sample_id = record_id(obj, index, origin)
     turns = parse_conversations(sample_id, obj.get("conversations"))
     images = []
     for p in _image_list(obj.get("image", obj.get("images"))):
@@ -251,19 +274,29 @@ def record_from_llava(obj: dict, index: int, image_root: Path, origin: str, poli
     return Record(sample_id, turns, images, origin, image_root, policy)
 
 
-def _iter_llava_file(path: Path) -> Iterator[tuple[int, object, str]]:
+def iter_llava_file(path: Path) -> Iterator[tuple[int, object, str]]:
+    """(index, record or the SampleError of an unreadable JSONL line, origin) of a LLaVA file.
+
+    JSON is UTF-8 (a BOM is allowed). A JSONL line that is not UTF-8 or not JSON is one bad record;
+    a .json file that is not is a DataSourceError naming it."""
     if path.suffix == ".jsonl":
-        with path.open() as f:
+        with path.open("rb") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
+                origin = f"{path.name}:{lineno}"
                 try:
-                    yield lineno - 1, json.loads(line), f"{path.name}:{lineno}"
+                    obj = json.loads(line.decode("utf-8-sig" if lineno == 1 else "utf-8"))
+                except UnicodeDecodeError as e:
+                    obj = SampleError(f"row-{lineno - 1}", MALFORMED, f"{origin}: not UTF-8 text: {e}")
                 except json.JSONDecodeError as e:
-                    yield lineno - 1, e, f"{path.name}:{lineno}"
+                    obj = SampleError(f"row-{lineno - 1}", MALFORMED, f"{origin}: invalid JSON: {e}")
+                yield lineno - 1, obj, origin
     else:
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_bytes().decode("utf-8-sig"))
+        except UnicodeDecodeError as e:
+            raise DataSourceError(f"{path}: not UTF-8 text ({e}); JSON files must be UTF-8") from e
         except json.JSONDecodeError as e:
             raise DataSourceError(f"{path}: not valid JSON ({e})") from e
         if not isinstance(data, list):
@@ -292,7 +325,7 @@ def _iter_hf(path: Path, split: str) -> Iterator[tuple[int, dict, str]]:
 
 
 def _record_from_hf(row: dict, index: int, image_root: Path, origin: str, policy: ImagePolicy = ImagePolicy()) -> Record:
-    sample_id = str(row.get("id", f"row-{index}"))
+    sample_id = record_id(row, index, origin)
     turns = parse_conversations(sample_id, row.get("conversations"))
     images: list[Path | Image.Image] = []
     for key in ("images", "image"):
@@ -321,8 +354,8 @@ def read_records(
     """Yield every record of a LLaVA JSON/JSONL file or a local HF dataset directory, in order.
 
     Unparseable records are yielded as :class:`BadRecord` (never dropped); a duplicate sample id is
-    a bad record too, since stores are keyed by id. ``policy`` governs how the records' images are
-    read.
+    a bad record too, since stores are keyed by id (see :func:`claim_id`). ``policy`` governs how
+    the records' images are read.
     """
     path = Path(path)
     if not path.exists():
@@ -331,18 +364,41 @@ def read_records(
     if path.is_file():
         if path.suffix not in (".json", ".jsonl"):
             raise DataSourceError(f"{path}: expected a .json or .jsonl LLaVA file, or a dataset directory")
-        rows, convert = _iter_llava_file(path), record_from_llava
+        rows, convert = iter_llava_file(path), record_from_llava
     else:
         rows, convert = _iter_hf(path, split), _record_from_hf
-    seen: set[str] = set()
+    holders: dict[str, str] = {}
     for index, obj, origin in rows:
         try:
-            if isinstance(obj, Exception):
-                raise SampleError(f"row-{index}", MALFORMED, f"{origin}: invalid JSON: {obj}")
-            rec = convert(obj, index, root, origin, policy)
-            if rec.sample_id in seen:
-                raise SampleError(rec.sample_id, MALFORMED, f"{origin}: duplicate sample id")
-            seen.add(rec.sample_id)
-            yield rec
+            if isinstance(obj, SampleError):
+                raise obj
+            item = convert(obj, index, root, origin, policy)
         except SampleError as e:
-            yield BadRecord(e)
+            item = BadRecord(e)
+        yield claim_id(item, origin, holders)
+
+
+def claim_id(item: Record | BadRecord, origin: str, holders: dict[str, str]) -> Record | BadRecord:
+    """``item`` under an id no earlier item of the data holds, and that id claimed in ``holders``
+    (id -> origin of its holder).
+
+    The first record with an id keeps it, good or bad. A later good record becomes a bad one
+    (MALFORMED, naming the holder); a later bad one keeps its reason. Either is skipped under the
+    key ``<id>@<origin>`` (``#n`` added should even that be taken), so every id a dump writes, stored
+    or skipped, is unique across its shards: the writer and ``verify`` require it.
+    """
+    sid = item.sample_id if isinstance(item, Record) else item.error.skip_id
+    if sid not in holders:
+        holders[sid] = origin
+        return item
+    key = base = f"{sid}@{origin}"
+    n = 1
+    while key in holders:
+        n += 1
+        key = f"{base}#{n}"
+    holders[key] = origin
+    if isinstance(item, Record):
+        detail = f"{origin}: duplicate sample id {sid!r}, already the id of the record at {holders[sid]}"
+        return BadRecord(SampleError(sid, MALFORMED, detail, key))
+    e = item.error
+    return BadRecord(SampleError(e.sample_id, e.reason, e.detail, key))
