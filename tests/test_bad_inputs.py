@@ -247,6 +247,14 @@ def test_paths_out_of_the_image_root_are_refused_unless_allowed(tmp_path):
             reasons[rec.sample_id] = e.reason if isinstance(e, SampleError) else "ok"
         out = "ok" if allow else "image_outside_root"
         assert reasons == {"dotdot": out, "absolute": out, "link": out, "inside": "ok", "link-in": "ok", "dotdot-in": "ok"}
+    # eval has the same key
+    from stage2_student.evaluate import EvalDataConfig, read_question_file
+
+    for allow in (False, True):
+        policy = ImagePolicy.from_settings(vars(EvalDataConfig(path=str(data), allow_outside_root=allow)))
+        records, _, _ = read_question_file(data, str(root), None, policy)
+        loaded = [r.sample_id for r in records if not isinstance(_load(r), SampleError)]
+        assert loaded == (["dotdot", "absolute", "link"] if allow else []) + ["inside", "link-in", "dotdot-in"]
 
 
 def test_text_that_is_not_utf8_names_the_file_and_costs_one_line(tmp_path):
