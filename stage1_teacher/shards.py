@@ -46,7 +46,7 @@ def dump_shard(
             results = _signals_or_per_sample(teacher, encoded, layers)
             for item in pending:
                 if isinstance(item, SampleError):
-                    writer.add_skipped(item.sample_id, item.reason, item.detail)
+                    writer.add_skipped(item.skip_id, item.reason, item.detail)
                     continue
                 sig = results[item.sample_id]
                 if isinstance(sig, SampleError):

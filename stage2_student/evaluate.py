@@ -35,10 +35,10 @@ import torch
 from transformers import AutoModelForImageTextToText, GenerationConfig
 
 from pipeline.config import check, to_dict
-from pipeline.data import BadRecord, DataSourceError, Record, SampleError, encode, read_records
+from pipeline.data import BadRecord, DataSourceError, ImagePolicy, Record, SampleError, encode, read_records
 from pipeline.data.encode import to_messages
 from pipeline.devices import resolve_device
-from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH
+from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH, iter_llava_file, record_id
 from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from pipeline.processors import load_processor
@@ -67,6 +67,8 @@ class EvalDataConfig:
     """Directory that image paths are relative to; default: the question file's directory."""
     max_length: int = 2048
     """Longest prompt (after image expansion) in tokens; longer questions are skipped as over_length."""
+    allow_outside_root: bool = False
+    """Read image paths that leave image_root (absolute paths, `..`, symlinks pointing out); by default such a question is skipped as image_outside_root."""
 
     def __post_init__(self):
         check(bool(self.path), "path", "must name a question file")
@@ -119,20 +121,16 @@ class Question:
 
 
 def _raw_records(path: Path) -> dict[str, dict]:
-    """``{id: record}`` of a LLaVA .json/.jsonl file, for the keys ``read_records`` does not keep."""
-    if path.suffix == ".jsonl":
-        rows = []
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:  # blank or broken: read_records reports the broken ones
-                continue
-    else:
-        rows = json.loads(path.read_text(encoding="utf-8"))
+    """``{id: record}`` of a LLaVA .json/.jsonl file, for the keys ``read_records`` does not keep;
+    read and keyed as ``read_records`` reads them (an id's first record wins; what it reports as
+    broken is left out)."""
     out: dict[str, dict] = {}
-    for i, row in enumerate(rows):
+    for index, row, origin in iter_llava_file(path):
         if isinstance(row, dict):
-            out.setdefault(str(row.get("id", f"row-{i}")), row)
+            try:
+                out.setdefault(record_id(row, index, origin), row)
+            except SampleError:
+                continue
     return out
 
 
@@ -303,13 +301,15 @@ def agreement(model, processor, records: list[Record], store_dir: str | Path, ma
 # the command
 
 
-def read_question_file(path: str | Path, image_root: str | None, limit: int | None) -> tuple[list[Record], dict[str, dict], list[dict]]:
-    """(records, raw records by id, skipped) of the first ``limit`` records of a LLaVA file."""
+def read_question_file(path: str | Path, image_root: str | None, limit: int | None, policy: ImagePolicy = ImagePolicy()
+                       ) -> tuple[list[Record], dict[str, dict], list[dict]]:
+    """(records, raw records by id, skipped) of the first ``limit`` records of a LLaVA file; their
+    images read under ``policy``."""
     path = Path(path)
     if path.exists() and not (path.is_file() and path.suffix in (".json", ".jsonl")):
         raise DataSourceError(f"{path}: eval reads a LLaVA .json or .jsonl question file")
     records, skipped = [], []
-    for rec in islice(read_records(path, image_root), limit):  # raises for a missing file, naming it
+    for rec in islice(read_records(path, image_root, policy=policy), limit):  # raises for a missing file, naming it
         if isinstance(rec, BadRecord):
             skipped.append({"id": rec.error.sample_id, "turn": None, "reason": rec.error.reason, "detail": rec.error.detail})
         else:
@@ -324,7 +324,8 @@ def _write_json(path: Path, obj: dict) -> None:
 
 def run(cfg: EvalConfig) -> dict:
     device = resolve_device(cfg.device)
-    records, raws, skipped = read_question_file(cfg.data.path, cfg.data.image_root, cfg.limit)
+    records, raws, skipped = read_question_file(cfg.data.path, cfg.data.image_root, cfg.limit,
+                                                ImagePolicy.from_settings(vars(cfg.data)))
     processor = load_processor(cfg.model)  # a missing checkpoint directory is named here
     model = AutoModelForImageTextToText.from_pretrained(cfg.model, dtype=torch.float32, trust_remote_code=False)
     model.to(device).eval()

@@ -7,13 +7,14 @@ from typing import Iterator
 
 from pipeline.data.config import DataConfig
 from pipeline.data.encode import EncodedSample, TemplateError, VisualBlock, encode
-from pipeline.data.records import BadRecord, DataSourceError, Record, SampleError, read_records
+from pipeline.data.records import BadRecord, DataSourceError, ImagePolicy, Record, SampleError, read_records
 
 __all__ = [
     "BadRecord",
     "DataConfig",
     "DataSourceError",
     "EncodedSample",
+    "ImagePolicy",
     "Record",
     "SampleError",
     "TemplateError",
@@ -27,7 +28,7 @@ __all__ = [
 
 def iter_records(cfg: DataConfig) -> Iterator[Record | BadRecord]:
     """The records of ``cfg.path`` in order, at most ``cfg.limit`` of them."""
-    return islice(read_records(cfg.path, cfg.image_root, cfg.split), cfg.limit)
+    return islice(read_records(cfg.path, cfg.image_root, cfg.split, ImagePolicy.from_settings(vars(cfg))), cfg.limit)
 
 
 def iter_encoded(cfg: DataConfig, processor) -> Iterator[EncodedSample | SampleError]:

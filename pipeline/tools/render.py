@@ -95,7 +95,7 @@ def _render_saliency(s: StoredSample, record, images: list, path: Path) -> None:
 
 
 def _render_overlays(store: Path, reader: StoreReader, out: Path, n_samples: int, image_root, data_path) -> list[Path]:
-    from pipeline.data import BadRecord, SampleError, read_records
+    from pipeline.data import BadRecord, ImagePolicy, SampleError, read_records
 
     ds = reader.manifest.optional("dataset") or {}
     path = data_path or ds.get("path")
@@ -106,7 +106,7 @@ def _render_overlays(store: Path, reader: StoreReader, out: Path, n_samples: int
     in_store = set(reader.sample_ids())
     written: list[Path] = []
     try:
-        records = read_records(path, root, ds.get("split", "train"))
+        records = read_records(path, root, ds.get("split", "train"), ImagePolicy.from_settings(ds))
         for rec in records:
             if len(written) >= n_samples:
                 break

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from pipeline.data import EncodedSample, Record, read_records
+from pipeline.data import EncodedSample, ImagePolicy, Record, read_records
 from schemas import StoredSample, StoreReader
 from schemas.signals import SampleSignals, unpack
 from pipeline.modeling.batching import pad_token_id
@@ -189,7 +189,9 @@ class StoreDataset(IterableDataset):
         split = dataset.get("split", "train") if split is None else split
         wanted = set(reader.sample_ids())
         records = {}
-        for rec in islice(read_records(data_path, image_root, split), limit):
+        # The images are read under the policy the store was dumped with (its samples passed it).
+        policy = ImagePolicy.from_settings(dataset)
+        for rec in islice(read_records(data_path, image_root, split, policy), limit):
             if isinstance(rec, Record) and rec.sample_id in wanted:
                 records[rec.sample_id] = rec
         missing = sorted(wanted - set(records))

@@ -10,7 +10,7 @@ Layout: ``<root>/<fingerprint>/`` where the fingerprint (:func:`pixel_settings`)
 that can change the tensors or the token count of an image: ``processor.to_dict()`` (the image
 processor's resize / normalise / patching settings and processor-level geometry such as LLaVA's
 ``patch_size``; the chat template left out), the image processor's class (PIL and torch backends
-may differ in the last bit) and the versions of transformers, Pillow, torch and numpy. Students
+may differ in the last bit), how files are decoded (``pipeline.data.records.IMAGE_DECODING``) and the versions of transformers, Pillow, torch and numpy. Students
 whose processors differ in any of these never share a directory. Inside it:
 
 * ``config.json``: those settings and their fingerprint (written once, atomically);
@@ -70,6 +70,7 @@ import PIL
 import torch
 import transformers
 
+from pipeline.data.records import IMAGE_DECODING
 from pipeline.errors import PipelineError
 from schemas.io import atomic_write_text, fingerprint
 
@@ -99,6 +100,7 @@ def pixel_settings(processor) -> dict[str, Any]:
         "format": FORMAT,
         "processor": {k: v for k, v in processor.to_dict().items() if k != "chat_template"},
         "image_processor_class": f"{image_processor.__module__}.{image_processor.__qualname__}",
+        "image_decoding": IMAGE_DECODING,
         "versions": {"transformers": transformers.__version__, "pillow": PIL.__version__,
                      "torch": torch.__version__, "numpy": np.__version__},
     }
