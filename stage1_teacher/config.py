@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.config import check
+from pipeline.config import ConfigError, check
 from pipeline.data import DataConfig
 
 
@@ -81,6 +81,21 @@ class SignalsConfig:
         if isinstance(self.saliency_layers, list):
             check(bool(self.saliency_layers), "saliency_layers", "must be `auto` or a non-empty list of layer indices")
             check(all(x >= 0 for x in self.saliency_layers), "saliency_layers", "layer indices must be >= 0")
+
+    def check_vocabulary(self, size: int, teacher: str) -> None:
+        """Refuse top-k sizes the vocabulary of ``teacher`` (``size`` real tokens) cannot fill.
+
+        The size is known only once the tokenizer is loaded, so the dump calls this before it
+        writes anything; without it every sample failed alone, as a ``teacher_error``."""
+        limits = [("top_k", self.top_k, size)]
+        if self.transitions.enabled:
+            # the K candidates exclude the gold token; each transition keeps k' of all tokens
+            limits += [("transitions.candidates", self.transitions.candidates, size - 1),
+                       ("transitions.top_k", self.transitions.top_k, size)]
+        for key, value, most in limits:
+            if value > most:
+                raise ConfigError(f"signals.{key}", f"must be <= {most}: the vocabulary of the teacher {teacher} "
+                                                    f"has {size} tokens, got {value}")
 
 
 @dataclass
