@@ -126,7 +126,11 @@ class DumpConfig:
     """Samples per teacher forward (right-padded)."""
     seed: int = 0
     """Seed of the sampled target's draws (each sample's draws depend only on this seed and its id)."""
+    shard_retries: int = 2
+    """With Ray workers: how many times a shard whose actor died (a crashed process, a lost node) is
+    retried on a fresh actor before the dump stops, naming the shard (complete shards are kept)."""
 
     def __post_init__(self):
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.shard_retries >= 0, "shard_retries", f"must be >= 0, got {self.shard_retries}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")

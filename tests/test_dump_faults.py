@@ -8,13 +8,17 @@ import errno
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 from conftest import write_image, write_json
-from test_dump import dump_config, make_dataset
+from test_dump import assert_same_store, dump_config, make_dataset
 
-from pipeline.config import ConfigError
+from pipeline.config import ConfigError, save_config
 from pipeline.errors import PipelineError
 from pipeline.tools.cli import main
 from pipeline.tools.inspect_store import verify
@@ -257,3 +261,108 @@ def test_an_output_dir_that_cannot_be_written_is_refused_up_front(tmp_path, teac
     monkeypatch.setattr(Path, "write_bytes", read_only)
     with pytest.raises(PipelineError, match=f"output.dir {existing}.*Read-only file system"):
         run(dump_config(teacher_dir, tmp_path / "missing.json", existing))
+
+
+# ---------------------------------------------------------------- Ray
+
+
+def test_ray_errors_name_the_shard():
+    """Spent retries, and an error raised by a shard's own code, name the shard (no Ray needed:
+    each refusal comes before any call to it)."""
+    from ray.exceptions import ActorDiedError, RayTaskError
+
+    from stage1_teacher.executors import RayExecutor, _raise_named
+
+    executor = RayExecutor.__new__(RayExecutor)
+    executor.cfg = dump_config(Path("t"), Path("d"), Path("o"), workers=2, shard_retries=1)
+    with pytest.raises(PipelineError, match=r"shard shard-00003: its Ray actor died on each of 2 attempt\(s\) "
+                                            r"\(shard_retries=1\).*re-run"):
+        executor._replace(object(), "shard shard-00003", 2, ActorDiedError())
+    user_error = RayTaskError("run_shard", "Traceback ...", PipelineError("disk full")).as_instanceof_cause()
+    with pytest.raises(PipelineError, match="^shard shard-00002: disk full$"):
+        _raise_named("shard shard-00002", user_error)
+    bug = RayTaskError("run_shard", "Traceback ...", KeyError("x")).as_instanceof_cause()
+    with pytest.raises(KeyError) as info:
+        _raise_named("shard shard-00002", bug)
+    assert "while running shard shard-00002 on a Ray actor" in info.value.__notes__
+
+
+@pytest.mark.slow  # Ray start-up, and one more actor (teacher load) for the retry: ~30-80 s on 2 cores
+def test_a_shard_whose_actor_dies_is_redone_on_a_fresh_actor(tmp_path, teacher_dir, data):
+    """The actor running shard-00001 kills its own process on the first attempt; the dump retries
+    the shard on a fresh actor and the store equals the in-process one."""
+    import ray
+
+    marker = tmp_path / "died-once"
+
+    def kill_first_attempt(target: str, marker: str):
+        def hook():  # runs in every Ray worker process before its first task
+            import os
+
+            from stage1_teacher import executors
+
+            original = executors.DumpWorker.run_shard
+
+            def run_shard(self, name, *args, **kwargs):
+                if name == target and not os.path.exists(marker):
+                    open(marker, "w").close()
+                    os._exit(1)
+                return original(self, name, *args, **kwargs)
+
+            executors.DumpWorker.run_shard = run_shard
+
+        return hook
+
+    out = tmp_path / "ray"
+    ray.init(include_dashboard=False, configure_logging=False,
+             runtime_env={"worker_process_setup_hook": kill_first_attempt("shard-00001", str(marker))})
+    try:
+        run(dump_config(teacher_dir, data, out, workers=2, **{"signals.saliency_layers": [0]}))
+    finally:
+        ray.shutdown()
+    assert marker.exists()  # the actor did die
+    assert verify(out) == []
+    reference = tmp_path / "in-process"
+    run(dump_config(teacher_dir, data, reference, **{"signals.saliency_layers": [0]}))
+    assert_same_store(reference, out)
+
+
+@pytest.mark.slow  # a real `pipeline run teacher-dump` with Ray in a subprocess: ~30-70 s on 2 cores
+def test_sigterm_shuts_ray_down(tmp_path, teacher_dir):
+    """SIGTERM while an actor is busy (it waits on a FIFO image): the driver unwinds like Ctrl-C,
+    kills its actors and shuts Ray down; nothing of its session is left running."""
+    root = tmp_path / "d"
+    data = make_dataset(root, n=8)
+    target = root / "img" / "6.png"  # sample 6: the second shard
+    target.unlink()
+    os.mkfifo(target)
+    out = tmp_path / "s"
+    cfg_path = tmp_path / "dump.yaml"
+    save_config(dump_config(teacher_dir, data, out, workers=2, **{"signals.saliency_layers": [0]}), cfg_path)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", "run", "teacher-dump", "--config", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while not (out / "shards" / "shard-00001.partial").exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the dump never reached the blocking sample"
+            time.sleep(0.2)
+        time.sleep(1.0)
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(timeout=120)
+        err = proc.stderr.read().decode()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert rc == 130 and "interrupted" in err, (rc, err[-2000:])
+
+    def left() -> list[str]:  # live processes of the dump's session (zombies are already dead)
+        ps = subprocess.run(["ps", "-eo", "sid=,stat=,pid=,args="], capture_output=True, text=True).stdout
+        rows = [line.split(None, 3) for line in ps.splitlines()]
+        return [" ".join(r) for r in rows if len(r) >= 3 and r[0] == str(proc.pid) and not r[1].startswith("Z")]
+
+    deadline = time.time() + 30
+    while left() and time.time() < deadline:
+        time.sleep(0.5)
+    assert left() == []
