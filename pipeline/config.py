@@ -10,7 +10,8 @@ Conventions (after litgpt ``args.py`` and torchtune's CLI):
   (``signals.transitions.top_k: must be >= 1, got 0``).
 - ``from_dict`` is strict: unknown keys, wrong types (``1.5`` or ``true`` for an ``int``, ``3`` for
   a ``str``) and missing required keys are ``ConfigError``s that name the dotted key. Nothing is
-  coerced except ``int`` -> ``float``, ``str`` -> ``Path`` and YAML lists -> ``tuple``.
+  coerced except ``int`` -> ``float``, ``str`` -> ``Path`` and YAML lists -> ``tuple``. A ``float``
+  must be finite: ``.nan``, ``.inf`` and ``-.inf`` are refused for every key.
 - Overrides are YAML scalars/flow values: ``signals.top_k=32``, ``layers=[4,8]``, ``mode=auto``,
   ``path=null``. Quote a number meant as text: ``run_name='"2024"'``. An override replaces only
   the key it names; mappings merge key by key.
@@ -24,6 +25,7 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import math
 import re
 import textwrap
 import types
@@ -145,7 +147,15 @@ def _convert(tp: Any, value: Any, key: str) -> Any:
         raise _mismatch(key, tp, value)
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            # YAML reads .nan and .inf as floats; no setting means them, and they pass range
+            # checks written as `x > 0` (inf) or reach files that refuse them (JSON, the manifest).
+            try:
+                number = float(value)
+            except OverflowError:  # an int beyond float range
+                number = math.inf
+            if not math.isfinite(number):
+                raise ConfigError(key, f"must be a finite number, got {_show(value)}")
+            return number
         raise _mismatch(key, tp, value)
     if tp is Path:
         if isinstance(value, (str, Path)):

@@ -10,8 +10,11 @@ import hashlib
 import json
 import os
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+
+from schemas.errors import PipelineError
 
 
 def fingerprint(obj: Any) -> str:
@@ -55,3 +58,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def _dumps(obj: Any) -> str:
     return json.dumps(obj, sort_keys=True, indent=2, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+@contextmanager
+def writing(what: str) -> Iterator[None]:
+    """Turn an ``OSError`` raised inside (disk full, a read-only file system, a path under a
+    regular file) into a ``PipelineError`` that names ``what`` was being written and the path."""
+    try:
+        yield
+    except OSError as e:
+        path = f" {e.filename}" if e.filename else ""
+        raise PipelineError(f"{what}: cannot write{path}: {e.strerror or e}") from e
+
+
+def settings_diff(a: dict, b: dict, a_name: str, b_name: str, prefix: str = "") -> list[str]:
+    """``key: <a_name> has X, <b_name> has Y`` for every dotted key whose value differs."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        key = f"{prefix}{k}"
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += settings_diff(a[k], b[k], a_name, b_name, key + ".")
+        elif a.get(k) != b.get(k):
+            out.append(f"{key}: {a_name} has {a.get(k)!r}, {b_name} has {b.get(k)!r}")
+    return out

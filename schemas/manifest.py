@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from schemas.errors import StoreFormatError
-from schemas.io import _dumps, atomic_write_text, file_sha256
+from schemas.io import _dumps, atomic_write_text, file_sha256, fingerprint, writing
 from schemas.layout import (
+    CALIBRATION_FILE,
     FORMAT_VERSION,
     MANIFEST_NAME,
     SHARD_JSON,
@@ -28,7 +29,20 @@ from schemas.layout import (
 )
 
 _RESERVED_MANIFEST_KEYS = ("format_version", "arrays", "shards", "n_samples", "n_skipped",
-                           "skipped_reasons")
+                           "skipped_reasons", "settings_sha256")
+
+
+def _sha256_or_none(doc: dict) -> str | None:
+    """``fingerprint(doc)``, or None for a document that cannot be hashed (a NaN typed into a file)."""
+    try:
+        return fingerprint(doc)
+    except ValueError:
+        return None
+
+
+def _settings_sha256(doc: dict) -> str | None:
+    """sha256 of the caller's entries of a manifest (all but the reserved ones)."""
+    return _sha256_or_none({k: v for k, v in doc.items() if k not in _RESERVED_MANIFEST_KEYS})
 
 
 def _read_shard_json(store_dir: Path, name: str) -> dict:
@@ -50,9 +64,11 @@ def write_manifest(store_dir: str | os.PathLike, manifest: dict,
     """Write `manifest.json` last and atomically; return what was written.
 
     `manifest` holds the caller's entries (teacher identity, fingerprints, settings), passed
-    through untouched. Added: `format_version`, `arrays` (name -> spec), `shards` (per shard:
-    name, n_samples, n_skipped, skipped_reasons, rows, bytes, files {path: {bytes, sha256}},
-    shard_json {bytes, sha256}), and totals `n_samples`, `n_skipped`, `skipped_reasons`.
+    through untouched. Added: `settings_sha256` (of those entries; `read_manifest` checks it, so
+    an edited setting, a temperature or the saliency layers, is refused), `format_version`,
+    `arrays` (name -> spec), `shards` (per shard: name, n_samples, n_skipped, skipped_reasons,
+    rows, bytes, files {path: {bytes, sha256}}, shard_json {bytes, sha256}), and totals
+    `n_samples`, `n_skipped`, `skipped_reasons`.
     `shards` selects shard names (default: every complete shard). Refused while `.partial` shards
     exist, or when shards disagree on the array specs.
     """
@@ -94,6 +110,7 @@ def write_manifest(store_dir: str | os.PathLike, manifest: dict,
 
     out = dict(manifest)
     out.update({
+        "settings_sha256": _settings_sha256(manifest),
         "format_version": FORMAT_VERSION,
         "arrays": arrays or {},
         "shards": entries,
@@ -101,7 +118,8 @@ def write_manifest(store_dir: str | os.PathLike, manifest: dict,
         "n_skipped": sum(e["n_skipped"] for e in entries),
         "skipped_reasons": dict(sorted(reasons.items())),
     })
-    atomic_write_text(store / MANIFEST_NAME, _dumps(out))
+    with writing(str(store / MANIFEST_NAME)):  # a full disk: the complete shards stay, for a re-run
+        atomic_write_text(store / MANIFEST_NAME, _dumps(out))
     return Manifest(store / MANIFEST_NAME, out)
 
 
@@ -226,7 +244,8 @@ class Manifest(dict):
 
 
 def read_manifest(store_dir: str | os.PathLike) -> Manifest:
-    """Load and check `manifest.json` (presence, JSON, format version, required keys)."""
+    """Load and check `manifest.json` (presence, JSON, format version, required keys, and the
+    checksum of its settings where it has one)."""
     path = Path(store_dir) / MANIFEST_NAME
     if not path.is_file():
         raise StoreFormatError(f"{path}: no {MANIFEST_NAME}; the dump is incomplete (the manifest "
@@ -244,4 +263,46 @@ def read_manifest(store_dir: str | os.PathLike) -> Manifest:
         if not isinstance(m.get(key), typ):
             raise StoreFormatError(f"{path}: key {key!r}: expected {typ.__name__}, "
                                    f"found {type(m.get(key)).__name__}")
+    # Stores written before the checksum existed have none and read as before.
+    if "settings_sha256" in m and m["settings_sha256"] != _settings_sha256(m):
+        raise StoreFormatError(f"{path}: the settings it records were edited after the dump "
+                               "(settings_sha256 does not match them); the shards hold what the "
+                               "recorded settings produced, so restore the manifest or dump again")
     return Manifest(path, m)
+
+
+def read_json_file(path: Path) -> Any:
+    """A JSON file of the store beside the manifest; unreadable is a format problem naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StoreFormatError(f"{path}: unreadable: {e}") from e
+
+
+def write_calibration(store_dir: str | os.PathLike, layers: list[int], irs: dict[int, float]) -> None:
+    """``calibration.json``: the IRS table and the chosen saliency layers, with a checksum, so a
+    resume that would compute new shards with other layers than the complete ones can refuse."""
+    doc = {"layers": list(layers), "irs": {str(k): v for k, v in irs.items()}}
+    path = Path(store_dir) / CALIBRATION_FILE
+    with writing(str(path)):
+        atomic_write_text(path, _dumps({**doc, "sha256": fingerprint(doc)}))
+
+
+def read_calibration(store_dir: str | os.PathLike) -> tuple[list[int], dict[int, float]] | None:
+    """(layers, IRS table) from ``calibration.json``, or None when there is none. A file whose
+    checksum does not match (edited since the calibration) is refused naming it; files written
+    before the checksum existed have none and are read as they are."""
+    path = Path(store_dir) / CALIBRATION_FILE
+    if not path.is_file():
+        return None
+    doc = read_json_file(path)
+    try:
+        layers = [int(x) for x in doc["layers"]]
+        irs = {int(k): float(v) for k, v in doc["irs"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise StoreFormatError(f"{path}: not a calibration record (layers, irs): {e!r}") from e
+    if "sha256" in doc and doc["sha256"] != _sha256_or_none({"layers": doc["layers"], "irs": doc["irs"]}):
+        raise StoreFormatError(f"{path}: edited after the calibration (its sha256 does not match); "
+                               "complete shards were computed with the layers it recorded. Restore "
+                               "it, or delete the store to start over")
+    return layers, irs

@@ -12,8 +12,9 @@ import pyarrow.parquet as pq
 
 from schemas.checksums import _checksum_problems
 from schemas.errors import StoreFormatError
-from schemas.layout import MANIFEST_NAME, PARTIAL_SUFFIX, SHARD_JSON, SHARDS_DIR, SKIPPED_NAME, ArraySpec, list_complete_shards, list_partial_shards
-from schemas.manifest import read_manifest
+from schemas.io import settings_diff
+from schemas.layout import CALIBRATION_FILE, MANIFEST_NAME, PARTIAL_SUFFIX, SETTINGS_FILE, SHARD_JSON, SHARDS_DIR, SKIPPED_NAME, ArraySpec, list_complete_shards, list_partial_shards
+from schemas.manifest import Manifest, read_calibration, read_json_file, read_manifest
 from schemas.reader import _ShardIndex
 
 
@@ -21,7 +22,8 @@ def verify_store(store_dir: str | os.PathLike) -> list[str]:
     """Every problem found in a store (empty list: OK). Checks the manifest and its version;
     each listed shard exists and is complete; sizes and sha256 of every file; no unlisted files or
     shards; index columns, sample counts, offsets tiling each array; arrays' dtypes and row shapes
-    against the manifest's specs; skipped counts; sample ids unique across shards."""
+    against the manifest's specs; skipped counts; sample ids unique across shards; a teacher
+    store's ``dump.json`` and ``calibration.json``, when present, against the manifest."""
     store = Path(store_dir)
     try:
         m = read_manifest(store)
@@ -95,4 +97,32 @@ def verify_store(store_dir: str | os.PathLike) -> list[str]:
     if n_skipped_total != m.get("n_skipped"):
         problems.append(f"{store / MANIFEST_NAME}: n_skipped {m.get('n_skipped')} but shards sum "
                         f"to {n_skipped_total}")
+    return problems + _side_file_problems(store, m)
+
+
+def _side_file_problems(store: Path, m: Manifest) -> list[str]:
+    """``dump.json`` (the settings a resume checks) and ``calibration.json`` (the layers it reuses)
+    must say what the manifest says; either may be absent (a generic store, named layers)."""
+    problems: list[str] = []
+    path = store / SETTINGS_FILE
+    if path.is_file():
+        try:
+            settings = read_json_file(path)
+            if not isinstance(settings, dict):
+                raise StoreFormatError(f"{path}: expected a JSON object, found {type(settings).__name__}")
+            recorded = {k: m.get(k) for k in settings}
+            problems += [f"{path}: {d}" for d in settings_diff(settings, recorded, SETTINGS_FILE, MANIFEST_NAME)]
+        except StoreFormatError as e:
+            problems.append(str(e))
+    try:
+        calibration = read_calibration(store)
+    except StoreFormatError as e:
+        return problems + [str(e)]
+    if calibration is not None:
+        layers, irs = calibration
+        recorded = m.optional("saliency") or {}
+        table = recorded.get("irs") or {}
+        if layers != recorded.get("layers") or irs != {int(k): v for k, v in table.items()}:
+            problems.append(f"{store / CALIBRATION_FILE}: layers {layers} and the IRS table differ from "
+                            f"the manifest's saliency entry (layers {recorded.get('layers')})")
     return problems

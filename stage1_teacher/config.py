@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pipeline.config import check
+from pipeline.config import ConfigError, check
 from pipeline.data import DataConfig
 
 
@@ -82,6 +82,21 @@ class SignalsConfig:
             check(bool(self.saliency_layers), "saliency_layers", "must be `auto` or a non-empty list of layer indices")
             check(all(x >= 0 for x in self.saliency_layers), "saliency_layers", "layer indices must be >= 0")
 
+    def check_vocabulary(self, size: int, teacher: str) -> None:
+        """Refuse top-k sizes the vocabulary of ``teacher`` (``size`` real tokens) cannot fill.
+
+        The size is known only once the tokenizer is loaded, so the dump calls this before it
+        writes anything; without it every sample failed alone, as a ``teacher_error``."""
+        limits = [("top_k", self.top_k, size)]
+        if self.transitions.enabled:
+            # the K candidates exclude the gold token; each transition keeps k' of all tokens
+            limits += [("transitions.candidates", self.transitions.candidates, size - 1),
+                       ("transitions.top_k", self.transitions.top_k, size)]
+        for key, value, most in limits:
+            if value > most:
+                raise ConfigError(f"signals.{key}", f"must be <= {most}: the vocabulary of the teacher {teacher} "
+                                                    f"has {size} tokens, got {value}")
+
 
 @dataclass
 class OutputConfig:
@@ -111,7 +126,11 @@ class DumpConfig:
     """Samples per teacher forward (right-padded)."""
     seed: int = 0
     """Seed of the sampled target's draws (each sample's draws depend only on this seed and its id)."""
+    shard_retries: int = 2
+    """With Ray workers: how many times a shard whose actor died (a crashed process, a lost node) is
+    retried on a fresh actor before the dump stops, naming the shard (complete shards are kept)."""
 
     def __post_init__(self):
         check(self.workers >= 0, "workers", f"must be >= 0, got {self.workers}")
+        check(self.shard_retries >= 0, "shard_retries", f"must be >= 0, got {self.shard_retries}")
         check(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")

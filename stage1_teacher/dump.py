@@ -6,8 +6,10 @@ write the manifest last, print a summary.
 
 Resume: settings go to ``dump.json`` before any shard is written. A re-run with equal settings
 keeps complete shards, deletes partial ones and redoes them; with different settings it refuses
-and names the settings that differ. Shard contents do not depend on the worker count, the batch
-size or the order shards run in, so a resumed store equals an uninterrupted one sample for sample.
+and names the settings that differ, unless no shard was begun (a run that failed early: nothing
+was computed with the old settings, so the corrected ones replace them). Shard contents do not
+depend on the worker count, the batch size or the order shards run in, so a resumed store equals
+an uninterrupted one sample for sample.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 
@@ -32,17 +35,25 @@ from schemas.fingerprints import (
     processor_fingerprint,
     tokenizer_fingerprint,
 )
-from schemas.io import atomic_write_text
+from schemas.io import atomic_write_text, settings_diff, writing
 from schemas.layout import (
     CALIBRATION_FILE,
     MANIFEST_NAME,
     SETTINGS_FILE,
     STORE_KIND,
     list_complete_shards,
+    list_partial_shards,
     remove_partial_shards,
     shard_name,
 )
-from schemas.manifest import Manifest, read_manifest, write_manifest
+from schemas.manifest import (
+    Manifest,
+    read_calibration,
+    read_json_file,
+    read_manifest,
+    write_calibration,
+    write_manifest,
+)
 from schemas.signals import array_specs, saliency_coverage, signal_bytes
 from stage1_teacher.config import DumpConfig
 from stage1_teacher.executors import make_executor
@@ -79,33 +90,43 @@ def store_settings(cfg: DumpConfig, teacher: ModelIdentity, processor) -> dict:
     }
 
 
-def _diff(a: dict, b: dict, prefix: str = "") -> list[str]:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        key = f"{prefix}{k}"
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out += _diff(a[k], b[k], key + ".")
-        elif a.get(k) != b.get(k):
-            out.append(f"{key}: store has {a.get(k)!r}, this run has {b.get(k)!r}")
-    return out
-
-
 def check_or_claim_store(store: Path, settings: dict) -> None:
-    """Write the settings to a new store, or check them against an existing one."""
+    """Write the settings to a new store, or check them against an existing one.
+
+    Other settings are refused once a shard was begun: mixing would corrupt the store. Before
+    that (a first run that failed early: a missing data path, no IRS pair to calibrate on) no
+    signal was computed with them, so a corrected re-run replaces them, and the calibration too.
+    """
     path = store / SETTINGS_FILE
+    if store.exists() and not store.is_dir():
+        raise PipelineError(f"output.dir {store} exists and is not a directory")
     if path.is_file():
-        existing = json.loads(path.read_text())
-        diff = _diff(existing, settings)
-        if diff:
+        existing = read_json_file(path)
+        diff = settings_diff(existing, settings, "store", "this run") if isinstance(existing, dict) else [
+            f"{SETTINGS_FILE}: not a JSON object"]
+        if not diff:
+            return
+        if list_complete_shards(store) or list_partial_shards(store) or (store / MANIFEST_NAME).exists():
             raise StoreMismatchError(
                 f"{store} was written with other settings; refusing to mix. Use another output.dir, or delete "
                 "the store to start over. Differences:\n  " + "\n  ".join(diff)
             )
-        return
-    if store.exists() and any(store.iterdir()):
+        log.warning("%s holds the settings of a run that wrote no shard; replacing them:\n  %s", path, "\n  ".join(diff))
+        with writing(f"output.dir {store}"):
+            (store / CALIBRATION_FILE).unlink(missing_ok=True)
+    elif store.exists() and any(store.iterdir()):
         raise StoreMismatchError(f"{store} exists, is not empty and is not a teacher store (no {SETTINGS_FILE})")
-    store.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True))
+    with writing(f"output.dir {store}"):
+        store.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True))
+
+
+def check_writable(store: Path) -> None:
+    """Refuse an output directory that cannot take files (read-only, full) before any work."""
+    with writing(f"output.dir {store}"):
+        probe = store / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
 
 
 def run(cfg: DumpConfig) -> dict:
@@ -115,12 +136,14 @@ def run(cfg: DumpConfig) -> dict:
     # executor's teacher takes this one; a Ray actor loads its own).
     teacher = ModelIdentity.read(cfg.teacher.path)
     processor = load_processor(cfg.teacher.path, teacher.model_type)
+    cfg.signals.check_vocabulary(len(processor.tokenizer), cfg.teacher.path)
     settings = store_settings(cfg, teacher, processor)
     check_or_claim_store(store, settings)
     if (store / MANIFEST_NAME).is_file():
         manifest = read_manifest(store)
         log.info("%s is complete (%d samples); nothing to do", store, manifest.n_samples)
         return manifest
+    check_writable(store)
 
     records = list(iter_records(cfg.data))
     n_shards = max(1, math.ceil(len(records) / cfg.output.shard_size))
@@ -169,10 +192,16 @@ def calibrate(cfg: DumpConfig, store: Path, executor, records) -> tuple[list[int
     if cfg.signals.saliency_layers != "auto":
         return list(cfg.signals.saliency_layers), None
     path = store / CALIBRATION_FILE
-    if path.is_file():
-        saved = json.loads(path.read_text())
-        log.info("calibration from %s: layers %s", path.name, saved["layers"])
-        return saved["layers"], {int(k): v for k, v in saved["irs"].items()}
+    saved = read_calibration(store)  # refuses a file edited since the calibration
+    if saved is not None:
+        log.info("calibration from %s: layers %s", path.name, saved[0])
+        return saved
+    done = list_complete_shards(store)
+    if done:  # a new calibration may pick other layers than the complete shards were computed with
+        raise StoreMismatchError(
+            f"{path} is missing, but {len(done)} complete shard(s) were computed with the saliency layers it "
+            "recorded; calibrating again could mix layers in one store. Restore it, or delete the store to start over"
+        )
     usable = [r for r in records if not isinstance(r, BadRecord) and r.images]
     subset = usable[: cfg.signals.calibration_samples]
     if not subset:
@@ -183,7 +212,7 @@ def calibrate(cfg: DumpConfig, store: Path, executor, records) -> tuple[list[int
     log.info("calibrating saliency layers (IRS) on %d samples", len(subset))
     irs = executor.calibrate(subset)
     layers = select_layers(irs)
-    atomic_write_text(path, json.dumps({"layers": layers, "irs": {str(k): v for k, v in irs.items()}}, indent=2))
+    write_calibration(store, layers, irs)
     log.info("IRS per layer: %s -> layers %s", ", ".join(f"{k}:{v:.4f}" for k, v in sorted(irs.items())), layers)
     return layers, irs
 

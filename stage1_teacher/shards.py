@@ -12,6 +12,7 @@ from typing import Callable
 from pipeline.data import BadRecord, Record, SampleError, encode
 from pipeline.data.records import TEACHER_ERROR
 from pipeline.errors import PipelineError
+from schemas.io import writing
 from schemas.signals import META_SCHEMA, pack
 from schemas.layout import ArraySpec, ShardInfo
 from schemas.writer import ShardWriter
@@ -36,9 +37,10 @@ def dump_shard(
     """Encode, run the teacher in batches, and write ``shard``; bad samples go to its skip table.
 
     Sample order in the shard is record order. A batch whose forward fails is retried one sample at
-    a time so that only the sample that fails is skipped (reason ``teacher_error``).
+    a time so that only the sample that fails is skipped (reason ``teacher_error``). A write that
+    fails (a full disk) stops the dump naming the shard; it stays ``.partial``, redone on resume.
     """
-    with ShardWriter(store_dir, shard, specs, META_SCHEMA) as writer:
+    with writing(f"shard {shard} of {store_dir}"), ShardWriter(store_dir, shard, specs, META_SCHEMA) as writer:
         pending: list = []  # encoded samples and skip records, in record order
 
         def flush() -> None:

@@ -230,4 +230,10 @@ class Teacher:
                         instruction = ",".join(map(str, enc.input_ids[turn.instruction].tolist()))
                         for layer in layers:
                             items[layer].append(IrsItem(key, grid, maps[layer][j].cpu(), instruction))
-        return irs_table(items)
+        try:
+            return irs_table(items)
+        except ValueError as e:  # no pair to compare: a property of the calibration data
+            raise PipelineError(
+                f"signals.saliency_layers=auto: cannot calibrate on {len(encoded)} sample(s): {e}. Name the layers "
+                "(signals.saliency_layers=[...]) or give more samples (signals.calibration_samples)"
+            ) from e

@@ -26,6 +26,7 @@ from transformers import (
 
 from pipeline.errors import PipelineError
 from pipeline.processors import load_processor
+from schemas.fingerprints import read_model_config
 from stage2_student.config import StudentConfig
 
 IMAGE_TOKEN = "<image>"
@@ -33,6 +34,11 @@ IMAGE_TOKEN = "<image>"
 
 def load_student(cfg: StudentConfig, chat_template: str, seed: int = 0):
     """(model, processor) of the student, in float32 on CPU (the trainer moves and casts it)."""
+    # Read each config.json first: a missing or corrupt one is then refused naming the file, where
+    # transformers would raise from deep inside from_pretrained.
+    for directory in (cfg.path, cfg.language_model, cfg.vision_model):
+        if directory is not None:
+            read_model_config(directory)
     if cfg.path is not None:
         model = AutoModelForImageTextToText.from_pretrained(cfg.path, dtype=torch.float32, trust_remote_code=False)
         return model, load_processor(cfg.path)

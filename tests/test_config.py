@@ -232,3 +232,39 @@ def test_field_docs_and_describe():
     assert "extra: SignalsConfig | null = null" in text
     assert "    Created if missing." in text and "resume: bool = false" in text
     assert "limit: int | null = null" in text
+
+
+def _float_keys(cls, prefix: str = ""):
+    """Dotted keys of every float field of a config class, nested sections included."""
+    import dataclasses
+    import types
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        members = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+        subs = [m for m in members if dataclasses.is_dataclass(m)]
+        if subs:
+            yield from _float_keys(subs[0], key + ".")
+        elif float in members:
+            yield key
+
+
+@pytest.mark.parametrize("job", ["teacher-dump", "distill", "eval", "data-check"])
+def test_non_finite_floats_are_refused_for_every_key_of_every_job(job):
+    """.nan, .inf and -.inf pass checks written as `x > 0` (inf) and break files that refuse them
+    (a dump ran to the end, then its manifest could not be written): the loader refuses them."""
+    from pipeline.tools.cli import RUN_JOBS, resolve
+
+    repo = Path(__file__).resolve().parents[1]
+    base = sorted((repo / "configs").glob(f"{job}*.yaml"))[0]
+    cls = resolve(RUN_JOBS[job].config)
+    keys = list(_float_keys(cls))
+    assert keys or job in ("eval", "data-check")
+    for key in keys:
+        for text in (".nan", ".inf", "-.inf"):
+            with pytest.raises(ConfigError) as info:
+                load_config(cls, base, [f"{key}={text}"])
+            assert info.value.key == key and "finite" in info.value.message, (key, text, str(info.value))
+    assert "finite" in err(from_dict, DumpConfig, {"out_dir": "x", "temperature": 10**400})

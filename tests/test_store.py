@@ -238,6 +238,27 @@ def test_version_mismatch_names_expected_and_found(store):
     assert "found 0.9" in verify_store(path)[0]
 
 
+def test_edited_manifest_settings_are_refused_naming_the_manifest(store):
+    """Settings the manifest carries are checksummed by write_manifest; an edit (a temperature, the
+    saliency layers) is refused by read_manifest, the reader and verify. A store written before the
+    checksum existed (no settings_sha256) reads as before."""
+    path, _ = store
+    original = json.loads((path / "manifest.json").read_text())
+    assert original["settings_sha256"] == fingerprint({"teacher": {"model_id": "tiny"}, "settings": {"k": 4}})
+    edited = {**original, "settings": {"k": 5}}
+    (path / "manifest.json").write_text(json.dumps(edited))
+    with pytest.raises(StoreFormatError, match=f"{path / 'manifest.json'}: .*settings_sha256"):
+        read_manifest(path)
+    with pytest.raises(StoreFormatError, match="settings_sha256"):
+        StoreReader(path)
+    assert "settings_sha256" in verify_store(path)[0]
+    old_store = {k: v for k, v in edited.items() if k != "settings_sha256"}
+    (path / "manifest.json").write_text(json.dumps(old_store))
+    assert read_manifest(path)["settings"] == {"k": 5} and verify_store(path) == []
+    with pytest.raises(ValueError, match="settings_sha256"):
+        write_manifest(path, {"settings_sha256": "0"})
+
+
 def test_corrupt_chunk_detected_by_verify_and_reader(store):
     path, _ = store
     shard_dir = path / "shards/shard-00000"
