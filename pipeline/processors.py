@@ -1,12 +1,13 @@
 """Loading a VLM checkpoint's processor, image-only.
 
-The pipeline never feeds video. Qwen2-VL's stock processor insists on a video processor, and in
-transformers 5.x every video processor needs torchvision, which must not be installed next to the
-CPU build of torch (it breaks transformers imports). So for the families listed in
-``IMAGE_ONLY_PROCESSORS`` we always load an image-only subclass: same tokenizer, same image
-processor, same chat template, same token expansion, no video processor. It is used whether or not
-torchvision is present, so a store's processor fingerprint never depends on the environment. What
-it saves is read by the stock ``AutoProcessor`` too (``processor_class`` stays the stock name).
+The pipeline never feeds video. The stock processors of Qwen2-VL, Qwen2.5-VL and Qwen3-VL insist
+on a video processor, and in transformers 5.x every video processor needs torchvision, which must
+not be installed next to the CPU build of torch (it breaks transformers imports). So for the
+families listed in ``IMAGE_ONLY_PROCESSORS`` we always load an image-only subclass: same tokenizer,
+same image processor, same chat template, same token expansion, no video processor. It is used
+whether or not torchvision is present, so a store's processor fingerprint never depends on the
+environment. What it saves is read by the stock ``AutoProcessor`` too (``processor_class`` stays
+the stock name).
 """
 
 from __future__ import annotations
@@ -15,7 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from transformers import AutoProcessor
+from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
+from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.processing_utils import ProcessorMixin
 
 from schemas.fingerprints import read_model_config
@@ -38,7 +41,35 @@ class ImageOnlyQwen2VLProcessor(Qwen2VLProcessor):
         return out
 
 
-IMAGE_ONLY_PROCESSORS = {"qwen2_vl": ImageOnlyQwen2VLProcessor}
+class ImageOnlyQwen2_5_VLProcessor(Qwen2_5_VLProcessor):
+    """Qwen2.5-VL processor without the video processor (see module docstring).
+
+    The stock ``__init__`` runs with ``video_processor=None``: ``ProcessorMixin`` takes its
+    sub-processors from this signature (image processor and tokenizer), so the ``None`` is dropped.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["processor_class"] = "Qwen2_5_VLProcessor"
+        return out
+
+
+class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
+    """Qwen3-VL processor without the video processor (as :class:`ImageOnlyQwen2_5_VLProcessor`)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+        super().__init__(image_processor, tokenizer, None, chat_template=chat_template, **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["processor_class"] = "Qwen3VLProcessor"
+        return out
+
+
+IMAGE_ONLY_PROCESSORS = {"qwen2_vl": ImageOnlyQwen2VLProcessor, "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor, "qwen3_vl": ImageOnlyQwen3VLProcessor}
 
 
 def load_processor(path: str | Path, model_type: str | None = None):

@@ -69,9 +69,14 @@ def test_unknown_family_and_preset():
         build_tiny_vlm("llava", "huge")
 
 
-def test_saved_processor_is_readable_by_stock_class_name(tmp_path):
+@pytest.mark.parametrize(
+    "family, stock",
+    [("qwen2_vl", "Qwen2VLProcessor"), ("qwen2_5_vl", "Qwen2_5_VLProcessor"), ("qwen3_vl", "Qwen3VLProcessor")],
+)
+def test_saved_processor_is_readable_by_stock_class_name(tmp_path, family, stock):
     import json
 
-    d = save_tiny_vlm(tmp_path / "q", "qwen2_vl", "student")
-    assert json.loads((d / "processor_config.json").read_text())["processor_class"] == "Qwen2VLProcessor"
+    d = save_tiny_vlm(tmp_path / "q", family, "student")
+    assert json.loads((d / "processor_config.json").read_text())["processor_class"] == stock
+    assert type(load_processor(d)).__mro__[1].__name__ == stock  # image-only subclass of the stock class
     assert (d / "model.safetensors").is_file() and not list(d.glob("*.bin"))

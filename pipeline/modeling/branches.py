@@ -47,6 +47,12 @@ all three components equal and counting on from the previous segment; an image b
 ``start + max(h, w)``). A token after ``x_t`` follows the text rule: all three components equal to
 the largest id used so far plus one, i.e. ``pos(t) + 1`` when ``x_t`` is text. When ``position_ids``
 are given the model never calls ``get_rope_index`` itself and its cached ``rope_deltas`` are unused.
+Qwen2.5-VL and Qwen3-VL build their ids the same way for images (Qwen2.5-VL spaces only video
+frames in time; Qwen3-VL separates video frames by timestamps), so the same rule holds; Qwen3-VL
+only distributes the three components over the rotary frequencies differently (interleaved
+T H W T H W … instead of contiguous sections), which is inside the model. Its "deepstack" adds
+vision features to the hidden states at the image-token positions after the first decoder layers;
+a branch token is never an image token, so branch rows get none, as in a plain forward.
 """
 
 from __future__ import annotations
@@ -59,9 +65,10 @@ from pipeline.modeling.logits import logits_at
 
 # Position-id layouts by model type (``config.model_type``); another family must be added explicitly.
 ROPE_1D_MODEL_TYPES = ("llava",)
-MROPE_MODEL_TYPES = ("qwen2_vl",)
+MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Config attributes naming tokens that the wrapper replaces by vision features: never a branch token.
-_PLACEHOLDER_ATTRS = {"llava": ("image_token_id",), "qwen2_vl": ("image_token_id", "video_token_id")}
+_PLACEHOLDER_ATTRS = {"llava": ("image_token_id",), "qwen2_vl": ("image_token_id", "video_token_id"),
+                      "qwen2_5_vl": ("image_token_id", "video_token_id"), "qwen3_vl": ("image_token_id", "video_token_id")}
 # Inputs the model gets from us (explicit ids, mask, positions) rather than from the processor.
 _REPLACED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids")
 _MASK_KERNELS = ("sdpa", "eager")

@@ -1,11 +1,17 @@
 """Tiny vision-language models built from configs, offline, for tests and the demo.
 
-Two families with different visual layouts:
+Families with different visual layouts:
 
 * ``llava``: CLIP vision tower + MLP projector + Llama text model. Fixed square grid: every image
   is resized to ``image_size`` and becomes ``(image_size / patch)²`` tokens (CLS dropped).
 * ``qwen2_vl``: Qwen2-VL with its own ViT, 2×2 patch merger and mRoPE (3-D position ids). The
   grid follows the image's aspect ratio, so two images of one sample may have different grids.
+* ``qwen2_5_vl``: Qwen2.5-VL, the same token layout and mRoPE as Qwen2-VL; its ViT alternates
+  windowed attention (windows of 2×2 merged cells, patches permuted into window order and back)
+  with full attention.
+* ``qwen3_vl``: Qwen3-VL, the same token layout; learned ViT position embeddings resampled to each
+  grid, interleaved mRoPE sections (T H W T H W …) and "deepstack": features of the ViT's layers
+  added to the visual positions' hidden states after the first decoder layers.
 
 All models share one byte-level BPE tokenizer trained in memory on a fixed corpus (deterministic),
 with ChatML-style special tokens, so a student always has the teacher's tokenizer. Nothing is
@@ -28,14 +34,18 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessorPil,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
 )
 
-from pipeline.processors import ImageOnlyQwen2VLProcessor
+from pipeline.processors import ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen2VLProcessor, ImageOnlyQwen3VLProcessor
 
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 PAD, BOS_TURN, EOS_TURN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 LLAVA_IMAGE = "<image>"
@@ -120,8 +130,8 @@ class TinySpec:
     vision_hidden: int = 32
     vision_layers: int = 1
     vision_heads: int = 2
-    image_size: int = 32  # llava: square input side; qwen2_vl: target side for min/max pixels
-    patch: int = 8  # llava: ViT patch; qwen2_vl: effective patch after the 2x2 merge
+    image_size: int = 32  # llava: square input side; qwen*: target side for min/max pixels
+    patch: int = 8  # llava: ViT patch; qwen*: effective patch after the 2x2 merge
     max_positions: int = 1024
     padded_rows: int = 0  # output-head rows beyond the tokenizer's tokens (real checkpoints pad, e.g. Qwen2 +418)
 
@@ -190,58 +200,116 @@ def build_llava(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
     return model, processor
 
 
-def build_qwen2_vl(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
-    merge = 2
-    if spec.patch % merge:
-        raise ValueError(f"qwen2_vl patch {spec.patch} must be a multiple of the merge size {merge}")
-    vit_patch = spec.patch // merge
-    head_dim = spec.hidden // spec.heads
-    # mRoPE splits head_dim/2 rotary frequencies into (temporal, height, width) sections.
-    half = head_dim // 2
+_QWEN_MERGE = 2
+
+
+def _qwen_vit_patch(spec: TinySpec) -> int:
+    if spec.patch % _QWEN_MERGE:
+        raise ValueError(f"qwen patch {spec.patch} must be a multiple of the merge size {_QWEN_MERGE}")
+    return spec.patch // _QWEN_MERGE
+
+
+def _qwen_text(spec: TinySpec, tok: PreTrainedTokenizerFast, **rope) -> dict:
+    """Text config of the Qwen-VL families: mRoPE splits head_dim/2 rotary frequencies into
+    (temporal, height, width) sections."""
+    half = spec.hidden // spec.heads // 2
     section = [half - 2 * (half // 3), half // 3, half // 3]
-    text = dict(
+    return dict(
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_positions,
-        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section, **rope},
         **_text_ids(tok, spec.padded_rows),
     )
-    vision = dict(
-        depth=spec.vision_layers,
-        embed_dim=spec.vision_hidden,
-        hidden_size=spec.hidden,
-        num_heads=spec.vision_heads,
-        patch_size=vit_patch,
-        spatial_merge_size=merge,
-        temporal_patch_size=2,
-    )
-    config = Qwen2VLConfig(
-        text_config=text,
-        vision_config=vision,
+
+
+def _qwen_token_ids(tok: PreTrainedTokenizerFast) -> dict:
+    return dict(
         image_token_id=tok.convert_tokens_to_ids(QWEN_IMAGE),
         video_token_id=tok.convert_tokens_to_ids(QWEN_VIDEO),
         vision_start_token_id=tok.convert_tokens_to_ids(QWEN_VISION_START),
         vision_end_token_id=tok.convert_tokens_to_ids(QWEN_VISION_END),
     )
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
+
+
+def _qwen_processor(cls, spec: TinySpec, tok: PreTrainedTokenizerFast):
     side = spec.image_size
     image_processor = Qwen2VLImageProcessorPil(
-        patch_size=vit_patch,
-        merge_size=merge,
+        patch_size=_qwen_vit_patch(spec),
+        merge_size=_QWEN_MERGE,
         temporal_patch_size=2,
         # Allow from a quarter to four times the nominal area; aspect ratio is kept.
         size={"shortest_edge": (side * side) // 4, "longest_edge": side * side * 4},
     )
-    processor = ImageOnlyQwen2VLProcessor(
+    return cls(
         image_processor=image_processor,
         tokenizer=tok,
         chat_template=chat_template(QWEN_VISION_START + QWEN_IMAGE + QWEN_VISION_END),
     )
-    return model, processor
+
+
+def build_qwen2_vl(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
+    vision = dict(
+        depth=spec.vision_layers,
+        embed_dim=spec.vision_hidden,
+        hidden_size=spec.hidden,
+        num_heads=spec.vision_heads,
+        patch_size=_qwen_vit_patch(spec),
+        spatial_merge_size=_QWEN_MERGE,
+        temporal_patch_size=2,
+    )
+    config = Qwen2VLConfig(text_config=_qwen_text(spec, tok), vision_config=vision, **_qwen_token_ids(tok))
+    torch.manual_seed(seed)
+    model = Qwen2VLForConditionalGeneration(config)
+    return model, _qwen_processor(ImageOnlyQwen2VLProcessor, spec, tok)
+
+
+def build_qwen2_5_vl(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
+    # 2 ViT blocks per vision layer: windowed then full attention, as the real model interleaves them.
+    depth = 2 * spec.vision_layers
+    vision = dict(
+        depth=depth,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden,
+        num_heads=spec.vision_heads,
+        out_hidden_size=spec.hidden,
+        patch_size=_qwen_vit_patch(spec),
+        spatial_merge_size=_QWEN_MERGE,
+        temporal_patch_size=2,
+        window_size=2 * spec.patch,  # in pixels: windows of 2x2 merged cells
+        fullatt_block_indexes=list(range(1, depth, 2)),
+    )
+    config = Qwen2_5_VLConfig(text_config=_qwen_text(spec, tok), vision_config=vision, **_qwen_token_ids(tok))
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config)
+    return model, _qwen_processor(ImageOnlyQwen2_5_VLProcessor, spec, tok)
+
+
+def build_qwen3_vl(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
+    # Every ViT block feeds a deepstack merger: its features are added to the visual positions
+    # after decoder layers 0, 1, ... (as many as there are ViT blocks, at most the decoder's depth).
+    depth = 2 * spec.vision_layers
+    vision = dict(
+        depth=depth,
+        hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden,
+        num_heads=spec.vision_heads,
+        out_hidden_size=spec.hidden,
+        patch_size=_qwen_vit_patch(spec),
+        spatial_merge_size=_QWEN_MERGE,
+        temporal_patch_size=2,
+        num_position_embeddings=64,  # an 8x8 learned grid, resampled bilinearly to each image's patches
+        deepstack_visual_indexes=list(range(depth)),
+    )
+    text = _qwen_text(spec, tok, mrope_interleaved=True)
+    text["head_dim"] = spec.hidden // spec.heads
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **_qwen_token_ids(tok))
+    torch.manual_seed(seed)
+    model = Qwen3VLForConditionalGeneration(config)
+    return model, _qwen_processor(ImageOnlyQwen3VLProcessor, spec, tok)
 
 
 def build_tiny_vlm(family: str, spec: TinySpec | str = "teacher", seed: int = 0, vocab_size: int = 512):
@@ -255,6 +323,10 @@ def build_tiny_vlm(family: str, spec: TinySpec | str = "teacher", seed: int = 0,
         model, processor = build_llava(spec, tok, seed)
     elif family == "qwen2_vl":
         model, processor = build_qwen2_vl(spec, tok, seed)
+    elif family == "qwen2_5_vl":
+        model, processor = build_qwen2_5_vl(spec, tok, seed)
+    elif family == "qwen3_vl":
+        model, processor = build_qwen3_vl(spec, tok, seed)
     else:
         raise ValueError(f"unknown tiny family {family!r}; choose from {list(FAMILIES)}")
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids(EOS_TURN)

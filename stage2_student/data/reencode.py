@@ -18,12 +18,13 @@ the teacher's, in the same order. Only the visual blocks differ (a pooled grid, 
 
 [fast path note] Where it applies: processors whose images are preprocessed independently of each
 other, so the outputs of a multi-image sample are the per-image outputs concatenated in order
-(``FAST_PATH_PROCESSORS``: LLaVA's fixed grid and Qwen2-VL's patches; LLaVA-NeXT, which pads
-patches across a batch, is not one of them), and whose per-token outputs are the ids, the mask and
-``mm_token_type_ids`` (built with the processor's own ``create_mm_token_type_ids``). Any other
-processor is re-encoded with ``encode`` (``mode="auto"``, logged once). ``mode="check"`` runs both
-and refuses any difference, naming the sample and the field; tests check equality for both
-families, multi-image and multi-turn records, equal and pooled grids.
+(``FAST_PATH_PROCESSORS``: LLaVA's fixed grid and the patches of Qwen2-VL, Qwen2.5-VL and Qwen3-VL,
+which share one image processor; LLaVA-NeXT, which pads patches across a batch, is not one of
+them), and whose per-token outputs are the ids, the mask and ``mm_token_type_ids`` (built with the
+processor's own ``create_mm_token_type_ids``). Any other processor is re-encoded with ``encode``
+(``mode="auto"``, logged once). ``mode="check"`` runs both and refuses any difference, naming the
+sample and the field; tests check equality for every family, multi-image and multi-turn records,
+equal and pooled grids.
 
 Images are read (and their sha256 compared with the store's) the first time a sample is encoded in
 a process, and again whenever one of its images has left the cache; a sample whose images are all
@@ -46,7 +47,7 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from transformers import LlavaProcessor, Qwen2VLProcessor
+from transformers import LlavaProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
 
 from pipeline.data import EncodedSample, Record, SampleError, VisualBlock, encode
 from pipeline.data.encode import IGNORE_INDEX, TurnPositions, image_token, visual_grids
@@ -61,7 +62,7 @@ from stage2_student.data.pixel_cache import PixelCache
 log = logging.getLogger("stage2.data")
 
 # Processors whose multi-image outputs are their single-image outputs concatenated ([fast path note]).
-FAST_PATH_PROCESSORS = (LlavaProcessor, Qwen2VLProcessor)
+FAST_PATH_PROCESSORS = (LlavaProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor)
 # Per-token outputs the fast path builds itself; a processor returning any other one is re-encoded.
 _TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
