@@ -4,10 +4,11 @@ Sparse teacher targets are compared on the (k+1)-bucket coarsening: the k stored
 *tail* bucket holding the rest of the vocabulary (teacher: m_T = 1 - sum exp(teacher_logprobs), exact
 because Stage 1 stores log-probs from a full-vocabulary log-softmax; student: 1 - sum p_S(ids)).
 
-Why one file of ~550 lines: every formula of DESIGN §4 (the bucket coarsening, the five
+Why one file of ~600 lines: every formula of DESIGN §4 (the bucket coarsening, the five
 divergences, and the SFT, KD, IVA, TPA and attention terms built on them) reads in one place, in
-the order the design gives them, and the tests address them as one module (``losses.X``); the tail
-bucket's own numerics live in ``pipeline.modeling.sparse``.
+the order the design gives them, each next to the count its mean divides by (for the global batch
+under DDP), and the tests address them as one module (``losses.X``); the tail bucket's own numerics
+live in ``pipeline.modeling.sparse``.
 
 Conventions the caller must know
 --------------------------------
