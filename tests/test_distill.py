@@ -268,6 +268,27 @@ def test_refuses_a_corrupted_shard(llava_store, tmp_path):
         run(distill_config(copy, tmp_path / "run", {"path": str(student_dir)}, **{"store.verify_checksums": True}))
 
 
+def test_a_deleted_chunk_file_fails_the_run_instead_of_training_on_zeros(llava_store, tmp_path, capsys):
+    """zarr reads a missing chunk file as zeros; without checksums the run must still stop, naming
+    shard and array, before any step (not train a student on zero log-probs)."""
+    from pipeline.config import save_config
+    from pipeline.tools.cli import main
+
+    copy = tmp_path / "store"
+    shutil.copytree(llava_store, copy)
+    chunk = next(p for p in sorted((copy / "shards/shard-00000/arrays.zarr/resp_logprobs/c").rglob("*")) if p.is_file())
+    chunk.unlink()
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "distill.yaml"
+    save_config(distill_config(copy, out, {"path": str(student_dir)}, **{"train.steps": 3}), cfg_path)
+    assert main(["run", "distill", "--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "shard 'shard-00000'" in err and "arrays.zarr/resp_logprobs" in err and "is missing" in err, err
+    assert "Traceback" not in err
+    assert not (out / "losses.jsonl").exists() and not (out / "final").exists()
+
+
 def test_sampled_target_and_attention_variant(llava_store, tmp_path):
     store = llava_store
     student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
