@@ -69,11 +69,13 @@ def run_fingerprint(cfg: DistillConfig) -> str:
 class LossLog:
     """Per-step loss terms: JSONL (machine-readable) and TensorBoard (offline event files)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, start_step: int = 0):
+        """Appends from ``start_step`` on: the JSONL was cut there (``_truncate_log``), and
+        TensorBoard is told to drop the events of later steps an earlier attempt wrote."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = (run_dir / "losses.jsonl").open("a")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, terms: dict[str, float], lr: float) -> None:
         rec = {"step": step, "lr": lr, **terms}
@@ -240,8 +242,11 @@ def run(cfg: DistillConfig) -> dict:
         state = load_checkpoint(ckpt, model, optimizer, scheduler)
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         torch.set_rng_state(torch.tensor(state["rng"], dtype=torch.uint8))
-        _truncate_log(run_dir, step)
         log.info("resuming %s from %s (step %d, epoch %d, batch %d)", run_dir, ckpt.name, step, epoch, batch_in_epoch)
+    if accelerator.is_main_process:
+        # The log keeps the steps up to where this run starts: after the checkpoint, or none at all
+        # when a run killed before its first checkpoint (or with checkpoint_every 0) starts over.
+        _truncate_log(run_dir, step)
     save_config(cfg, run_dir / "config.yaml")
 
     dataset = StoreDataset(
@@ -269,7 +274,7 @@ def run(cfg: DistillConfig) -> dict:
         raise PipelineError(f"store {cfg.store.dir} has no samples to train on")
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     model.train()
-    logger = LossLog(run_dir) if accelerator.is_main_process else None
+    logger = LossLog(run_dir, step) if accelerator.is_main_process else None
     stream = batch_stream(dataset, epoch, batch_in_epoch, cfg.data.num_workers)
     last_terms: dict[str, float] = {}
     try:

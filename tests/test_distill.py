@@ -204,6 +204,57 @@ def test_sigkilled_run_resumes_to_the_same_losses(llava_store, tmp_path):
     assert (killed / "final" / "provenance.json").exists()
 
 
+def tensorboard_steps(run_dir: Path, tag: str = "loss/total") -> list[int]:
+    """The steps TensorBoard shows for ``tag`` (it applies the purge events of restarted runs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.mark.slow  # ~30 s: two real `pipeline run distill` processes (imports, a tiny model each)
+def test_sigkilled_before_the_first_checkpoint_restarts_with_a_clean_log(llava_store, tmp_path):
+    """A real SIGKILL during step 3 of a run without checkpoints (checkpoint_every 0), then the same
+    command again: it starts over from step 0, and its log has each step once, equal to an
+    uninterrupted run's (JSONL and TensorBoard)."""
+    from pipeline.config import save_config
+
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student", seed=1)
+    over = {"train.steps": 4, "train.checkpoint_every": 0}
+    straight = tmp_path / "straight"
+    run(distill_config(llava_store, straight, {"path": str(student_dir)}, **over))
+
+    killed = tmp_path / "killed"
+    cfg_path = tmp_path / "distill.yaml"
+    save_config(distill_config(llava_store, killed, {"path": str(student_dir)}, **over), cfg_path)
+    ready = tmp_path / "blocked"
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_CHILD, str(cfg_path), "3", str(ready)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the run never reached step 3"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "checkpoints" / "latest").exists()
+    assert [r["step"] for r in losses(killed)] == [1, 2]
+
+    again = subprocess.run([sys.executable, "-m", "pipeline.tools.cli", "run", "distill", "--config", str(cfg_path)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = losses(straight), losses(killed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("total", "sft", "kd", "iva", "tpa", "lr"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    assert tensorboard_steps(killed) == [1, 2, 3, 4]
+
+
 def test_resume_with_other_settings_is_refused(llava_store, tmp_path):
     store = llava_store
     student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
