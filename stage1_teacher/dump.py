@@ -22,6 +22,7 @@ from pipeline import __version__
 from pipeline.config import to_dict
 from pipeline.data import BadRecord, iter_records
 from pipeline.errors import PipelineError
+from pipeline.locks import LOCK_NAME, output_lock
 from pipeline.modeling.probe import select_layers
 from pipeline.processors import load_processor
 from schemas.fingerprints import (
@@ -98,13 +99,19 @@ def check_or_claim_store(store: Path, settings: dict) -> None:
                 "the store to start over. Differences:\n  " + "\n  ".join(diff)
             )
         return
-    if store.exists() and any(store.iterdir()):
+    if store.exists() and any(p.name != LOCK_NAME for p in store.iterdir()):  # the run's own lock
         raise StoreMismatchError(f"{store} exists, is not empty and is not a teacher store (no {SETTINGS_FILE})")
     store.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, json.dumps(settings, indent=2, sort_keys=True))
 
 
 def run(cfg: DumpConfig) -> dict:
+    # One writer per store: a second dump on this directory is refused, naming the running one.
+    with output_lock(cfg.output.dir, "teacher-dump"):
+        return _run(cfg)
+
+
+def _run(cfg: DumpConfig) -> dict:
     t0 = time.time()
     store = Path(cfg.output.dir)
     # The teacher's config is read once, and its processor loaded once per process (an in-process

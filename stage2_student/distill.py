@@ -25,6 +25,7 @@ from pipeline import __version__
 from pipeline.config import save_config, to_dict
 from pipeline.data.encode import IGNORE_INDEX
 from pipeline.errors import PipelineError
+from pipeline.locks import launch_rank, output_lock
 from pipeline.logs import progress
 from schemas.io import fingerprint
 from pipeline.modeling.branches import forward_with_branches
@@ -193,6 +194,12 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
 
 
 def run(cfg: DistillConfig) -> dict:
+    # One run per output directory; under DDP rank 0 holds the lock for all ranks (pipeline.locks).
+    with output_lock(cfg.output.dir, "distill", distributed=True):
+        return _run(cfg)
+
+
+def _run(cfg: DistillConfig) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -222,6 +229,16 @@ def run(cfg: DistillConfig) -> dict:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() else "no"
     accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=cfg.train.grad_accum)
+    # Only rank 0 took the output lock, for every rank of its process group: a rank outside it
+    # would train alone into run_dir, unlocked. The other ranks write to run_dir only past the
+    # barrier, which rank 0 reaches holding the lock: a second run refused there writes nothing.
+    if accelerator.process_index != launch_rank():
+        raise PipelineError(
+            f"launched as rank {launch_rank()} (RANK) but accelerate runs this process as {accelerator.process_index} of "
+            f"{accelerator.num_processes}: the ranks formed no process group, and each would train into {run_dir} "
+            "alone. On CPU set ACCELERATE_USE_CPU=1 (or use `accelerate launch --cpu`)"
+        )
+    accelerator.wait_for_everyone()
     if cfg.train.freeze:
         n = freeze(model, cfg.train.freeze)
         log.info("frozen: %s (%d parameters)", ", ".join(cfg.train.freeze), n)
