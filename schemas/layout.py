@@ -16,7 +16,9 @@ Layout of a store::
                                `rows_per_chunk` rows, grouped by the sharding codec into files of
                                `chunks_per_file` chunks (so the file count stays low). Each inner
                                chunk is zstd-compressed and carries a CRC32C, so a damaged chunk
-                               fails its read (naming shard and array) even without checksums on.
+                               fails its read (naming shard and array) even without checksums on;
+                               so does a missing chunk file that shard.json lists (zarr alone would
+                               read it as zeros).
           index.parquet        one row per sample: sample_id, caller meta columns, and per array
                                `<name>.start` / `<name>.len` (int64), contiguous in index order
           skipped.parquet      samples that failed: sample_id, reason (short code), detail

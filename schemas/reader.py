@@ -34,11 +34,14 @@ from schemas.meta_columns import _is_json_field, _reserved_column
 class _ShardIndex:
     """A loaded, checked shard: index table, offsets per array, and the open zarr arrays."""
 
-    def __init__(self, store: Path, entry: dict, specs: dict[str, ArraySpec]) -> None:
+    def __init__(self, store: Path, entry: dict, specs: dict[str, ArraySpec],
+                 check_files: bool = True) -> None:
+        """`check_files`: refuse a missing file the manifest lists (verify, which reports every
+        file of the shard itself, turns it off)."""
         name = entry["name"]
         self.name = name
         self.dir = store / SHARDS_DIR / name
-        where = f"{store}: shard {name!r}"
+        self.where = where = f"{store}: shard {name!r}"
         index_path = self.dir / INDEX_NAME
         try:
             table = pq.read_table(index_path)
@@ -55,6 +58,7 @@ class _ShardIndex:
         self.arrays = {}
         self.starts: dict[str, np.ndarray] = {}
         self.lens: dict[str, np.ndarray] = {}
+        self.chunk_files: dict[str, tuple[int, dict[int, str]]] = {}
         for n, spec in specs.items():
             try:
                 arr = group[n]
@@ -70,10 +74,33 @@ class _ShardIndex:
             if problem:
                 raise StoreFormatError(f"{where}: {INDEX_NAME}, array {n!r}: {problem}")
             self.arrays[n], self.starts[n], self.lens[n] = arr, starts, lens
+            # Rows per chunk file, and chunk file index -> its path, for the files the manifest
+            # lists. One it does not list was never written (zarr skips a chunk that is all fill
+            # value), so reading zeros there is right.
+            per, tail = int((arr.shards or arr.chunks)[0]), (0,) * (arr.ndim - 1)
+            keys = {f: f"{ARRAYS_DIR}/{n}/{arr.metadata.encode_chunk_key((f, *tail))}"
+                    for f in range(-(-arr.shape[0] // per))}
+            self.chunk_files[n] = (per, {f: k for f, k in keys.items() if k in entry["files"]})
+        # Zarr reads a missing chunk file as its fill value (zeros), which would pass for data: every
+        # file the manifest lists must be here (a stat each, no hashing; `read_block` checks again
+        # the chunk files each read needs, for files deleted after this open).
+        missing = sorted(rel for rel in entry["files"] if not (self.dir / rel).is_file()) if check_files else []
+        if missing:
+            raise StoreFormatError(f"{where}: {_missing_file(missing[0])}"
+                                   + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
         self.sample_ids: list[str] = table.column("sample_id").to_pylist()
         meta_names = [f.name for f in table.schema if not _reserved_column(f.name)]
         self.meta = table.select(meta_names)
         self.json_cols = {f.name for f in self.meta.schema if _is_json_field(f)}
+
+    def check_chunk_files(self, name: str, lo: int, hi: int) -> None:
+        """Refuse rows [lo, hi) of array `name` if a chunk file holding them, listed in the
+        manifest, is gone (zarr would return its fill value)."""
+        per, listed = self.chunk_files[name]
+        for f in range(lo // per, (hi - 1) // per + 1):
+            rel = listed.get(f)
+            if rel is not None and not (self.dir / rel).is_file():
+                raise StoreFormatError(f"{self.where}: {_missing_file(rel)}")
 
     def meta_rows(self, start: int, stop: int) -> list[dict]:
         table = self.meta.slice(start, stop - start)
@@ -86,6 +113,15 @@ class _ShardIndex:
         if not columns:
             return [{} for _ in range(stop - start)]
         return [dict(zip(columns, row)) for row in zip(*columns.values())]
+
+
+def _missing_file(rel: str) -> str:
+    """The message for a missing file of a shard, naming its array when it is one of its chunk files."""
+    parts = rel.split("/")
+    if len(parts) > 2 and parts[0] == ARRAYS_DIR and parts[2] == "c":
+        return (f"{ARRAYS_DIR}/{parts[1]}: chunk file {rel} is missing (listed in the manifest); "
+                "its rows cannot be read")
+    return f"file {rel} is missing (listed in the manifest)"
 
 
 def _check_index_schema(where: str, schema: pa.Schema, specs: dict[str, ArraySpec]) -> None:
@@ -264,6 +300,8 @@ class StoreReader:
             starts = sh.starts[a][start_idx:stop_idx]
             lens = sh.lens[a][start_idx:stop_idx]
             lo, hi = int(starts[0]), int(starts[-1] + lens[-1])
+            if hi > lo:
+                sh.check_chunk_files(a, lo, hi)
             try:
                 block = self._rows(shard_name, a, arr, lo, hi)
             except Exception as e:  # a corrupt chunk surfaces as a codec error of any type

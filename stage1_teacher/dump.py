@@ -25,6 +25,7 @@ from pipeline import __version__
 from pipeline.config import to_dict
 from pipeline.data import BadRecord, iter_records
 from pipeline.errors import PipelineError
+from pipeline.locks import LOCK_NAME, output_lock
 from pipeline.modeling.logits import real_vocab_size
 from pipeline.modeling.probe import select_layers
 from pipeline.processors import load_processor
@@ -114,7 +115,7 @@ def check_or_claim_store(store: Path, settings: dict) -> None:
         log.warning("%s holds the settings of a run that wrote no shard; replacing them:\n  %s", path, "\n  ".join(diff))
         with writing(f"output.dir {store}"):
             (store / CALIBRATION_FILE).unlink(missing_ok=True)
-    elif store.exists() and any(store.iterdir()):
+    elif store.exists() and any(p.name != LOCK_NAME for p in store.iterdir()):  # the run's own lock
         raise StoreMismatchError(f"{store} exists, is not empty and is not a teacher store (no {SETTINGS_FILE})")
     with writing(f"output.dir {store}"):
         store.mkdir(parents=True, exist_ok=True)
@@ -130,6 +131,12 @@ def check_writable(store: Path) -> None:
 
 
 def run(cfg: DumpConfig) -> dict:
+    # One writer per store: a second dump on this directory is refused, naming the running one.
+    with output_lock(cfg.output.dir, "teacher-dump"):
+        return _run(cfg)
+
+
+def _run(cfg: DumpConfig) -> dict:
     t0 = time.time()
     store = Path(cfg.output.dir)
     # The teacher's config is read once, and its processor loaded once per process (an in-process

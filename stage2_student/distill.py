@@ -32,6 +32,7 @@ from pipeline import __version__
 from pipeline.config import save_config, to_dict
 from pipeline.data.encode import IGNORE_INDEX
 from pipeline.errors import PipelineError
+from pipeline.locks import launch_rank, output_lock
 from pipeline.logs import progress
 from schemas.io import fingerprint
 from pipeline.modeling.branches import forward_with_branches
@@ -76,11 +77,13 @@ def run_fingerprint(cfg: DistillConfig) -> str:
 class LossLog:
     """Per-step loss terms: JSONL (machine-readable) and TensorBoard (offline event files)."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, start_step: int = 0):
+        """Appends from ``start_step`` on: the JSONL was cut there (``_truncate_log``), and
+        TensorBoard is told to drop the events of later steps an earlier attempt wrote."""
         from torch.utils.tensorboard import SummaryWriter
 
         self.jsonl = (run_dir / "losses.jsonl").open("a")
-        self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+        self.tb = SummaryWriter(str(run_dir / "tensorboard"), purge_step=start_step + 1)
 
     def write(self, step: int, terms: dict[str, float], lr: float) -> None:
         rec = {"step": step, "lr": lr, **terms}
@@ -248,6 +251,12 @@ def global_loss(terms: dict[str, torch.Tensor | None], counts: dict[str, int], w
 
 
 def run(cfg: DistillConfig) -> dict:
+    # One run per output directory; under DDP rank 0 holds the lock for all ranks (pipeline.locks).
+    with output_lock(cfg.output.dir, "distill", distributed=True):
+        return _run(cfg)
+
+
+def _run(cfg: DistillConfig) -> dict:
     t0 = time.time()
     run_dir = Path(cfg.output.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -305,6 +314,15 @@ def run(cfg: DistillConfig) -> dict:
             f"{accelerator.distributed_type} / ACCELERATE_USE_FSDP / ACCELERATE_USE_DEEPSPEED are not supported: "
             "its checkpoints hold whole, unsharded weights and optimizer state"
         )
+    # Only rank 0 took the output lock, for every rank of its process group: a rank outside it
+    # would train alone into run_dir, unlocked. The other ranks write to run_dir only past the
+    # barrier, which rank 0 reaches holding the lock: a second run refused there writes nothing.
+    if accelerator.process_index != launch_rank():
+        raise PipelineError(
+            f"launched as rank {launch_rank()} (RANK) but accelerate runs this process as {accelerator.process_index} of "
+            f"{accelerator.num_processes}: the ranks formed no process group, and each would train into {run_dir} alone"
+        )
+    accelerator.wait_for_everyone()
     if cfg.train.freeze:
         n = freeze(model, cfg.train.freeze)
         log.info("frozen: %s (%d parameters)", ", ".join(cfg.train.freeze), n)
@@ -333,10 +351,11 @@ def run(cfg: DistillConfig) -> dict:
         rng = state["rng"]  # one state per process; a flat list in checkpoints written before that
         rng = rng if rng and isinstance(rng[0], list) else [rng]
         torch.set_rng_state(torch.tensor(rng[accelerator.process_index], dtype=torch.uint8))
-        if accelerator.is_main_process:
-            _truncate_log(run_dir, step)
         log.info("resuming %s from %s (step %d, epoch %d, batch %d)", run_dir, ckpt.name, step, epoch, batch_in_epoch)
     if accelerator.is_main_process:
+        # The log keeps the steps up to where this run starts: after the checkpoint, or none at all
+        # when a run killed before its first checkpoint (or with checkpoint_every 0) starts over.
+        _truncate_log(run_dir, step)
         save_config(cfg, run_dir / "config.yaml")
 
     dataset = StoreDataset(
@@ -369,7 +388,7 @@ def run(cfg: DistillConfig) -> dict:
     # the schedule W times too fast here, where a step is one global batch.
     model, optimizer = accelerator.prepare(model, optimizer)
     model.train()
-    logger = LossLog(run_dir) if accelerator.is_main_process else None
+    logger = LossLog(run_dir, step) if accelerator.is_main_process else None
     stream = batch_stream(dataset, epoch, batch_in_epoch, cfg.data.num_workers)
     last_terms: dict[str, float] = {}
     try:

@@ -204,6 +204,109 @@ def test_sigkilled_run_resumes_to_the_same_losses(llava_store, tmp_path):
     assert (killed / "final" / "provenance.json").exists()
 
 
+def tensorboard_steps(run_dir: Path, tag: str = "loss/total") -> list[int]:
+    """The steps TensorBoard shows for ``tag`` (it applies the purge events of restarted runs)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+@pytest.mark.slow  # 15-45 s (machine load): two real `pipeline run distill` processes (imports, a tiny model each)
+def test_sigkilled_before_the_first_checkpoint_restarts_with_a_clean_log(llava_store, tmp_path):
+    """A real SIGKILL during step 3 of a run without checkpoints (checkpoint_every 0), then the same
+    command again: it starts over from step 0, and its log has each step once, equal to an
+    uninterrupted run's (JSONL and TensorBoard)."""
+    from pipeline.config import save_config
+
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student", seed=1)
+    over = {"train.steps": 4, "train.checkpoint_every": 0}
+    straight = tmp_path / "straight"
+    run(distill_config(llava_store, straight, {"path": str(student_dir)}, **over))
+
+    killed = tmp_path / "killed"
+    cfg_path = tmp_path / "distill.yaml"
+    save_config(distill_config(llava_store, killed, {"path": str(student_dir)}, **over), cfg_path)
+    ready = tmp_path / "blocked"
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_CHILD, str(cfg_path), "3", str(ready)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the run never reached step 3"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (killed / "checkpoints" / "latest").exists()
+    assert [r["step"] for r in losses(killed)] == [1, 2]
+
+    again = subprocess.run([sys.executable, "-m", "pipeline.tools.cli", "run", "distill", "--config", str(cfg_path)],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    a, b = losses(straight), losses(killed)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for ra, rb in zip(a, b):
+        for key in ("total", "sft", "kd", "iva", "tpa", "lr"):
+            assert rb[key] == pytest.approx(ra[key], rel=1e-5, abs=1e-7), (ra["step"], key)
+    assert tensorboard_steps(killed) == [1, 2, 3, 4]
+
+
+@pytest.mark.slow  # 7-35 s (machine load): a real `pipeline run distill` process, then a run in-process
+def test_a_second_run_on_one_directory_is_refused_while_the_first_runs(llava_store, tmp_path, capsys):
+    """Two runs on one output directory: the second is refused (exit 2, no traceback), naming the
+    directory and the running one, and touches nothing there; once the first is SIGKILLed, a run
+    takes its lock over and trains."""
+    from pipeline.config import save_config
+    from pipeline.locks import LOCK_NAME
+    from pipeline.tools.cli import main
+
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    out = tmp_path / "run"
+    cfg = distill_config(llava_store, out, {"path": str(student_dir)}, **{"train.steps": 2})
+    cfg_path = tmp_path / "distill.yaml"
+    save_config(cfg, cfg_path)
+    ready = tmp_path / "blocked"
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_CHILD, str(cfg_path), "2", str(ready)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the first run never reached step 2"
+            time.sleep(0.1)
+        before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+        assert main(["run", "distill", "--config", str(cfg_path)]) == 2
+        err = capsys.readouterr().err
+        assert f"{out} is in use by another run: distill (pid {proc.pid} on host" in err, err
+        assert "Traceback" not in err
+        assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        assert proc.poll() is None  # the first run goes on
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert (out / LOCK_NAME).exists()
+    run(cfg)
+    assert f"taking over the lock left by distill (pid {proc.pid}" in capsys.readouterr().err  # logged
+    assert [r["step"] for r in losses(out)] == [1, 2] and (out / "final").is_dir()
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_a_rank_outside_rank_0s_process_group_is_refused(llava_store, tmp_path, monkeypatch):
+    """Only rank 0 takes the output lock, for the ranks of its process group; a process launched as
+    rank 1 that accelerate runs alone (no group formed) would train unlocked beside rank 0."""
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    out = tmp_path / "run"
+    monkeypatch.setenv("RANK", "1")
+    with pytest.raises(PipelineError, match="launched as rank 1 .* formed no process group"):
+        run(distill_config(llava_store, out, {"path": str(student_dir)}, **{"train.steps": 1}))
+    assert not (out / "config.yaml").exists() and not (out / "losses.jsonl").exists()
+
+
 def test_resume_with_other_settings_is_refused(llava_store, tmp_path):
     store = llava_store
     student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
@@ -258,6 +361,27 @@ def test_refuses_a_corrupted_shard(llava_store, tmp_path):
     student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
     with pytest.raises(StoreFormatError, match="shard-00000"):
         run(distill_config(copy, tmp_path / "run", {"path": str(student_dir)}, **{"store.verify_checksums": True}))
+
+
+def test_a_deleted_chunk_file_fails_the_run_instead_of_training_on_zeros(llava_store, tmp_path, capsys):
+    """zarr reads a missing chunk file as zeros; without checksums the run must still stop, naming
+    shard and array, before any step (not train a student on zero log-probs)."""
+    from pipeline.config import save_config
+    from pipeline.tools.cli import main
+
+    copy = tmp_path / "store"
+    shutil.copytree(llava_store, copy)
+    chunk = next(p for p in sorted((copy / "shards/shard-00000/arrays.zarr/resp_logprobs/c").rglob("*")) if p.is_file())
+    chunk.unlink()
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    out = tmp_path / "run"
+    cfg_path = tmp_path / "distill.yaml"
+    save_config(distill_config(copy, out, {"path": str(student_dir)}, **{"train.steps": 3}), cfg_path)
+    assert main(["run", "distill", "--config", str(cfg_path)]) == 2
+    err = capsys.readouterr().err
+    assert "shard 'shard-00000'" in err and "arrays.zarr/resp_logprobs" in err and "is missing" in err, err
+    assert "Traceback" not in err
+    assert not (out / "losses.jsonl").exists() and not (out / "final").exists()
 
 
 def test_sampled_target_and_attention_variant(llava_store, tmp_path):

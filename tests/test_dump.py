@@ -269,6 +269,56 @@ def test_crash_then_resume_equals_uninterrupted(store, tmp_path, tiny_teacher_di
     assert_same_store(store, out)
 
 
+@pytest.mark.slow  # 10-35 s (machine load): two real `pipeline run teacher-dump` processes, then a dump in-process
+def test_a_second_dump_on_one_directory_is_refused_while_the_first_runs(tmp_path, capsys):
+    """Two real dump processes on one store: the second is refused (exit 2, no traceback), naming
+    the directory and the running one, and writes nothing; once the first is SIGKILLed, a run takes
+    its lock over and completes a store that verifies."""
+    from pipeline.config import save_config
+    from pipeline.locks import LOCK_NAME
+    from pipeline.tools.tiny import save_tiny_vlm
+
+    teacher = save_tiny_vlm(tmp_path / "teacher", "llava", "teacher")
+    data_root = tmp_path / "d"
+    data = make_dataset(data_root, n=6)
+    target = data_root / "img" / "4.png"  # reading this image blocks the first run (a FIFO)
+    saved = target.read_bytes()
+    target.unlink()
+    os.mkfifo(target)
+    out = tmp_path / "store"
+    cfg = dump_config(teacher, data, out)
+    cfg_path = tmp_path / "dump.yaml"
+    save_config(cfg, cfg_path)
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", "run", "teacher-dump", "--config", str(cfg_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (out / "dump.json").exists():  # written holding the lock, before any image is read
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, "the first dump never claimed the store"
+            time.sleep(0.1)
+        before = sorted(p.relative_to(out).as_posix() for p in out.rglob("*"))
+        # A process of its own (not in-process): unrefused, it would block on the FIFO too.
+        second = subprocess.run([sys.executable, "-m", "pipeline.tools.cli", "run", "teacher-dump", "--config", str(cfg_path)],
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"{out} is in use by another run: teacher-dump (pid {proc.pid} on host" in second.stderr, second.stderr
+        assert "Traceback" not in second.stderr
+        assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == before
+        assert proc.poll() is None  # the first run goes on
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert not (out / "manifest.json").exists() and (out / LOCK_NAME).exists()
+    target.unlink()
+    target.write_bytes(saved)
+    assert main(["run", "teacher-dump", "--config", str(cfg_path)]) == 0
+    assert f"taking over the lock left by teacher-dump (pid {proc.pid}" in capsys.readouterr().err  # logged
+    assert verify(out) == [] and not (out / LOCK_NAME).exists()
+    assert len(StoreReader(out)) == 6
+
+
 def test_rerun_of_complete_store_does_nothing_and_mismatch_is_refused(store, tiny_teacher_dir, dataset, capsys):
     before = (store / "manifest.json").read_text()
     run(dump_config(tiny_teacher_dir, dataset, store))

@@ -292,6 +292,42 @@ def test_damaged_chunk_fails_a_plain_read_naming_shard_and_array(store, tmp_path
         StoreReader(copy).read_block("shard-00000", 0, 2)
 
 
+def test_missing_chunk_file_fails_the_read_naming_shard_and_array(store, tmp_path):
+    """A deleted chunk file: zarr would read its rows as the fill value (zeros) and the student
+    would train on them; the reader refuses, naming the shard, the array and the file, whether the
+    file went before the shard was opened or after."""
+    path, samples = store
+    copy = tmp_path / "copy"
+    shutil.copytree(path, copy)
+    opened = StoreReader(copy)
+    opened.read_block("shard-00000", 0, 2)  # the shard is open and its rows readable
+    chunk = [p for p in sorted((copy / "shards/shard-00000/arrays.zarr/resp_logprobs/c").rglob("*")) if p.is_file()][0]
+    rel = chunk.relative_to(copy / "shards/shard-00000").as_posix()
+    chunk.unlink()
+    assert [p for p in verify_store(copy) if rel in p] == [f"shard 'shard-00000': file {rel} is missing"]  # once
+    pattern = rf"shard 'shard-00000': arrays.zarr/resp_logprobs: chunk file {rel} is missing"
+    with pytest.raises(StoreFormatError, match=pattern):
+        opened.read_block("shard-00000", 0, 2)  # deleted after the open
+    with pytest.raises(StoreFormatError, match=pattern):
+        StoreReader(copy).get(samples[0][0])  # deleted before the open
+    with pytest.raises(StoreFormatError, match=pattern):
+        StoreReader(copy).read_block("shard-00000", 0, len(samples))
+
+
+def test_chunks_never_written_because_all_zero_still_read_as_zeros(tmp_path):
+    """Zarr does not write a chunk that is all fill value; the manifest lists no file for it, so the
+    reader's check for missing chunk files must not refuse it."""
+    specs = {"x": ArraySpec("int32", (2,)), "zero": ArraySpec("float32", ())}
+    with ShardWriter(tmp_path, shard_name(0), specs, rows_per_chunk=2, chunks_per_file=2) as w:
+        for i in range(4):
+            w.add(f"s{i}", {}, {"x": np.full((i + 1, 2), i + 1, np.int32), "zero": np.zeros(i + 1, np.float32)})
+    write_manifest(tmp_path, {"teacher": {"model_id": "tiny"}})
+    assert not (tmp_path / "shards/shard-00000/arrays.zarr/zero/c").exists()
+    block = StoreReader(tmp_path).read_block("shard-00000", 0, 4)
+    assert [s.arrays["zero"].tolist() for s in block] == [[0.0] * (i + 1) for i in range(4)]
+    assert block[3].arrays["x"].tolist() == [[4, 4]] * 4
+
+
 def test_index_inconsistency_detected(store):
     path, samples = store
     index = path / "shards/shard-00000/index.parquet"
