@@ -91,8 +91,11 @@ def _read_holder(fd: int) -> dict:
 
 def _acquire(directory: Path, job: str) -> int:
     """Take the lock of ``directory`` (created if missing); return its descriptor."""
-    directory.mkdir(parents=True, exist_ok=True)
     path = directory / LOCK_NAME
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # under a regular file, read-only, full: named, not a traceback
+        raise PipelineError(f"output directory {directory} cannot be created: {e}") from e
     while True:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -159,6 +162,9 @@ def output_lock(directory: str | os.PathLike, job: str, distributed: bool = Fals
     if distributed and launch_rank() != 0:
         yield
         return
+    # A run refused before it wrote anything leaves no trace: a directory made only to hold the
+    # lock is removed again if it is still empty when the lock is let go.
+    created = not directory.exists()
     fd = _acquire(directory, job)
     owner = os.getpid()
     try:
@@ -166,3 +172,6 @@ def output_lock(directory: str | os.PathLike, job: str, distributed: bool = Fals
     finally:
         if os.getpid() == owner:  # a forked child leaving the block has no lock to release
             _release(directory, fd)
+            if created:
+                with contextlib.suppress(OSError):
+                    directory.rmdir()

@@ -269,7 +269,7 @@ def test_only_rank_zero_writes(two_processes):
     out, record = two_processes
     writes = [[r["what"] for r in records(record, k) if r["kind"] == "write"] for k in (0, 1)]
     assert writes[1] == []
-    assert sorted(writes[0]) == ["LossLog", "save_checkpoint", "save_checkpoint", "save_checkpoint",
+    assert sorted(writes[0]) == ["LossLog", "_truncate_log", "save_checkpoint", "save_checkpoint", "save_checkpoint",
                                  "save_config", "save_student"]
     assert [r["step"] for r in losses(out)] == [1, 2, 3]
     assert len(list((out / "tensorboard").iterdir())) == 1

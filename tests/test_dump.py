@@ -281,15 +281,14 @@ def test_a_second_dump_on_one_directory_is_refused_while_the_first_runs(tmp_path
     teacher = save_tiny_vlm(tmp_path / "teacher", "llava", "teacher")
     data_root = tmp_path / "d"
     data = make_dataset(data_root, n=6)
-    target = data_root / "img" / "4.png"  # reading this image blocks the first run (a FIFO)
-    saved = target.read_bytes()
-    target.unlink()
-    os.mkfifo(target)
+    target = data_root / "img" / "4.png"  # reading this image blocks the first run (on a FIFO gate)
+    gate = tmp_path / "gate"
+    os.mkfifo(gate)
     out = tmp_path / "store"
     cfg = dump_config(teacher, data, out)
     cfg_path = tmp_path / "dump.yaml"
     save_config(cfg, cfg_path)
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.tools.cli", "run", "teacher-dump", "--config", str(cfg_path)],
+    proc = subprocess.Popen([sys.executable, "-c", _WAIT_ON_IMAGE, str(target), str(gate), "run", "teacher-dump", "--config", str(cfg_path)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.time() + 120
@@ -311,8 +310,6 @@ def test_a_second_dump_on_one_directory_is_refused_while_the_first_runs(tmp_path
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (out / "manifest.json").exists() and (out / LOCK_NAME).exists()
-    target.unlink()
-    target.write_bytes(saved)
     assert main(["run", "teacher-dump", "--config", str(cfg_path)]) == 0
     assert f"taking over the lock left by teacher-dump (pid {proc.pid}" in capsys.readouterr().err  # logged
     assert verify(out) == [] and not (out / LOCK_NAME).exists()

@@ -329,13 +329,12 @@ def test_a_shard_whose_actor_dies_is_redone_on_a_fresh_actor(tmp_path, teacher_d
 
 @pytest.mark.slow  # a real `pipeline run teacher-dump` with Ray in a subprocess: ~30-70 s on 2 cores
 def test_sigterm_shuts_ray_down(tmp_path, teacher_dir):
-    """SIGTERM while an actor is busy (it waits on a FIFO image): the driver unwinds like Ctrl-C,
-    kills its actors and shuts Ray down; nothing of its session is left running."""
+    """SIGTERM while the actors are busy (60 samples in 15 shards; the signal comes once the second
+    shard has begun): the driver unwinds like Ctrl-C, kills its actors and shuts Ray down; nothing
+    of its session is left running. (Images are read only from regular files, so a FIFO image can
+    no longer hold an actor; the store's size keeps the dump running instead.)"""
     root = tmp_path / "d"
-    data = make_dataset(root, n=8)
-    target = root / "img" / "6.png"  # sample 6: the second shard
-    target.unlink()
-    os.mkfifo(target)
+    data = make_dataset(root, n=60)
     out = tmp_path / "s"
     cfg_path = tmp_path / "dump.yaml"
     save_config(dump_config(teacher_dir, data, out, workers=2, **{"signals.saliency_layers": [0]}), cfg_path)
@@ -347,7 +346,8 @@ def test_sigterm_shuts_ray_down(tmp_path, teacher_dir):
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline, "the dump never reached the blocking sample"
             time.sleep(0.2)
-        time.sleep(1.0)
+        time.sleep(0.5)
+        assert not (out / "manifest.json").exists()
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(timeout=120)
         err = proc.stderr.read().decode()
