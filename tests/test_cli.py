@@ -80,3 +80,12 @@ def test_data_check_end_to_end(tmp_path, tiny_teacher_dir):
 def test_tiny_command_writes_a_checkpoint(tmp_path):
     assert main(["tiny", "--family", "qwen2_vl", "--preset", "student", "--out", str(tmp_path / "s")]) == 0
     assert (tmp_path / "s" / "config.json").is_file() and (tmp_path / "s" / "tokenizer.json").is_file()
+
+
+def test_tiny_command_offers_every_tiny_family():
+    from pipeline.tools.cli import build_parser
+    from pipeline.tools.tiny import FAMILIES
+
+    sub = next(a for a in build_parser()._subparsers._group_actions if a.dest == "command")
+    family = next(a for a in sub.choices["tiny"]._actions if a.dest == "family")
+    assert list(family.choices) == list(FAMILIES)
