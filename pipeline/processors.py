@@ -1,6 +1,6 @@
 """Loading a VLM checkpoint's processor, image-only.
 
-The pipeline never feeds video. The stock processors of Qwen2-VL, Qwen2.5-VL and Qwen3-VL insist
+The pipeline never feeds video. The stock processors of Qwen2-VL, Qwen2.5-VL, Qwen3-VL and InternVL insist
 on a video processor, and in transformers 5.x every video processor needs torchvision, which must
 not be installed next to the CPU build of torch (it breaks transformers imports). So for the
 families listed in ``IMAGE_ONLY_PROCESSORS`` we always load an image-only subclass: same tokenizer,
@@ -12,11 +12,13 @@ the stock name).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoProcessor
 from transformers.models.qwen2_5_vl.processing_qwen2_5_vl import Qwen2_5_VLProcessor
+from transformers.models.internvl.processing_internvl import InternVLProcessor
 from transformers.models.qwen2_vl.processing_qwen2_vl import Qwen2VLProcessor
 from transformers.models.qwen3_vl.processing_qwen3_vl import Qwen3VLProcessor
 from transformers.processing_utils import ProcessorMixin
@@ -69,7 +71,36 @@ class ImageOnlyQwen3VLProcessor(Qwen3VLProcessor):
         return out
 
 
-IMAGE_ONLY_PROCESSORS = {"qwen2_vl": ImageOnlyQwen2VLProcessor, "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor, "qwen3_vl": ImageOnlyQwen3VLProcessor}
+class ImageOnlyInternVLProcessor(InternVLProcessor):
+    """InternVL processor without the video processor (see module docstring)."""
+
+    def __init__(self, image_processor=None, tokenizer=None, image_seq_length: int = 256, chat_template=None, **kwargs):
+        # The stock __init__'s attributes, from the tokenizer's named tokens, with two sub-processors.
+        ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template, **kwargs)
+        self.image_seq_length = image_seq_length
+        self.start_image_token = tokenizer.start_image_token
+        self.end_image_token = tokenizer.end_image_token
+        self.start_image_token_id = tokenizer.start_image_token_id
+        self.end_image_token_id = tokenizer.end_image_token_id
+        self.image_token = tokenizer.context_image_token
+        self.video_token = tokenizer.video_token
+        self.image_token_id = tokenizer.context_image_token_id
+        self.multimodal_pattern = re.compile(
+            f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["processor_class"] = "InternVLProcessor"
+        return out
+
+
+IMAGE_ONLY_PROCESSORS = {
+    "qwen2_vl": ImageOnlyQwen2VLProcessor,
+    "qwen2_5_vl": ImageOnlyQwen2_5_VLProcessor,
+    "qwen3_vl": ImageOnlyQwen3VLProcessor,
+    "internvl": ImageOnlyInternVLProcessor,
+}
 
 
 def load_processor(path: str | Path, model_type: str | None = None):

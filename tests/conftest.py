@@ -14,7 +14,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl")
+# Visual blocks per test image (32x32 or 32x48 px): tiled families give one per tile plus the
+# global image / thumbnail (idefics3: 2x2 tiles + global; internvl: 2 tiles + thumbnail).
+BLOCKS_PER_IMAGE = {"llava": 1, "qwen2_vl": 1, "qwen2_5_vl": 1, "qwen3_vl": 1, "idefics3": 5, "internvl": 3}
 
 
 @pytest.fixture(scope="session", params=FAMILIES)

@@ -1,4 +1,4 @@
-"""Branch rows (DESIGN.md §3.4) and sparse teacher distributions (§3.1), on tiny models of both families.
+"""Branch rows (DESIGN.md §3.4) and sparse teacher distributions (§3.1), on tiny models of every family.
 
 Reference for a branch row (t, c): a plain forward of the model over ``x_0 … x_t, c`` with the images
 of that prefix, last position. Everything runs in float32; log-probs are compared with atol 1e-5
@@ -69,7 +69,10 @@ def prefix_inputs(enc, t: int, c: int) -> dict:
             grid = mi["image_grid_thw"][:n_img]
             out["image_grid_thw"] = grid
             out["pixel_values"] = mi["pixel_values"][: int(grid.prod(-1).sum())]
-    elif n_img:
+    elif n_img and mi["pixel_values"].ndim == 5:  # Idefics3: [1, tiles, C, H, W], one tile per block
+        out["pixel_values"] = mi["pixel_values"][:, :n_img]
+        out["pixel_attention_mask"] = mi["pixel_attention_mask"][:, :n_img]
+    elif n_img:  # one image (LLaVA) or one tile (InternVL) per block; tiles are encoded independently
         out["pixel_values"] = mi["pixel_values"][:n_img]
     return out
 
@@ -82,10 +85,15 @@ def reference_branch_logprobs(model, enc, pos, tok) -> torch.Tensor:
 def branches_of(model, enc) -> tuple[torch.Tensor, torch.Tensor]:
     """(t, c) pairs covering the last cell of each image block (for Qwen2-VL one grid wider than tall,
     one taller than wide), the first text token after each block, and a response position of the
-    first and of the later turn; per t the teacher's top two non-gold tokens plus one arbitrary token."""
+    first and of the later turn; per t the teacher's top two non-gold tokens plus one arbitrary token.
+    A tiled image's blocks (tiles, then the global image) count as one block here; the last cell of
+    its first tile comes after the response positions (so the first pairs keep their roles)."""
     blocks = enc.visual_blocks
-    ts = [t for blk in blocks for t in (blk.start + blk.length - 1, blk.start + blk.length)]
+    last = [blk for i, blk in enumerate(blocks) if i + 1 == len(blocks) or blocks[i + 1].image_index != blk.image_index]
+    ts = [t for blk in last for t in (blk.start + blk.length - 1, blk.start + blk.length)]
     ts += [int(enc.turns[0].response[1]), int(enc.turns[-1].response[-2])]
+    ts += [blk.start + blk.length - 1 for i, blk in enumerate(blocks)
+           if blk not in last and (i == 0 or blocks[i - 1].image_index != blk.image_index)]
     with torch.no_grad():
         logits = model(**enc.model_inputs).logits[0]
     pos, tok = [], []
@@ -140,7 +148,7 @@ def test_mrope_branch_position_follows_text_rule(teacher, samples):
     model, _ = teacher
     enc = samples[0]
     pos_ids = sequence_position_ids(model, enc.model_inputs)
-    blk = enc.visual_blocks[1]
+    blk = [b for b in enc.visual_blocks if b.image_index == 1][-1]  # the second image's (last) block
     after = blk.start + blk.length  # first text token after the second image
     if pos_ids.ndim == 3:
         assert pos_ids.shape == (3, 1, enc.length)

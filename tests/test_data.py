@@ -11,7 +11,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import two_image_record, write_image, write_json
+from conftest import BLOCKS_PER_IMAGE, two_image_record, write_image, write_json
 
 from pipeline.data import DataConfig, SampleError, iter_encoded
 from pipeline.data.encode import IGNORE_INDEX, encode, to_messages
@@ -83,12 +83,14 @@ def test_text_only_single_turn(processor):
     check_against_independent(processor, rec, enc)
 
 
-def test_multi_turn_multi_image_with_tags_anywhere(processor, tmp_path):
+def test_multi_turn_multi_image_with_tags_anywhere(processor, family, tmp_path):
     rec = two_image_record(tmp_path)
     enc = encode(rec, processor, 1024)
     tok, img = processor.tokenizer, image_token_id(processor)
     # visual blocks: in order, contiguous runs of the image token, nothing else is an image token
-    assert [blk.image_index for blk in enc.visual_blocks] == [0, 1]
+    # (a tiled image: one block per tile and one for its global image, all with its index)
+    n = BLOCKS_PER_IMAGE[family]
+    assert [blk.image_index for blk in enc.visual_blocks] == [0] * n + [1] * n
     vis = enc.visual_positions
     assert np.all(enc.input_ids[vis] == img)
     assert int((enc.input_ids == img).sum()) == vis.size
@@ -96,7 +98,8 @@ def test_multi_turn_multi_image_with_tags_anywhere(processor, tmp_path):
         assert blk.grid[0] * blk.grid[1] == blk.length
     # the second image sits inside turn 2's instruction, between its words
     t2 = enc.turns[1].instruction
-    assert t2.min() < enc.visual_blocks[1].start < t2.max()
+    second = [blk for blk in enc.visual_blocks if blk.image_index == 1]
+    assert t2.min() < second[0].start and second[-1].start + second[-1].length - 1 < t2.max()
     assert tok.decode(enc.input_ids[enc.turns[0].instruction]) == "What colour is the shape at the top left?"
     assert tok.decode(enc.input_ids[enc.turns[1].response + 1]) == "the first one<|im_end|>"
     # instructions never include visual positions; system text is in no turn
@@ -110,6 +113,22 @@ def test_grid_shapes_follow_the_family(processor, family, tmp_path):
     wide = write_image(tmp_path / "wide.png", 32, 48)
     rec = Record("g", [Turn("user", "<image>\nDescribe."), Turn("assistant", "shapes")], [wide])
     enc = encode(rec, processor, 512)
+    tok = processor.tokenizer
+    if family in ("idefics3", "internvl"):  # tiled: one square 4x4 block per 16-px tile, global image last
+        assert [blk.grid for blk in enc.visual_blocks] == [(4, 4)] * BLOCKS_PER_IMAGE[family]
+        assert all(blk.image_index == 0 for blk in enc.visual_blocks)
+        starts = [blk.start for blk in enc.visual_blocks]
+        if family == "idefics3":  # 32x48 px -> 32x32 -> 2x2 tiles, each after its tag, then the global image
+            tags = [tok.convert_ids_to_tokens(int(enc.input_ids[s - 1])) for s in starts]
+            assert tags == ["<row_1_col_1>", "<row_1_col_2>", "<row_2_col_1>", "<row_2_col_2>", "<global-img>"]
+            assert all(tok.convert_ids_to_tokens(int(enc.input_ids[s - 2])) == "<fake_token_around_image>" for s in starts)
+            assert enc.model_inputs["pixel_values"].shape[:2] == (1, 5)
+        else:  # wider than tall: 2 columns x 1 row of tiles, then the thumbnail, one run in <img> ... </img>
+            assert np.diff(starts).tolist() == [16, 16]
+            assert tok.convert_ids_to_tokens(int(enc.input_ids[starts[0] - 1])) == "<img>"
+            assert tok.convert_ids_to_tokens(int(enc.input_ids[starts[-1] + 16])) == "</img>"
+            assert enc.model_inputs["pixel_values"].shape[0] == 3
+        return
     (blk,) = enc.visual_blocks
     if family == "llava":  # resized to a fixed square: (32/8)^2
         assert blk.grid == (4, 4)
@@ -238,7 +257,7 @@ def test_hf_save_to_disk_matches_llava_json(processor, tmp_path):
         np.testing.assert_array_equal(x.labels, y.labels)
 
 
-def test_hf_imagefolder(processor, tmp_path):
+def test_hf_imagefolder(processor, family, tmp_path):
     records = _llava_fixture(tmp_path / "folder")
     meta = [{"file_name": r["image"], "id": r["id"], "conversations": r["conversations"]} for r in records]
     write_json(tmp_path / "folder" / "metadata.jsonl", meta, jsonl=True)
@@ -246,7 +265,7 @@ def test_hf_imagefolder(processor, tmp_path):
     assert all(isinstance(r, Record) for r in out)
     assert sorted(r.sample_id for r in out) == ["s0", "s1"]
     encs = [encode(r, processor, 512) for r in out]
-    assert all(len(e.visual_blocks) == 1 for e in encs)
+    assert all(len(e.visual_blocks) == BLOCKS_PER_IMAGE[family] for e in encs)
 
 
 def test_limit_and_config_validation(tmp_path):

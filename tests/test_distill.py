@@ -75,6 +75,7 @@ def losses(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "losses.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("preset", ["student", "student-pooled"])
 def test_one_store_trains_students_of_two_sizes(store, tmp_path, family, preset):
     student_dir = save_tiny_vlm(tmp_path / "init", family, preset, seed=1)
@@ -112,6 +113,7 @@ def test_composed_student_from_lm_and_vision_encoder(llava_store, tmp_path):
     assert len(losses(out)) == 3
 
 
+@pytest.mark.slow
 def test_crash_and_resume_reproduces_the_losses(store, tmp_path, monkeypatch, family):
     student_dir = save_tiny_vlm(tmp_path / "init", family, "student", seed=1)
     over = {"train.steps": 6, "train.checkpoint_every": 2, "train.schedule": "cosine", "train.warmup_steps": 1}

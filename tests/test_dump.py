@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import corrupt_chunk, write_image, write_json
+from conftest import BLOCKS_PER_IMAGE, corrupt_chunk, write_image, write_json
 from transformers import AutoModelForImageTextToText
 
 from pipeline.tools.cli import main
@@ -201,6 +201,7 @@ def test_transitions_equal_plain_forward(store, tiny_teacher_dir, dataset):
     assert checked >= 3
 
 
+@pytest.mark.slow
 def test_two_ray_workers_equal_in_process(store, tmp_path, tiny_teacher_dir, dataset):
     out = tmp_path / "ray"
     run(dump_config(tiny_teacher_dir, dataset, out, workers=2))
@@ -234,6 +235,7 @@ sys.exit(main(sys.argv[3:]))
 """
 
 
+@pytest.mark.slow
 def test_crash_then_resume_equals_uninterrupted(store, tmp_path, tiny_teacher_dir):
     """SIGKILL a real dump while it waits on one sample's image (on a FIFO), then resume."""
     data_root = tmp_path / "d"
@@ -341,8 +343,9 @@ def test_named_layers_out_of_range_stop_the_dump(tmp_path, tiny_teacher_dir, dat
         run(dump_config(tiny_teacher_dir, dataset, tmp_path / "x", **{"signals.saliency_layers": [7]}))
 
 
-def test_inspect_sample_json_via_cli(store, capsys):
+def test_inspect_sample_json_via_cli(store, family, capsys):
     assert main(["inspect", str(store), "--sample", "s03", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["sample_id"] == "s03" and len(out["visual_blocks"]) == 2
+    assert out["sample_id"] == "s03" and len(out["visual_blocks"]) == 2 * BLOCKS_PER_IMAGE[family]
+    assert [b["image_index"] for b in out["visual_blocks"]] == [0] * BLOCKS_PER_IMAGE[family] + [1] * BLOCKS_PER_IMAGE[family]
     assert out["transitions"] and all(len(c["ids"]) == 16 for t in out["transitions"] for c in t["candidates"])

@@ -112,9 +112,13 @@ def pad_batch(encs, pad_id: int) -> dict:
             fill = pad_id if key == "input_ids" else 0
             rows = [torch.nn.functional.pad(e.model_inputs[key], (0, width - e.length), value=fill) for e in encs]
             out[key] = torch.cat(rows)
-    for key in ("pixel_values", "image_grid_thw"):
+    for key in ("pixel_values", "image_grid_thw", "pixel_attention_mask"):
         if key in encs[0].model_inputs:
-            out[key] = torch.cat([e.model_inputs[key] for e in encs])
+            parts = [e.model_inputs[key] for e in encs]
+            if key == "pixel_attention_mask" or parts[0].ndim == 5:  # Idefics3: [1, tiles, ...], pad the tiles
+                n = max(p.shape[1] for p in parts)
+                parts = [torch.cat([p, p.new_zeros(1, n - p.shape[1], *p.shape[2:])], 1) for p in parts]
+            out[key] = torch.cat(parts)
     return out
 
 

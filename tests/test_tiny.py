@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import write_image
+from conftest import BLOCKS_PER_IMAGE, write_image
 from transformers import AutoModelForImageTextToText
 
 from pipeline.data.encode import encode
@@ -56,10 +56,10 @@ def test_pooled_student_grid_is_the_teacher_grid_divided(family, tmp_path):
     grids = {}
     for preset in ("teacher", "student-pooled"):
         _, proc = build_tiny_vlm(family, preset)
-        (blk,) = encode(rec, proc, 512).visual_blocks
-        grids[preset] = blk.grid
-    t, s = grids["teacher"], grids["student-pooled"]
-    assert (t[0] // 2, t[1] // 2) == s and t[0] % 2 == 0
+        grids[preset] = [blk.grid for blk in encode(rec, proc, 512).visual_blocks]  # tiled: one per tile
+    assert len(grids["teacher"]) == len(grids["student-pooled"]) == BLOCKS_PER_IMAGE[family]  # tiled alike
+    for t, s in zip(grids["teacher"], grids["student-pooled"]):
+        assert (t[0] // 2, t[1] // 2) == s and t[0] % 2 == 0
 
 
 def test_unknown_family_and_preset():

@@ -11,9 +11,18 @@ things are. How (see also ``[segmentation note]`` below):
    whitespace not). Each text item of a human message is located inside that message's span, so
    instruction positions are the words of the instruction, not the role header.
 3. The rendered text is tokenized once with offsets, *before* image expansion; each image
-   placeholder token is then expanded to that image's token count. The result must equal the
-   processor's own ``input_ids`` token for token, otherwise encoding stops with an error: the
-   processor, never this module, is the authority on ids.
+   placeholder token is then expanded to what the processor made of that image (its
+   :class:`ImageLayout`: the image's visual tokens, and for a tiled image the tile separators
+   between its blocks). The result must equal the processor's own ``input_ids`` token for token,
+   otherwise encoding stops with an error: the processor, never this module, is the authority on ids.
+
+[tiling note] A tiled image (Idefics3 image splitting, InternVL dynamic tiles) is several visual
+blocks, one per tile and one for the global image / thumbnail (last), each a square grid of
+visual tokens and each its own :class:`VisualBlock` with the image's ``image_index``. Idefics3
+puts ``<fake_token_around_image><row_i_col_j>`` (``<global-img>`` for the global image) before
+each block, so its blocks are the runs of the image token; InternVL puts all of an image's blocks
+in one run between ``<img>`` and ``</img>``, cut into ``image_seq_length`` tokens per tile.
+Saliency over an image is over all its blocks' visual tokens (``EncodedSample.visual_positions``).
 
 [segmentation note] Requiring prefix stability (each prefix render is a prefix of the full render)
 holds for ChatML, Llama, Vicuna/LLaVA-style templates. Templates that rewrite earlier turns (e.g.
@@ -47,7 +56,8 @@ class TemplateError(PipelineError):
 
 @dataclass(frozen=True)
 class VisualBlock:
-    """The expanded tokens of one image: positions ``start .. start+length-1``, row-major ``grid``."""
+    """One block of visual tokens: positions ``start .. start+length-1``, row-major ``grid``. An
+    image is one block, or one per tile and one for its global image when it is tiled ([tiling note])."""
 
     image_index: int
     start: int
@@ -135,8 +145,104 @@ def image_token(processor) -> tuple[str, int]:
     return token, processor.tokenizer.convert_tokens_to_ids(token)
 
 
+@dataclass(frozen=True)
+class ImageLayout:
+    """What one image placeholder becomes: ``ids``, its visual tokens (and for a tiled image the
+    separators between its blocks), and its visual blocks as (offset into ``ids``, (rows, cols))."""
+
+    ids: tuple[int, ...]
+    blocks: tuple[tuple[int, tuple[int, int]], ...]
+
+    @property
+    def n_visual(self) -> int:
+        return sum(r * c for _, (r, c) in self.blocks)
+
+
+def image_layouts(processor, inputs, n_visual: int, n_images: int, sample_id: str) -> list[ImageLayout]:
+    """Per image, its :class:`ImageLayout`, from the processor's outputs (``inputs``: a batch of one)."""
+    if n_images == 0:
+        return []
+    tiled = next((f for attrs, f in _TILED_LAYOUTS if all(getattr(processor, a, None) is not None for a in attrs)), None)
+    if tiled is None:  # one block per image, the image token repeated
+        _, img_id = image_token(processor)
+        grids = visual_grids(processor, inputs, n_visual, n_images, sample_id)
+        return [ImageLayout((img_id,) * (r * c), ((0, (r, c)),)) for r, c in grids]
+    layouts = tiled(processor, inputs["input_ids"][0].tolist(), sample_id)
+    if len(layouts) != n_images:
+        raise TemplateError(f"sample {sample_id!r}: {n_images} image(s) but {len(layouts)} tiled image expansion(s)")
+    return layouts
+
+
+def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
+    """[start, end) of each maximal run of ``token`` in ``ids``."""
+    out, start = [], None
+    for i, t in enumerate([*ids, None]):
+        if t == token and start is None:
+            start = i
+        elif t != token and start is not None:
+            out.append((start, i))
+            start = None
+    return out
+
+
+def _square(n: int, per_tile: int, what: str, sample_id: str) -> tuple[int, int]:
+    side = math.isqrt(n)
+    if n != per_tile or side * side != n:
+        raise TemplateError(f"sample {sample_id!r}: a {what} of {n} visual tokens; expected a square grid of "
+                            f"{per_tile}; this processor's visual layout is not supported")
+    return side, side
+
+
+def _idefics3_layouts(processor, ids: list[int], sample_id: str) -> list[ImageLayout]:
+    """Idefics3: each block is a run of the image token after ``<fake_token_around_image>`` and a
+    ``<row_i_col_j>`` tag (a tile) or ``<global-img>`` (the global image, which ends the image)."""
+    around, glob = processor.fake_image_token_id, processor.global_image_token_id
+    tags = set(processor.row_col_ids)
+    layouts, tiles = [], []
+    for a, b in _runs(ids, processor.image_token_id):
+        if a < 2 or ids[a - 2] != around or (ids[a - 1] != glob and ids[a - 1] not in tags):
+            raise TemplateError(f"sample {sample_id!r}: an image block at {a} is not preceded by "
+                                "<fake_token_around_image> and a tile tag; this processor's layout is not supported")
+        tiles.append((a, b))
+        if ids[a - 1] == glob:
+            start, end = tiles[0][0] - 2, b + 1
+            if end > len(ids) or ids[end - 1] != around:
+                raise TemplateError(f"sample {sample_id!r}: the global image block ending at {b} is not closed by "
+                                    "<fake_token_around_image>")
+            blocks = tuple((s - start, _square(e - s, processor.image_seq_len, "tile", sample_id)) for s, e in tiles)
+            layouts.append(ImageLayout(tuple(ids[start:end]), blocks))
+            tiles = []
+    if tiles:
+        raise TemplateError(f"sample {sample_id!r}: image tiles without a global image")
+    return layouts
+
+
+def _internvl_layouts(processor, ids: list[int], sample_id: str) -> list[ImageLayout]:
+    """InternVL: one run of the context token per image between ``<img>`` and ``</img>``, made of
+    ``image_seq_length`` tokens per tile (tiles first, the thumbnail last)."""
+    per_tile = int(processor.image_seq_length)
+    layouts = []
+    for a, b in _runs(ids, processor.image_token_id):
+        if a < 1 or b >= len(ids) or ids[a - 1] != processor.start_image_token_id or ids[b] != processor.end_image_token_id:
+            raise TemplateError(f"sample {sample_id!r}: the image tokens at {a}..{b - 1} are not between "
+                                f"{processor.start_image_token} and {processor.end_image_token}")
+        if (b - a) % per_tile:
+            raise TemplateError(f"sample {sample_id!r}: {b - a} image tokens are not whole tiles of {per_tile}")
+        grid = _square(per_tile, per_tile, "tile", sample_id)
+        blocks = tuple((1 + k * per_tile, grid) for k in range((b - a) // per_tile))
+        layouts.append(ImageLayout(tuple(ids[a - 1 : b + 1]), blocks))
+    return layouts
+
+
+# Tiled layouts ([tiling note]), recognised by the processor attributes they are read from.
+_TILED_LAYOUTS = (
+    (("fake_image_token_id", "global_image_token_id", "row_col_ids", "image_seq_len"), _idefics3_layouts),
+    (("start_image_token_id", "end_image_token_id", "image_seq_length"), _internvl_layouts),
+)
+
+
 def visual_grids(processor, inputs, counts_total: int, n_images: int, sample_id: str) -> list[tuple[int, int]]:
-    """Per-image (rows, cols) of visual tokens, from the processor's outputs."""
+    """Per-image (rows, cols) of visual tokens, from the processor's outputs (one block per image)."""
     if n_images == 0:
         return []
     if "image_grid_thw" in inputs:  # Qwen2-VL family: patches merged merge×merge
@@ -224,23 +330,25 @@ def encode(record: Record, processor, max_length: int) -> EncodedSample:
     inputs = processor(text=full, images=images or None, return_tensors="pt", add_special_tokens=False)
     proc_ids = inputs["input_ids"][0].numpy().astype(np.int64)
     n_visual = int((proc_ids == img_id).sum())
-    grids = visual_grids(processor, inputs, n_visual, len(images), record.sample_id)
-    counts = [r * c for r, c in grids]
-    if sum(counts) != n_visual or sum(1 for i in raw_ids if i == img_id) != len(images):
+    layouts = image_layouts(processor, inputs, n_visual, len(images), record.sample_id)
+    counted = sum(lay.n_visual for lay in layouts)
+    if counted != n_visual or sum(1 for i in raw_ids if i == img_id) != len(images):
         raise TemplateError(
             f"sample {record.sample_id!r}: {len(images)} image placeholder(s) expand to {n_visual} visual tokens, "
-            f"grids say {sum(counts)}"
+            f"grids say {counted}"
         )
 
     ids: list[int] = []
     char_of: list[tuple[int, int]] = []
     blocks: list[VisualBlock] = []
+    n_seen = 0
     for tid, off in zip(raw_ids, offsets):
         if tid == img_id:
-            i = len(blocks)
-            blocks.append(VisualBlock(i, len(ids), counts[i], grids[i]))
-            ids.extend([img_id] * counts[i])
-            char_of.extend([(-1, -1)] * counts[i])
+            lay, base = layouts[n_seen], len(ids)
+            blocks.extend(VisualBlock(n_seen, base + o, r * c, (r, c)) for o, (r, c) in lay.blocks)
+            ids.extend(lay.ids)
+            char_of.extend([(-1, -1)] * len(lay.ids))
+            n_seen += 1
         else:
             ids.append(tid)
             char_of.append(tuple(off))

@@ -64,11 +64,12 @@ import torch
 from pipeline.modeling.logits import logits_at
 
 # Position-id layouts by model type (``config.model_type``); another family must be added explicitly.
-ROPE_1D_MODEL_TYPES = ("llava",)
+ROPE_1D_MODEL_TYPES = ("llava", "idefics3", "internvl")
 MROPE_MODEL_TYPES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 # Config attributes naming tokens that the wrapper replaces by vision features: never a branch token.
 _PLACEHOLDER_ATTRS = {"llava": ("image_token_id",), "qwen2_vl": ("image_token_id", "video_token_id"),
-                      "qwen2_5_vl": ("image_token_id", "video_token_id"), "qwen3_vl": ("image_token_id", "video_token_id")}
+                      "qwen2_5_vl": ("image_token_id", "video_token_id"), "qwen3_vl": ("image_token_id", "video_token_id"),
+                      "idefics3": ("image_token_id",), "internvl": ("image_token_id",)}
 # Inputs the model gets from us (explicit ids, mask, positions) rather than from the processor.
 _REPLACED_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids", "position_ids")
 _MASK_KERNELS = ("sdpa", "eager")

@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Overrides (key.sub=value) are the arguments argparse does not know; main() collects them.
 
     tiny = sub.add_parser("tiny", help="write a tiny VLM checkpoint built from a config (offline)")
-    tiny.add_argument("--family", choices=["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl"], required=True)  # tiny.FAMILIES (a test checks)
+    tiny.add_argument("--family", choices=["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl"], required=True)  # tiny.FAMILIES (a test checks)
     tiny.add_argument("--preset", default="teacher", help="teacher | student | student-pooled")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--out", type=Path, required=True)

@@ -1,6 +1,6 @@
 """Tiny vision-language models built from configs, offline, for tests and the demo.
 
-Families with different visual layouts:
+Six families with different visual layouts:
 
 * ``llava``: CLIP vision tower + MLP projector + Llama text model. Fixed square grid: every image
   is resized to ``image_size`` and becomes ``(image_size / patch)²`` tokens (CLS dropped).
@@ -12,10 +12,18 @@ Families with different visual layouts:
 * ``qwen3_vl``: Qwen3-VL, the same token layout; learned ViT position embeddings resampled to each
   grid, interleaved mRoPE sections (T H W T H W …) and "deepstack": features of the ViT's layers
   added to the visual positions' hidden states after the first decoder layers.
+* ``idefics3``: Idefics3 (SigLIP-style ViT, pixel shuffle, Llama text). Tiled: an image larger than
+  a tile is split into rows x cols tiles plus a global image, each tile a square block of visual
+  tokens, with ``<fake_token_around_image><row_i_col_j>`` (``<global-img>`` for the global image)
+  before each block. Here a 32 px image becomes 2 x 2 tiles of 16 px + the global image.
+* ``internvl``: HF-native InternVL (InternViT-style ViT, pixel shuffle, Qwen2 text). Tiled: the
+  image is cut into a grid of tiles chosen by aspect ratio (here exactly 2 tiles of 16 px) plus a
+  thumbnail; all their blocks form one run of ``<IMG_CONTEXT>`` between ``<img>`` and ``</img>``.
 
 All models share one byte-level BPE tokenizer trained in memory on a fixed corpus (deterministic),
-with ChatML-style special tokens, so a student always has the teacher's tokenizer. Nothing is
-downloaded.
+with ChatML-style special tokens, so a student always has the teacher's tokenizer. The tiled
+families' vision markers are added after training (``FAMILY_TOKENS``), at ids past the shared
+vocabulary, so the other families' ids never change. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -25,10 +33,17 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     CLIPImageProcessorPil,
     CLIPVisionConfig,
+    GotOcr2ImageProcessorPil,
+    Idefics3Config,
+    Idefics3ForConditionalGeneration,
+    Idefics3ImageProcessorPil,
+    Idefics3Processor,
+    InternVLConfig,
+    InternVLForConditionalGeneration,
     LlamaConfig,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -43,9 +58,14 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from pipeline.processors import ImageOnlyQwen2_5_VLProcessor, ImageOnlyQwen2VLProcessor, ImageOnlyQwen3VLProcessor
+from pipeline.processors import (
+    ImageOnlyInternVLProcessor,
+    ImageOnlyQwen2_5_VLProcessor,
+    ImageOnlyQwen2VLProcessor,
+    ImageOnlyQwen3VLProcessor,
+)
 
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl")
 
 PAD, BOS_TURN, EOS_TURN = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 LLAVA_IMAGE = "<image>"
@@ -56,6 +76,26 @@ QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE, QWEN_VIDEO = (
     "<|video_pad|>",
 )
 SPECIAL_TOKENS = [PAD, BOS_TURN, EOS_TURN, LLAVA_IMAGE, QWEN_VISION_START, QWEN_VISION_END, QWEN_IMAGE, QWEN_VIDEO]
+IDEFICS_IMAGE, IDEFICS_AROUND, IDEFICS_GLOBAL, IDEFICS_END = (
+    LLAVA_IMAGE,  # Idefics3's image token is "<image>" too
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+)
+# InternVL's processor reads these from named tokenizer attributes (``tokenizer.start_image_token``, ...).
+INTERNVL_TOKENS = {
+    "start_image_token": "<img>",
+    "end_image_token": "</img>",
+    "context_image_token": "<IMG_CONTEXT>",
+    "video_token": "<video>",
+}
+# Vision markers of the tiled families, added after BPE training (ids >= the shared vocabulary).
+FAMILY_TOKENS = {
+    "idefics3": [IDEFICS_AROUND, IDEFICS_GLOBAL, IDEFICS_END]
+    + [f"<row_{i}_col_{j}>" for i in range(1, 7) for j in range(1, 7)],
+    "internvl": list(INTERNVL_TOKENS.values()),
+}
+TILE = 16  # idefics3 / internvl: side of a tile (and of the global image / thumbnail) in pixels
 
 # Words of the demo's visual questions plus ordinary chat text; the BPE learns merges from this.
 _WORDS = (
@@ -94,14 +134,20 @@ def _tokenizer_json(vocab_size: int) -> str:
     return tok.to_str()
 
 
-def build_tokenizer(vocab_size: int = 512) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained in memory (deterministic for a given vocab size)."""
+def build_tokenizer(vocab_size: int = 512, family: str | None = None) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained in memory (deterministic for a given vocab size), with
+    ``family``'s vision markers (``FAMILY_TOKENS``) added as special tokens after the shared ones."""
+    named = INTERNVL_TOKENS if family == "internvl" else {}
     tok = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
         eos_token=EOS_TURN,
         pad_token=PAD,
         model_max_length=4096,
+        **({"extra_special_tokens": dict(named)} if named else {}),
     )
+    extra = [t for t in FAMILY_TOKENS.get(family, []) if t not in tok.get_vocab()]
+    if extra:
+        tok.add_tokens([AddedToken(t, special=True, normalized=False) for t in extra], special_tokens=True)
     tok.padding_side = "right"
     return tok
 
@@ -130,8 +176,10 @@ class TinySpec:
     vision_hidden: int = 32
     vision_layers: int = 1
     vision_heads: int = 2
-    image_size: int = 32  # llava: square input side; qwen*: target side for min/max pixels
-    patch: int = 8  # llava: ViT patch; qwen*: effective patch after the 2x2 merge
+    image_size: int = 32  # llava: square input side; qwen*: target side for min/max pixels;
+    # idefics3: longest edge an image is resized to before it is split into TILE-px tiles
+    patch: int = 8  # llava: ViT patch; qwen*: effective patch after the 2x2 merge;
+    # idefics3, internvl: 4 x the pixel-shuffle factor (see _tile_vision)
     max_positions: int = 1024
     padded_rows: int = 0  # output-head rows beyond the tokenizer's tokens (real checkpoints pad, e.g. Qwen2 +418)
 
@@ -312,23 +360,118 @@ def build_qwen3_vl(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
     return model, _qwen_processor(ImageOnlyQwen3VLProcessor, spec, tok)
 
 
+def _tile_vision(spec: TinySpec) -> tuple[int, int]:
+    """(ViT patch, pixel-shuffle factor) of a tiled family: 2-px ViT patches on TILE-px tiles, merged
+    ``spec.patch // 4`` x ``spec.patch // 4`` (teacher: factor 2, 4x4 tokens per tile; the pooled
+    student's patch 16: factor 4, 2x2 tokens per tile)."""
+    vit_patch, factor = 2, spec.patch // 4
+    if spec.patch % 4 or factor < 1 or (TILE // vit_patch) % factor:
+        raise ValueError(f"patch {spec.patch} gives no pixel-shuffle factor that divides {TILE}-px tiles of {vit_patch}-px patches")
+    return vit_patch, factor
+
+
+def build_idefics3(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
+    vit_patch, factor = _tile_vision(spec)
+    text = dict(
+        model_type="llama",
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        **_text_ids(tok),
+    )
+    vision = dict(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=TILE,
+        patch_size=vit_patch,
+    )
+    config = Idefics3Config(
+        text_config=text,
+        vision_config=vision,
+        scale_factor=factor,
+        image_token_id=tok.convert_tokens_to_ids(IDEFICS_IMAGE),
+        pad_token_id=tok.convert_tokens_to_ids(PAD),
+    )
+    torch.manual_seed(seed)
+    model = Idefics3ForConditionalGeneration(config)
+    image_processor = Idefics3ImageProcessorPil(
+        size={"longest_edge": spec.image_size},  # then split into TILE-px tiles + a global image
+        max_image_size={"longest_edge": TILE},
+    )
+    processor = Idefics3Processor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        image_seq_len=(TILE // vit_patch // factor) ** 2,
+        chat_template=chat_template(IDEFICS_IMAGE),
+    )
+    return model, processor
+
+
+def build_internvl(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
+    vit_patch, factor = _tile_vision(spec)
+    text = dict(
+        model_type="qwen2",
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.kv_heads,
+        max_position_embeddings=spec.max_positions,
+        **_text_ids(tok),
+    )
+    vision = dict(
+        hidden_size=spec.vision_hidden,
+        intermediate_size=2 * spec.vision_hidden,
+        num_hidden_layers=spec.vision_layers,
+        num_attention_heads=spec.vision_heads,
+        image_size=TILE,
+        patch_size=vit_patch,
+    )
+    per_tile = (TILE // vit_patch // factor) ** 2
+    config = InternVLConfig(
+        text_config=text,
+        vision_config=vision,
+        downsample_ratio=1.0 / factor,
+        image_token_id=tok.convert_tokens_to_ids(INTERNVL_TOKENS["context_image_token"]),
+        image_seq_length=per_tile,
+        # Untied, as the other tiny families: a random-init model with tied embeddings predicts the
+        # token it reads, so any two tiny models would agree on every top-1.
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = InternVLForConditionalGeneration(config)
+    image_processor = GotOcr2ImageProcessorPil(
+        size={"height": TILE, "width": TILE},
+        crop_to_patches=True,
+        min_patches=2,  # exactly two tiles (1x2 or 2x1 by aspect ratio), then the thumbnail
+        max_patches=2,
+    )
+    processor = ImageOnlyInternVLProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        image_seq_length=per_tile,
+        chat_template=chat_template(INTERNVL_TOKENS["context_image_token"]),
+    )
+    return model, processor
+
+
 def build_tiny_vlm(family: str, spec: TinySpec | str = "teacher", seed: int = 0, vocab_size: int = 512):
     """(model, processor) of a tiny VLM of ``family``; ``spec`` is a TinySpec or a preset name."""
     if isinstance(spec, str):
         if spec not in PRESETS:
             raise ValueError(f"unknown tiny preset {spec!r}; choose from {sorted(PRESETS)}")
         spec = PRESETS[spec]
-    tok = build_tokenizer(vocab_size)
-    if family == "llava":
-        model, processor = build_llava(spec, tok, seed)
-    elif family == "qwen2_vl":
-        model, processor = build_qwen2_vl(spec, tok, seed)
-    elif family == "qwen2_5_vl":
-        model, processor = build_qwen2_5_vl(spec, tok, seed)
-    elif family == "qwen3_vl":
-        model, processor = build_qwen3_vl(spec, tok, seed)
-    else:
+    builders = {"llava": build_llava, "qwen2_vl": build_qwen2_vl, "qwen2_5_vl": build_qwen2_5_vl, "qwen3_vl": build_qwen3_vl,
+                "idefics3": build_idefics3, "internvl": build_internvl}
+    if family not in builders:
         raise ValueError(f"unknown tiny family {family!r}; choose from {list(FAMILIES)}")
+    tok = build_tokenizer(vocab_size, family)
+    model, processor = builders[family](spec, tok, seed)
     model.generation_config.eos_token_id = tok.convert_tokens_to_ids(EOS_TURN)
     model.generation_config.pad_token_id = tok.convert_tokens_to_ids(PAD)
     return model.eval(), processor

@@ -9,22 +9,31 @@ the teacher's, in the same order. Only the visual blocks differ (a pooled grid, 
 
 1. takes the teacher's stored ids, visual blocks and turns (Parquet index, DESIGN.md §5);
 2. preprocesses each image with the student's processor *alone* (``processor(text=<image token>,
-   images=[image])``), which gives its pixel tensors, its number of visual tokens and its grid, and
-   keeps the result in an LRU cache keyed by the image's sha256 (bounded by bytes, one per process);
-3. replaces each teacher visual block by the student's count of image tokens, shifts the stored
-   text positions (instruction, response) by the blocks before them, and sets ``labels[t + 1]`` for
-   every response position t, which is what ``encode`` does (its labelled tokens are exactly the
-   response positions + 1).
+   images=[image])``), which gives its pixel tensors and what its placeholder expands to (an
+   ``ImageLayout``: the visual tokens, a tiled image's separators, the blocks with their grids),
+   and keeps the result in an LRU cache keyed by the image's sha256 (bounded by bytes, one per process);
+3. replaces each teacher image (its blocks, and for a tiled image the separators around and
+   between them) by the student's expansion, shifts the stored text positions (instruction,
+   response) by the images before them, and sets ``labels[t + 1]`` for every response position t,
+   which is what ``encode`` does (its labelled tokens are exactly the response positions + 1).
 
 [fast path note] Where it applies: processors whose images are preprocessed independently of each
 other, so the outputs of a multi-image sample are the per-image outputs concatenated in order
-(``FAST_PATH_PROCESSORS``: LLaVA's fixed grid and the patches of Qwen2-VL, Qwen2.5-VL and Qwen3-VL,
-which share one image processor; LLaVA-NeXT, which pads patches across a batch, is not one of
+(``FAST_PATH_PROCESSORS``: LLaVA's fixed grid, the patches of Qwen2-VL, Qwen2.5-VL and Qwen3-VL
+(which share one image processor), InternVL's tiles, and Idefics3's tiles, concatenated on its
+per-sample image axis, see ``pipeline.modeling.batching``; LLaVA-NeXT, which pads patches across a batch, is not one of
 them), and whose per-token outputs are the ids, the mask and ``mm_token_type_ids`` (built with the
 processor's own ``create_mm_token_type_ids``). Any other processor is re-encoded with ``encode``
 (``mode="auto"``, logged once). ``mode="check"`` runs both and refuses any difference, naming the
 sample and the field; tests check equality for every family, multi-image and multi-turn records,
 equal and pooled grids.
+
+[tiled image note] A tiled image's expansion is text (e.g. ``<fake_token_around_image>
+<row_1_col_1>`` or ``<img>``), then its blocks with separators between them, then text (e.g.
+``</img>``). The stored blocks of image i give where its blocks were; the text before its first
+block and after its last must be the student's (else the processors differ, refused by name), and
+the whole span is replaced by the student's expansion. When both tile alike the separators are
+equal too; when they do not, the student's blocks differ from the teacher's, and ``remap`` refuses.
 
 Images are read (and their sha256 compared with the store's) the first time a sample is encoded in
 a process, and again whenever one of its images has left the cache; a sample whose images are all
@@ -47,12 +56,20 @@ from typing import Literal, get_args
 
 import numpy as np
 import torch
-from transformers import LlavaProcessor, Qwen2_5_VLProcessor, Qwen2VLProcessor, Qwen3VLProcessor
+from transformers import (
+    Idefics3Processor,
+    InternVLProcessor,
+    LlavaProcessor,
+    Qwen2_5_VLProcessor,
+    Qwen2VLProcessor,
+    Qwen3VLProcessor,
+)
 
 from pipeline.data import EncodedSample, Record, SampleError, VisualBlock, encode
-from pipeline.data.encode import IGNORE_INDEX, TurnPositions, image_token, visual_grids
+from pipeline.data.encode import IGNORE_INDEX, ImageLayout, TurnPositions, image_layouts, image_token
 from pipeline.data.records import OVER_LENGTH
 from pipeline.errors import PipelineError
+from pipeline.modeling.batching import PER_SAMPLE_IMAGE_KEYS
 from schemas import StoreFormatError
 from schemas.signals import SampleSignals
 from schemas.reader import LRUBytes
@@ -62,7 +79,8 @@ from stage2_student.data.pixel_cache import PixelCache
 log = logging.getLogger("stage2.data")
 
 # Processors whose multi-image outputs are their single-image outputs concatenated ([fast path note]).
-FAST_PATH_PROCESSORS = (LlavaProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor)
+FAST_PATH_PROCESSORS = (LlavaProcessor, Qwen2VLProcessor, Qwen2_5_VLProcessor, Qwen3VLProcessor, Idefics3Processor,
+                        InternVLProcessor)
 # Per-token outputs the fast path builds itself; a processor returning any other one is re-encoded.
 _TOKEN_KEYS = ("input_ids", "attention_mask", "mm_token_type_ids")
 
@@ -89,20 +107,33 @@ def check_image_hashes(sample_id: str, found: list[str], stored: list[str], data
 
 @dataclass(frozen=True)
 class StudentImage:
-    """One image as the student's processor sees it: its visual token count, grid and input tensors."""
+    """One image as the student's processor sees it: what its placeholder expands to and its input tensors."""
 
-    n_tokens: int
-    grid: tuple[int, int]
+    layout: ImageLayout
     tensors: dict[str, torch.Tensor]  # the processor's image outputs for this image alone
     nbytes: int
 
     @classmethod
-    def of(cls, n_tokens: int, grid: tuple[int, int], tensors: dict[str, torch.Tensor]) -> StudentImage:
-        return cls(n_tokens, grid, tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+    def of(cls, layout: ImageLayout, tensors: dict[str, torch.Tensor]) -> StudentImage:
+        return cls(layout, tensors, sum(t.numel() * t.element_size() for t in tensors.values()))
+
+    @property
+    def n_tokens(self) -> int:
+        return self.layout.n_visual
 
     def pixel_cache_meta(self) -> dict:
         """What a pixel cache entry keeps beside the tensors."""
-        return {"n_tokens": self.n_tokens, "grid": list(self.grid)}
+        return {"n_tokens": self.n_tokens, "ids": list(self.layout.ids),
+                "blocks": [[o, r, c] for o, (r, c) in self.layout.blocks]}
+
+    @staticmethod
+    def layout_from_meta(meta: dict, image_token_id: int) -> ImageLayout:
+        """The layout a pixel cache entry recorded (entries written before tiled images: one block)."""
+        if "ids" not in meta:
+            rows, cols = (int(g) for g in meta["grid"])
+            return ImageLayout((image_token_id,) * int(meta["n_tokens"]), ((0, (rows, cols)),))
+        return ImageLayout(tuple(int(i) for i in meta["ids"]),
+                           tuple((int(o), (int(r), int(c))) for o, r, c in meta["blocks"]))
 
 
 def fast_path_problem(processor) -> str | None:
@@ -175,33 +206,41 @@ class StudentEncoder:
         return enc
 
     def from_store(self, teacher: SampleSignals, record: Record) -> EncodedSample:
-        """The fast path ([fast path note]): the teacher's ids with the visual blocks re-expanded."""
+        """The fast path ([fast path note]): the teacher's ids with the images re-expanded."""
         sid = teacher.sample_id
         blocks, turns = _stored_layout(teacher)
         images = self._images(teacher, record)
-        if len(images) != len(blocks):
-            raise StoreFormatError(f"sample {sid!r}: the store has {len(blocks)} visual block(s) for "
-                                   f"{len(images)} image(s)")
+        groups = _blocks_by_image(sid, blocks, len(images))
         t_ids, img_id = teacher.input_ids, self.image_token_id
         pieces, s_blocks, ends, deltas = [], [], [], []
         cursor = length = 0  # in the teacher's sequence / the student's
-        for i, ((start, n), image) in enumerate(zip(blocks, images)):
-            if start < cursor or start + n > len(t_ids):
-                raise StoreFormatError(f"sample {sid!r}: stored visual block {i} [{start}, {start + n}) "
-                                       f"overlaps another or leaves the sequence of {len(t_ids)} tokens")
-            if n and not (t_ids[start : start + n] == img_id).all():
+        for i, (group, image) in enumerate(zip(groups, images)):
+            lay = image.layout
+            (first, _), (last, (rows, cols)) = lay.blocks[0], lay.blocks[-1]
+            before, after = lay.ids[:first], lay.ids[last + rows * cols :]  # [tiled image note]
+            start, end = group[0][0] - len(before), group[-1][0] + group[-1][1] + len(after)
+            if start < cursor or end > len(t_ids):
+                raise StoreFormatError(f"sample {sid!r}: stored visual blocks of image {i} [{start}, {end}) "
+                                       f"overlap another image or leave the sequence of {len(t_ids)} tokens")
+            if any(n and not (t_ids[b : b + n] == img_id).all() for b, n in group):
                 raise IncompatibleStudentError(
                     f"sample {sid!r}: image {i}: the teacher's visual tokens are not the student's image token "
                     f"{self.image_token!r} (id {img_id}); the processors differ"
                 )
+            if (tuple(t_ids[start : group[0][0]].tolist()) != before
+                    or tuple(t_ids[end - len(after) : end].tolist()) != after):
+                raise IncompatibleStudentError(
+                    f"sample {sid!r}: image {i}: the tokens around the teacher's visual blocks are not the ones "
+                    "the student's processor puts around an image; the processors differ"
+                )
             text = t_ids[cursor:start]
             s_start = length + len(text)
-            s_blocks.append(VisualBlock(i, s_start, image.n_tokens, image.grid))
-            pieces += [text, np.full(image.n_tokens, img_id, dtype=np.int64)]
-            length, cursor = s_start + image.n_tokens, start + n
+            s_blocks += [VisualBlock(i, s_start + o, r * c, (r, c)) for o, (r, c) in lay.blocks]
+            pieces += [text, np.asarray(lay.ids, dtype=np.int64)]
+            length, cursor = s_start + len(lay.ids), end
             ends.append(cursor)
-            deltas.append(image.n_tokens - n)
-        ids = np.concatenate(pieces + [t_ids[cursor:]]) if blocks else np.array(t_ids, dtype=np.int64)
+            deltas.append(len(lay.ids) - (end - start))
+        ids = np.concatenate(pieces + [t_ids[cursor:]]) if groups else np.array(t_ids, dtype=np.int64)
         if len(ids) > self.max_length:
             raise self._cannot_encode(SampleError(sid, OVER_LENGTH, f"{len(ids)} tokens > max_length {self.max_length}"))
 
@@ -229,8 +268,7 @@ class StudentEncoder:
         if self._token_types:
             inputs["mm_token_type_ids"] = torch.tensor(self.processor.create_mm_token_type_ids([ids]), dtype=torch.int64)
         for key in (images[0].tensors if images else ()):
-            parts = [im.tensors[key] for im in images]
-            inputs[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+            inputs[key] = _join_images(key, [im.tensors[key] for im in images])
         return EncodedSample(
             sample_id=sid,
             input_ids=ids,
@@ -267,7 +305,7 @@ class StudentEncoder:
             found = self.pixels.get(sha256)
             if found is not None:
                 tensors, meta = found
-                item = StudentImage.of(int(meta["n_tokens"]), tuple(int(g) for g in meta["grid"]), tensors)
+                item = StudentImage.of(StudentImage.layout_from_meta(meta, self.image_token_id), tensors)
                 self.cache.put(sha256, item, item.nbytes)
         return item
 
@@ -282,19 +320,48 @@ class StudentEncoder:
     def _preprocess(self, sid: str, image) -> StudentImage:
         out = self.processor(text=self.image_token, images=[image], return_tensors="pt", add_special_tokens=False)
         n = int((out["input_ids"][0] == self.image_token_id).sum())
-        (rows, cols), = visual_grids(self.processor, out, n, 1, sid)
-        if rows * cols != n:
-            raise StoreFormatError(f"sample {sid!r}: the student's processor expands an image to {n} tokens "
-                                   f"but its grid is {rows}x{cols}")
-        return StudentImage.of(n, (rows, cols), {k: v for k, v in out.items() if k not in _TOKEN_KEYS})
+        (layout,) = image_layouts(self.processor, out, n, 1, sid)
+        if layout.n_visual != n or layout.ids != tuple(out["input_ids"][0].tolist()):
+            raise StoreFormatError(f"sample {sid!r}: the student's processor expands an image to {n} visual tokens "
+                                   f"but its layout says {layout.n_visual} in {len(layout.ids)} tokens")
+        return StudentImage.of(layout, {k: v for k, v in out.items() if k not in _TOKEN_KEYS})
 
 
-def _stored_layout(teacher: SampleSignals) -> tuple[list[tuple[int, int]], list[tuple[list, list]]]:
-    """(start, length) of each stored visual block and (instruction, response) of each stored turn;
-    refuses, naming the sample and the key, when the index lacks them."""
+def _join_images(key: str, parts: list[torch.Tensor]) -> torch.Tensor:
+    """One sample's image tensor from its images' (Idefics3's per-sample image axis: concatenated
+    there, each padded to the largest height and width, as its processor pads within a sample)."""
+    if len(parts) == 1:
+        return parts[0]
+    if parts[0].ndim != PER_SAMPLE_IMAGE_KEYS.get(key):
+        return torch.cat(parts)
+    h, w = max(p.shape[-2] for p in parts), max(p.shape[-1] for p in parts)
+    return torch.cat([torch.nn.functional.pad(p, (0, w - p.shape[-1], 0, h - p.shape[-2])) for p in parts], dim=1)
+
+
+def _blocks_by_image(sid: str, blocks: list[tuple[int, int, int]], n_images: int) -> list[list[tuple[int, int]]]:
+    """The stored (start, length) blocks grouped by image, images in order ([tiled image note])."""
+    groups: list[list[tuple[int, int]]] = []
+    for image, start, n in blocks:
+        if image == len(groups):
+            groups.append([])
+        elif image != len(groups) - 1:
+            raise StoreFormatError(f"sample {sid!r}: stored visual blocks are not in image order (image {image} "
+                                   f"after image {len(groups) - 1})")
+        if groups[-1] and start < groups[-1][-1][0] + groups[-1][-1][1]:
+            raise StoreFormatError(f"sample {sid!r}: stored visual blocks of image {image} overlap")
+        groups[-1].append((start, n))
+    if len(groups) != n_images:
+        raise StoreFormatError(f"sample {sid!r}: the store has visual blocks for {len(groups)} image(s), the "
+                               f"sample has {n_images} image(s)")
+    return groups
+
+
+def _stored_layout(teacher: SampleSignals) -> tuple[list[tuple[int, int, int]], list[tuple[list, list]]]:
+    """(image index, start, length) of each stored visual block and (instruction, response) of each
+    stored turn; refuses, naming the sample and the key, when the index lacks them."""
     sid = teacher.sample_id
     try:
-        blocks = [(int(b["start"]), int(b["length"])) for b in teacher.visual_blocks]
+        blocks = [(int(b["image_index"]), int(b["start"]), int(b["length"])) for b in teacher.visual_blocks]
         turns = [(t["instruction"], t["response"]) for t in teacher.turns]
     except (KeyError, TypeError) as e:
         raise StoreFormatError(
