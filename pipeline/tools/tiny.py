@@ -370,17 +370,17 @@ def _tile_vision(spec: TinySpec) -> tuple[int, int]:
     return vit_patch, factor
 
 
-def build_idefics3(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
-    vit_patch, factor = _tile_vision(spec)
+def _tile_configs(spec: TinySpec, tok: PreTrainedTokenizerFast, text_model: str, vit_patch: int) -> tuple[dict, dict]:
+    """(text config, vision config) of a tiled family: a ``text_model`` decoder and a ViT over TILE-px tiles."""
     text = dict(
-        model_type="llama",
+        model_type=text_model,
         hidden_size=spec.hidden,
         intermediate_size=spec.intermediate,
         num_hidden_layers=spec.layers,
         num_attention_heads=spec.heads,
         num_key_value_heads=spec.kv_heads,
         max_position_embeddings=spec.max_positions,
-        **_text_ids(tok),
+        **_text_ids(tok, spec.padded_rows),
     )
     vision = dict(
         hidden_size=spec.vision_hidden,
@@ -390,6 +390,12 @@ def build_idefics3(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
         image_size=TILE,
         patch_size=vit_patch,
     )
+    return text, vision
+
+
+def build_idefics3(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
+    vit_patch, factor = _tile_vision(spec)
+    text, vision = _tile_configs(spec, tok, "llama", vit_patch)
     config = Idefics3Config(
         text_config=text,
         vision_config=vision,
@@ -414,24 +420,7 @@ def build_idefics3(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
 
 def build_internvl(spec: TinySpec, tok: PreTrainedTokenizerFast, seed: int = 0):
     vit_patch, factor = _tile_vision(spec)
-    text = dict(
-        model_type="qwen2",
-        hidden_size=spec.hidden,
-        intermediate_size=spec.intermediate,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        max_position_embeddings=spec.max_positions,
-        **_text_ids(tok),
-    )
-    vision = dict(
-        hidden_size=spec.vision_hidden,
-        intermediate_size=2 * spec.vision_hidden,
-        num_hidden_layers=spec.vision_layers,
-        num_attention_heads=spec.vision_heads,
-        image_size=TILE,
-        patch_size=vit_patch,
-    )
+    text, vision = _tile_configs(spec, tok, "qwen2", vit_patch)
     per_tile = (TILE // vit_patch // factor) ** 2
     config = InternVLConfig(
         text_config=text,
