@@ -12,8 +12,9 @@ What is *not* compared, on purpose:
 * the embedding matrix size: padded rows (e.g. 152064 vs 151936) are a property of the model, not
   of the tokenizer (``tokenizer_fingerprint`` hashes vocabulary, merges and special tokens only);
   what matters is that every stored id is a real token of the student (`check_ids_in_vocab`);
-* the image processor: a student may see fewer visual tokens; its geometry is checked per sample
-  in ``stage2_student.data.remap`` (integer pooling of the teacher's grid, or refused naming both grids).
+* the image processor: a student may see the image on another grid; its geometry is mapped per
+  sample in ``stage2_student.data.remap`` (any grid by overlap area; another tiling is refused
+  naming both layouts).
 
 Temperature is fixed at dump time: training at another one is refused, never approximated.
 """

@@ -239,6 +239,15 @@ class Manifest(dict):
         return None if table is None else {int(k): float(v) for k, v in table.items()}
 
     @property
+    def turns_with_images(self) -> int:
+        return int(self.value("saliency", "turns_with_images"))
+
+    @property
+    def turns_without_map(self) -> int:
+        """Turns of samples with images that cannot see a visual token: no saliency map, no IVA weight."""
+        return int(self.value("saliency", "turns_without_map"))
+
+    @property
     def signal_bytes(self) -> dict:
         return dict(self.get("signal_bytes") or {})
 

@@ -84,11 +84,17 @@ def signal_bytes(store: Path) -> dict:
     return out
 
 
+def sees_image(instruction: list[int], first_visual: int | None) -> bool:
+    """Can a turn with these instruction positions see a visual token (one before it, causally),
+    given the sample's first visual position (None: no image)? A turn that cannot has no saliency
+    map (DESIGN.md §3.2): an all-zero row, no IVA weight. The one rule; the probe and the checks use it."""
+    return bool(instruction) and first_visual is not None and max(instruction) > first_visual
+
+
 def turn_sees_image(instruction: list[int], visual_blocks: list[dict]) -> bool:
-    """Can a turn with these instruction positions see a visual token (one before it, causally)?
-    A turn that cannot has no saliency map (DESIGN.md §3.2): an all-zero row, no IVA weight."""
+    """:func:`sees_image` from a sample's stored ``visual_blocks`` meta."""
     starts = [int(b["start"]) for b in visual_blocks if int(b["length"]) > 0]
-    return bool(instruction) and bool(starts) and max(instruction) > min(starts)
+    return sees_image(instruction, min(starts) if starts else None)
 
 
 def saliency_coverage(store: Path) -> dict:

@@ -91,6 +91,12 @@ def store_settings(cfg: DumpConfig, teacher: ModelIdentity, processor) -> dict:
     }
 
 
+def _own_file(name: str) -> bool:
+    """A file a run of this job leaves in a directory before it is a store: the run's own lock, the
+    temporary of an interrupted atomic write of dump.json, a write probe."""
+    return name == LOCK_NAME or (name.startswith(f".{SETTINGS_FILE}.") and name.endswith(".tmp")) or name.startswith(".write-probe-")
+
+
 def check_or_claim_store(store: Path, settings: dict) -> None:
     """Write the settings to a new store, or check them against an existing one.
 
@@ -115,7 +121,7 @@ def check_or_claim_store(store: Path, settings: dict) -> None:
         log.warning("%s holds the settings of a run that wrote no shard; replacing them:\n  %s", path, "\n  ".join(diff))
         with writing(f"output.dir {store}"):
             (store / CALIBRATION_FILE).unlink(missing_ok=True)
-    elif store.exists() and any(p.name != LOCK_NAME for p in store.iterdir()):  # the run's own lock
+    elif store.exists() and any(not _own_file(p.name) for p in store.iterdir()):
         raise StoreMismatchError(f"{store} exists, is not empty and is not a teacher store (no {SETTINGS_FILE})")
     with writing(f"output.dir {store}"):
         store.mkdir(parents=True, exist_ok=True)
@@ -231,8 +237,8 @@ def print_summary(store: Path, manifest: Manifest, stats: dict, wall: float) -> 
         f"  samples skipped  {manifest.n_skipped} {manifest.skipped_reasons or ''}",
         f"  response tokens  {stats['response_tokens']}",
         f"  saliency layers  {manifest.saliency_layers}",
-        f"  turns without a saliency map  {manifest['saliency']['turns_without_map']} of "
-        f"{manifest['saliency']['turns_with_images']} with images (the image comes after the question: no IVA weight)",
+        f"  turns without a saliency map  {manifest.turns_without_map} of {manifest.turns_with_images} "
+        "with images (the image comes after the question: no IVA weight)",
         "  bytes per response token:",
     ]
     for g, v in stats.items():

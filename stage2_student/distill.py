@@ -258,8 +258,7 @@ def run(cfg: DistillConfig) -> dict:
 
 def _run(cfg: DistillConfig) -> dict:
     t0 = time.time()
-    run_dir = Path(cfg.output.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = Path(cfg.output.dir)  # made by rank 0's output lock; other ranks write only past the barrier
     # The store is opened once: format version and checksums here, compatibility with the student
     # once it is loaded (its chat template may come from the store).
     reader = open_store(cfg.store.dir, verify_checksums=cfg.store.verify_checksums,

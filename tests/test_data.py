@@ -275,3 +275,29 @@ def test_limit_and_config_validation(tmp_path):
         DataConfig(path="x.json", max_length=0)
     with pytest.raises(ConfigError, match="limit"):
         DataConfig(path="x.json", limit=0)
+
+
+def test_dataset_image_bytes_that_are_no_image_cost_one_record(tmp_path):
+    """Image bytes inside a dataset row (a Hugging Face `Image` column) are checked per record: bytes
+    that are no image, or too many, make that record's error, never the whole read's; a lazily
+    decoded image that turns out truncated fails its own load as corrupt_image."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data.records import CORRUPT_IMAGE, IMAGE_TOO_LARGE, ImagePolicy, _record_from_hf
+
+    conv = [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"}]
+    with pytest.raises(SampleError) as bad:
+        _record_from_hf({"id": "x", "conversations": conv, "image": {"bytes": b"not an image"}}, 0, tmp_path, "d:0")
+    assert bad.value.reason == CORRUPT_IMAGE and "d:0" in bad.value.detail
+    with pytest.raises(SampleError) as big:
+        _record_from_hf({"id": "y", "conversations": conv, "image": {"bytes": b"\0" * 64}}, 1, tmp_path, "d:1",
+                        ImagePolicy(max_image_bytes=32))
+    assert big.value.reason == IMAGE_TOO_LARGE
+    png = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(png, format="PNG")
+    truncated = _record_from_hf({"id": "z", "conversations": conv, "image": {"bytes": png.getvalue()[:400]}}, 2, tmp_path, "d:2")
+    with pytest.raises(SampleError) as cut:
+        truncated.load()
+    assert cut.value.reason == CORRUPT_IMAGE and cut.value.sample_id == "z"

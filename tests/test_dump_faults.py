@@ -366,3 +366,19 @@ def test_sigterm_shuts_ray_down(tmp_path, teacher_dir):
     while left() and time.time() < deadline:
         time.sleep(0.5)
     assert left() == []
+
+
+def test_the_leftovers_of_an_interrupted_claim_do_not_block_the_store(tmp_path, teacher_dir, data):
+    """A run killed while it wrote dump.json leaves the atomic write's temporary (and perhaps its
+    lock file and write probe): the directory is still its own, not "not a teacher store"."""
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / ".dump.json.4242.deadbeef.tmp").write_text("{")
+    (out / ".write-probe-4242").write_bytes(b"")
+    (out / ".pipeline.lock").write_text('{"job": "teacher-dump", "pid": 4242, "host": "gone"}\n')
+    manifest = run(dump_config(teacher_dir, data, out, **{"signals.saliency_layers": [0]}))
+    assert manifest.n_samples > 0 and verify(out) == []
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(StoreMismatchError, match="is not empty and is not a teacher store"):
+        run(dump_config(teacher_dir, data, tmp_path / "other"))

@@ -142,9 +142,12 @@ class Record:
         for i, src in enumerate(self.images):
             if isinstance(src, Image.Image):
                 self._check_pixels(i, src.size, "(in-memory image)")
-                h = hashlib.sha256(f"{src.mode}{src.size}".encode())
-                h.update(src.tobytes())
-                images.append(_to_rgb(src))
+                try:  # a lazily decoded image (a dataset's bytes) may be truncated or not an image
+                    h = hashlib.sha256(f"{src.mode}{src.size}".encode())
+                    h.update(src.tobytes())
+                    images.append(_to_rgb(src))
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise SampleError(self.sample_id, CORRUPT_IMAGE, f"image {i} (in-memory) unreadable: {e}") from e
                 hashes.append(h.hexdigest())
                 continue
             data = self._read_image_file(i, src)
@@ -333,7 +336,13 @@ def _record_from_hf(row: dict, index: int, image_root: Path, origin: str, policy
             if isinstance(v, Image.Image):
                 images.append(v)
             elif isinstance(v, dict) and v.get("bytes") is not None:
-                images.append(Image.open(io.BytesIO(v["bytes"])))
+                if len(v["bytes"]) > policy.max_image_bytes:
+                    raise SampleError(sample_id, IMAGE_TOO_LARGE, f"image {len(images)}: {len(v['bytes'])} bytes in "
+                                      f"{origin} > data.max_image_bytes {policy.max_image_bytes}")
+                try:  # only the header is read here; Record.load decodes under its checks
+                    images.append(Image.open(io.BytesIO(v["bytes"])))
+                except (OSError, SyntaxError, ValueError) as e:
+                    raise SampleError(sample_id, CORRUPT_IMAGE, f"image {len(images)} in {origin} unreadable: {e}") from e
             elif isinstance(v, dict) and v.get("path"):
                 images.append(image_root / v["path"])
             elif isinstance(v, str) and v:

@@ -44,6 +44,8 @@ from transformers import AttentionInterface, AttentionMaskInterface, PreTrainedM
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import sdpa_mask
 
+from schemas.signals import sees_image
+
 PROBE_ATTENTION = "alignti_probe"
 
 
@@ -263,10 +265,8 @@ def turn_saliency(block: torch.Tensor, turn_rows: Sequence[torch.Tensor]) -> tor
 def turns_see_image(rows: torch.Tensor, cols: torch.Tensor, turn_rows: Sequence[torch.Tensor]) -> list[bool]:
     """Per turn: can any of its instruction tokens attend to a visual token (one before it)? The
     turns for which ``turn_saliency`` can give a map; from positions alone, so equal for every layer."""
-    if len(cols) == 0:
-        return [False] * len(turn_rows)
-    first_visual = int(cols.min())
-    return [len(idx) > 0 and int(rows[torch.as_tensor(idx, dtype=torch.long)].max()) > first_visual for idx in turn_rows]
+    first_visual = int(cols.min()) if len(cols) else None
+    return [sees_image(rows[torch.as_tensor(idx, dtype=torch.long)].tolist(), first_visual) for idx in turn_rows]
 
 
 class IrsItem(NamedTuple):

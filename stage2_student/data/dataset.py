@@ -182,7 +182,7 @@ class StoreDataset(IterableDataset):
     def _read_records(self, reader: StoreReader, data_path, image_root, split) -> dict[str, Record]:
         dataset = self.manifest.dataset
         if data_path is None:
-            data_path, limit = dataset["path"], dataset.get("limit")
+            data_path, limit = self.manifest.value("dataset", "path"), dataset.get("limit")
             image_root = dataset.get("image_root") if image_root is None else image_root
         else:
             limit = None

@@ -1,8 +1,10 @@
 """Teacher positions -> student positions: one sample's teacher signals on the student's sequence.
 
 :func:`remap` moves one sample's teacher signals onto the student's own encoding of the same
-conversation, through the segment spans (text tokens one-to-one, image blocks block to block,
-integer pooling of the visual grid allowed; see ``[geometry note] A student image block of grid ``(r, c)`` covers the same picture as the teacher's
+conversation, through the segment spans (text tokens one-to-one, image blocks block to block, any
+student grid mapped by overlap area; see ``[geometry note]``), giving its :class:`StudentTargets`.
+
+[geometry note] A student image block of grid ``(r, c)`` covers the same picture as the teacher's
 block of grid ``(R, C)``. On each axis, student cell ``i`` spans ``[i·R/r, (i+1)·R/r)`` in teacher-cell
 units, so it overlaps teacher cell ``a`` over a length ``A[i, a]`` (``_axis_overlap``; every teacher
 cell's length 1 is shared out among the student cells, so each column of ``A`` sums to 1); the area
