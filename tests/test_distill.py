@@ -164,6 +164,24 @@ sys.exit(main(["run", "distill", "--config", sys.argv[1]]))
 """
 
 
+def sigkill_during_step(cfg_path: Path, step: int, ready: Path) -> subprocess.Popen:
+    """Run ``pipeline run distill --config cfg_path`` in a process of its own session, wait until it
+    blocks inside step ``step`` (it writes ``ready``), SIGKILL its session, and return the process."""
+    proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_CHILD, str(cfg_path), str(step), str(ready)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 180
+        while not ready.exists():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.time() < deadline, f"the run never reached step {step}"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc
+
+
 def test_sigkilled_run_resumes_to_the_same_losses(llava_store, tmp_path):
     """A real SIGKILL of a `pipeline run distill` process during step 5 (after the step-4
     checkpoint), then `pipeline run distill` again: every logged loss equals the uninterrupted run's."""
@@ -177,19 +195,7 @@ def test_sigkilled_run_resumes_to_the_same_losses(llava_store, tmp_path):
     killed = tmp_path / "killed"
     cfg_path = tmp_path / "distill.yaml"
     save_config(distill_config(llava_store, killed, {"path": str(student_dir)}, **over), cfg_path)
-    ready = tmp_path / "blocked"
-    proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_CHILD, str(cfg_path), "5", str(ready)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the run never reached step 5"
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    proc = sigkill_during_step(cfg_path, 5, tmp_path / "blocked")
     assert proc.returncode == -signal.SIGKILL
     assert (killed / "checkpoints" / "latest").read_text() == "step-000004"
     assert not (killed / "final").exists()
@@ -230,19 +236,7 @@ def test_sigkilled_before_the_first_checkpoint_restarts_with_a_clean_log(llava_s
     killed = tmp_path / "killed"
     cfg_path = tmp_path / "distill.yaml"
     save_config(distill_config(llava_store, killed, {"path": str(student_dir)}, **over), cfg_path)
-    ready = tmp_path / "blocked"
-    proc = subprocess.Popen([sys.executable, "-c", _BLOCKING_CHILD, str(cfg_path), "3", str(ready)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
-    try:
-        deadline = time.time() + 180
-        while not ready.exists():
-            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
-            assert time.time() < deadline, "the run never reached step 3"
-            time.sleep(0.1)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    sigkill_during_step(cfg_path, 3, tmp_path / "blocked")
     assert not (killed / "checkpoints" / "latest").exists()
     assert [r["step"] for r in losses(killed)] == [1, 2]
 
