@@ -14,7 +14,8 @@ from pipeline.config import from_dict
 from pipeline.data.encode import IGNORE_INDEX
 from pipeline.tools.tiny import build_tiny_vlm
 from pipeline.modeling.branches import forward_with_branches
-from pipeline.modeling.logits import logits_at
+from pipeline.errors import PipelineError
+from pipeline.modeling.logits import hidden_at, logits_at, output_head
 from stage1_teacher.dump import run as dump
 from stage2_student import losses as L
 from stage2_student.config import DistillConfig
@@ -95,6 +96,31 @@ def test_the_forward_computes_only_the_read_rows(batches):
     assert len(b) < batch.labels.numel() // 4  # the point: most positions are read by no loss
     full = model(**batch.model_inputs).logits
     torch.testing.assert_close(out[0], full[b, t], rtol=1e-4, atol=1e-5)
+
+
+def test_hidden_at_gives_the_rows_whose_head_product_is_the_logits(batches):
+    model, data = batches
+    batch = data[0]
+    b, t = (batch.labels[:, 1:] != IGNORE_INDEX).nonzero(as_tuple=True)
+    with hidden_at(model, b, t) as hidden:
+        out = model(**causal_inputs(batch.model_inputs)).logits
+    assert out.shape[1] == 0  # the head ran on no row
+    weight, bias = output_head(model)
+    logits = torch.nn.functional.linear(hidden.rows, weight, bias)
+    full = model(**batch.model_inputs).logits
+    torch.testing.assert_close(logits, full[b, t], rtol=1e-4, atol=1e-5)
+    assert hidden.rows.requires_grad  # the graph goes on to the caller's head
+
+
+def test_output_head_refuses_a_model_that_transforms_its_logits(batches):
+    model, _ = batches
+    text = model.config.get_text_config()
+    text.final_logit_softcapping = 30.0
+    try:
+        with pytest.raises(PipelineError, match="final_logit_softcapping=30.0"):
+            output_head(model)
+    finally:
+        text.final_logit_softcapping = None
 
 
 def test_branch_forward_with_seq_rows_matches_the_full_one(batches):
