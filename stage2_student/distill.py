@@ -9,7 +9,7 @@ the data position; a resumed run sees the same batches and reproduces the same l
 
 Under torchrun or accelerate launch (DDP), N processes at batch B train as one process at batch
 N·B: each step's N·B samples are split between the processes ([order note], ``pad_ranks``), every
-loss term is normalised over all of them (:func:`global_loss`, [ddp note] in ``losses``), and
+loss term is normalised over all of them (:func:`global_scales`, [ddp note] in ``losses``), and
 process 0 alone writes logs, checkpoints and ``final/``.
 """
 
@@ -36,7 +36,7 @@ from pipeline.locks import launch_rank, output_lock
 from pipeline.logs import progress
 from schemas.io import fingerprint
 from pipeline.modeling.branches import forward_with_branches
-from pipeline.modeling.logits import logits_at, real_vocab_size
+from pipeline.modeling.logits import hidden_at, output_head, real_vocab_size
 from pipeline.modeling.probe import capture
 from stage2_student import losses as L
 from stage2_student.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -151,103 +151,128 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
                    accelerator: Accelerator | None = None, vocab_size: int | None = None) -> tuple[torch.Tensor, dict[str, float]]:
     """One micro-batch: one student forward (sequence + TPA branch rows), every active loss term.
 
-    The head runs only at the pairs the terms read (and the TPA branch rows); a forward without
+    The forward yields final hidden states at the rows the terms read (and the TPA branch rows);
+    the output head and the sparse terms then run together in row chunks
+    (``losses.fused_head_loss``: no ``[N, V]`` logits tensor is ever whole). A forward without
     branch rows runs under the causal mask alone (``stage2_student.forward``).
 
     With ``accelerator``, this micro-batch is this process's share of a global one (one per process,
     [ddp note]): the loss returned is this share's part of the global batch's loss, so that DDP's
     mean of the gradients over processes is the gradient of the global batch's loss, and the log is
     the global batch's (every process returns the same). ``vocab_size``: the real tokens; the
-    logits' padded columns above it are cut off before every loss, so the student's distributions
-    have the teacher's support (DESIGN.md §3.1; None: every column)."""
+    head's padded rows above it are no column of any distribution, so the student's distributions
+    have the teacher's support (DESIGN.md §3.1; None: every row)."""
     lc = cfg.loss
     inputs = batch.model_inputs
     tpa = batch.tpa if lc.tpa > 0 else None
+    ids = inputs["input_ids"]
+    pairs = loss_pairs(batch, cfg)
+    b, t, index = row_index(list(pairs.values()), tuple(ids.shape), ids.device)
+    rows = SequenceLogits(torch.arange(len(b), device=ids.device), index)  # pair -> its hidden row
+
+    # Each term as a row term on the hidden rows, with the rows or groups its mean divides by.
+    terms: dict[str, tuple[L.RowTerm, torch.Tensor]] = {}
+    counts: dict[str, int] = {}  # [ddp note]
+    kw = dict(divergence=lc.divergence, beta=lc.beta, alpha=lc.alpha)
+    if lc.sft > 0:
+        sb, st = pairs["sft"]
+        labels = batch.labels[sb, st + 1]
+        terms["sft"] = (L.sft_term(labels), rows.at(sb, st))
+        counts["sft"] = L.sft_count(labels)
+    if lc.kd > 0:
+        kd = batch.kd
+        if lc.target == "sampled":
+            terms["kd"] = (L.sampled_kd_term(kd.sampled_ids, kd.sampled_counts), rows.at(*pairs["kd"]))
+            counts["kd"] = L.sampled_kd_count(kd.sampled_ids, kd.sampled_counts)
+        else:
+            terms["kd"] = (L.kd_term(kd.ids, kd.logprobs, **kw), rows.at(*pairs["kd"]))
+            counts["kd"] = L.kd_count(kd.ids)
+    if lc.iva > 0:
+        iva = batch.iva
+        terms["iva"] = (L.iva_term(iva.ids, iva.logprobs, iva.weights, group=iva.batch, **kw), rows.at(*pairs["iva"]))
+        counts["iva"] = L.iva_count(iva.ids, iva.weights, iva.batch)
+    with_branches = tpa is not None and tpa.branch_pos.numel() > 0
+    if tpa is not None:
+        counts["tpa"] = L.tpa_count(tpa.ids, tpa.candidate_logprob, tpa.group) if with_branches else 0
+
     attn = None
     probe = (
         capture(getattr(model, "module", model), [attn_layer], batch.saliency.rows, batch.saliency.cols)
         if lc.iva_attention > 0
         else contextlib.nullcontext()
     )
-    ids = inputs["input_ids"]
-    pairs = loss_pairs(batch, cfg)
-    b, t, index = row_index(list(pairs.values()), tuple(ids.shape), ids.device)
-    branch_logits = None
     with probe as p:
-        if tpa is not None and tpa.branch_pos.numel():
-            head_rows, branch_logits = forward_with_branches(model, inputs, tpa.branch_pos, tpa.branch_tok, seq_rows=(b, t))
+        if with_branches:
+            seq_hidden, branch_hidden = forward_with_branches(
+                model, inputs, tpa.branch_pos, tpa.branch_tok, seq_rows=(b, t), hidden=True)
+            branch_hidden = branch_hidden[tpa.batch, tpa.row]
+            terms["tpa"] = (L.tpa_term(tpa.ids, tpa.logprobs, tpa.candidate_logprob, tpa.group, **kw),
+                            len(b) + torch.arange(len(tpa.batch), device=ids.device))
+            hidden = torch.cat([seq_hidden, branch_hidden])
         else:
-            with logits_at(model, b, t):
-                head_rows = model(**causal_inputs(inputs)).logits[0]
+            with hidden_at(model, b, t) as captured:
+                model(**causal_inputs(inputs))
+            hidden = captured.rows
         if p is not None:
             attn = [p.block(i) for i in range(ids.shape[0])]
-    if vocab_size is not None:
-        head_rows = head_rows[..., :vocab_size]
-        branch_logits = None if branch_logits is None else branch_logits[..., :vocab_size]
-    logits = SequenceLogits(head_rows, index)
-
-    terms: dict[str, torch.Tensor | None] = {"sft": None, "kd": None, "iva": None, "tpa": None, "iva_attention": None}
-    counts: dict[str, int] = {}  # the rows or groups each term's mean divides by ([ddp note])
-    if lc.sft > 0:
-        b, t = pairs["sft"]
-        terms["sft"] = L.sft_loss(logits.at(b, t), batch.labels[b, t + 1])
-        counts["sft"] = L.sft_count(batch.labels[b, t + 1])
-    kw = dict(divergence=lc.divergence, beta=lc.beta, alpha=lc.alpha)
-    if lc.kd > 0:
-        kd = batch.kd
-        rows = logits.at(*pairs["kd"])
-        if lc.target == "sampled":
-            terms["kd"] = L.sampled_kd_loss(rows, kd.sampled_ids, kd.sampled_counts)
-            counts["kd"] = L.sampled_kd_count(kd.sampled_ids, kd.sampled_counts)
-        else:
-            terms["kd"] = L.kd_loss(rows, kd.ids, kd.logprobs, **kw)
-            counts["kd"] = L.kd_count(kd.ids)
-    if lc.iva > 0:
-        iva = batch.iva
-        rows = logits.at(*pairs["iva"])
-        terms["iva"] = L.iva_loss(rows, iva.ids, iva.logprobs, iva.weights, group=iva.batch, **kw)
-        counts["iva"] = L.iva_count(iva.ids, iva.weights, iva.batch)
-    if tpa is not None:
-        if branch_logits is None:
-            terms["tpa"] = head_rows.sum() * 0.0  # no branch rows in this batch
-            counts["tpa"] = 0
-        else:
-            rows = branch_logits[tpa.batch, tpa.row]
-            terms["tpa"] = L.tpa_loss(rows, tpa.ids, tpa.logprobs, tpa.candidate_logprob, tpa.group, **kw)
-            counts["tpa"] = L.tpa_count(tpa.ids, tpa.candidate_logprob, tpa.group)
+    attention = None
     if attn is not None:
-        terms["iva_attention"], counts["iva_attention"] = attention_term(attn, batch.saliency, head_rows)
+        attention, counts["iva_attention"] = attention_term(attn, batch.saliency, hidden)
+
     weights = {"sft": lc.sft, "kd": lc.kd, "iva": lc.iva, "tpa": lc.tpa, "iva_attention": lc.iva_attention}
+    active = [k for k, w in weights.items() if w > 0]
+    if not active:
+        raise ValueError(f"every loss weight is zero: {weights}")
     if accelerator is None:
-        return L.total_loss(terms, weights)
-    if batch.filler:  # a rank's stand-in at an epoch's end (StoreDataset pad_ranks): it weighs nothing
-        counts = dict.fromkeys(counts, 0)
-    return global_loss(terms, counts, weights, accelerator)
+        scales = {k: weights[k] for k in active}
+    else:
+        if batch.filler:  # a rank's stand-in at an epoch's end (StoreDataset pad_ranks): it weighs nothing
+            counts = dict.fromkeys(counts, 0)
+        scales, global_counts = global_scales(counts, weights, accelerator)
+    head = [k for k in active if k in terms]
+    weight, bias = output_head(model)
+    loss, values = L.fused_head_loss(hidden, weight, bias, [L.HeadTerm(*terms[k], scales[k]) for k in head], vocab_size)
+    local = {k: float(v) for k, v in zip(head, values.tolist())}
+    local.update({k: 0.0 for k in active if k not in terms and k != "iva_attention"})  # a term without rows here
+    if attention is not None:
+        loss = loss + scales["iva_attention"] * attention
+        local["iva_attention"] = float(attention.detach())
+    if accelerator is None:
+        log = {k: local[k] for k in active}
+        log["total"] = sum(weights[k] * log[k] for k in active)
+        return loss, log
+    return loss, global_log(local, counts, global_counts, weights, accelerator)
 
 
-def global_loss(terms: dict[str, torch.Tensor | None], counts: dict[str, int], weights: dict[str, float],
-                accelerator: Accelerator) -> tuple[torch.Tensor, dict[str, float]]:
-    """This process's share of the loss of the global batch, and the global batch's log ([ddp note]).
+def global_scales(counts: dict[str, int], weights: dict[str, float],
+                  accelerator: Accelerator) -> tuple[dict[str, float], dict[str, float]]:
+    """Each active term's weight in this process's share of the global batch's loss, and the global
+    counts N_k ([ddp note]).
 
     Term k is a mean over this process's n_k rows; the global batch's is sum_r n_k,r mean_k,r / N_k
     with N_k = sum_r n_k,r. DDP averages gradients over the W processes, so this process
-    contributes mean_k * n_k * W / N_k: the average of those is the global mean's gradient,
-    whatever the split (one process with the whole batch gets a factor of exactly 1). One
-    all-reduce per micro-batch carries the counts and the sums n_k mean_k for the log."""
+    contributes weight_k * mean_k * n_k * W / N_k: the average of those is the global mean's
+    gradient, whatever the split (one process with the whole batch gets a factor of exactly 1).
+    The counts depend on the batch alone, so one all-reduce before the forward gives them."""
     names = [k for k, w in weights.items() if w > 0]
-    local = torch.tensor([float(counts[k]) for k in names] + [counts[k] * float(terms[k].detach()) for k in names],
-                         dtype=torch.float64)
+    local = torch.tensor([float(counts[k]) for k in names], dtype=torch.float64)
     total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
     world = accelerator.num_processes
-    scaled, log = {}, {}
-    for i, k in enumerate(names):
-        n_all, sum_all = float(total[i]), float(total[len(names) + i])
-        # A term no process has rows for is 0 everywhere (masks are safe when empty): weigh it 0.
-        scaled[k] = terms[k] * (counts[k] * world / n_all if n_all > 0 else 0.0)
-        log[k] = sum_all / n_all if n_all > 0 else 0.0
-    loss, _ = L.total_loss(scaled, weights)
+    n_all = {k: float(total[i]) for i, k in enumerate(names)}
+    # A term no process has rows for is 0 everywhere (masks are safe when empty): weigh it 0.
+    scales = {k: weights[k] * (counts[k] * world / n_all[k] if n_all[k] > 0 else 0.0) for k in names}
+    return scales, n_all
+
+
+def global_log(values: dict[str, float], counts: dict[str, int], n_all: dict[str, float],
+               weights: dict[str, float], accelerator: Accelerator) -> dict[str, float]:
+    """The global batch's per-term values (sum_r n_k,r mean_k,r / N_k) and total: one all-reduce."""
+    names = [k for k, w in weights.items() if w > 0]
+    local = torch.tensor([counts[k] * values[k] for k in names], dtype=torch.float64)
+    total = accelerator.reduce(local.to(accelerator.device), reduction="sum").cpu()
+    log = {k: float(total[i]) / n_all[k] if n_all[k] > 0 else 0.0 for i, k in enumerate(names)}
     log["total"] = sum(weights[k] * log[k] for k in names)
-    return loss, log
+    return log
 
 
 def run(cfg: DistillConfig) -> dict:

@@ -8,8 +8,12 @@ Two savings on ``distill``'s forward, neither of which changes a loss or a gradi
   TPA its branch rows). In a multi-turn sample with an image most positions (image, instructions,
   template) are read by none, and with a real vocabulary that tensor dominates the activation
   memory (2048 positions × 152k entries in fp32 is 1.2 GB per sample, and its gradient as much
-  again). :func:`row_index` lists the distinct read pairs, ``pipeline.modeling.logits.logits_at`` makes
-  the head run on those alone, :class:`SequenceLogits` finds each term's rows among them.
+  again). :func:`row_index` lists the distinct read pairs, ``pipeline.modeling.logits.hidden_at``
+  captures the final hidden states there (the model's own head runs on no row), and
+  :class:`SequenceLogits` finds each term's rows among them. The head itself is then applied with
+  the losses, chunk by chunk (``stage2_student.losses.fused_head_loss``), so not even the read rows'
+  ``[N, V]`` logits exist at once: ~1,400 read rows of a 2,048-token sample at a 152k vocabulary
+  would be 0.85 GB in fp32, and as much again for their gradient.
 * **No padding mask for right-padded batches** (the forward without branch rows). With right
   padding, the keys a real token may see under the causal mask are real tokens already; the
   padding mask changes only the outputs of pad queries, which no loss reads. Passing it makes

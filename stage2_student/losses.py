@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -163,7 +164,12 @@ def bucket_logprobs(
             f"shape mismatch: student_logits {tuple(student_logits.shape)}, ids {tuple(ids.shape)}, "
             f"teacher_logprobs {tuple(teacher_logprobs.shape)} (expected [N, V], [N, k], [N, k])"
         )
-    s_k, valid_k = _student_logprobs_at(student_logits, ids)
+    return _buckets(*_student_logprobs_at(student_logits, ids), teacher_logprobs)
+
+
+def _buckets(s_k: Tensor, valid_k: Tensor, teacher_logprobs: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """`bucket_logprobs` from the student's log-probs at the ids (``s_k`` [N, k], -inf at padded
+    slots) instead of its logits: all the bucket losses need of the student."""
     t_k = torch.where(valid_k, teacher_logprobs.detach().to(s_k.dtype), _NEG_INF)
     t_logp = torch.cat([t_k, tail_logprob(t_k).unsqueeze(-1)], dim=-1)
     s_logp = torch.cat([s_k, tail_logprob(s_k).unsqueeze(-1)], dim=-1)
@@ -305,19 +311,17 @@ def divergence(
     return _divergence_fn(name)(t_logp, s_logp, valid, beta, alpha)
 
 
-def _rows(
-    student_logits: Tensor,
+def _rows_from(
+    s_k: Tensor,
     ids: Tensor,
     teacher_logprobs: Tensor,
     name: str,
     beta: float,
     alpha: float,
-) -> tuple[Tensor, Tensor]:
-    """Per-row divergence [N] and row validity [N] (a row with no stored id is padding)."""
-    _divergence_fn(name)  # fail on a bad name before any work
-    t_logp, s_logp, valid = bucket_logprobs(student_logits, ids, teacher_logprobs)
-    values = divergence(name, t_logp, s_logp, valid, beta=beta, alpha=alpha)
-    return values, valid[:, :-1].any(-1)
+) -> Tensor:
+    """Per-row divergence [N] from the student's log-probs at ``ids`` (``s_k`` [N, k])."""
+    t_logp, s_logp, valid = _buckets(s_k, ids >= 0, teacher_logprobs)
+    return divergence(name, t_logp, s_logp, valid, beta=beta, alpha=alpha)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -358,13 +362,21 @@ def sampled_forward_kl(
             f"shape mismatch: student_logits {tuple(student_logits.shape)}, ids {tuple(ids.shape)}, "
             f"counts {tuple(counts.shape)} (expected [N, V], [N, m], [N, m])"
         )
-    s_logp, valid = _student_logprobs_at(student_logits, ids)
-    counts = torch.where(valid, counts.to(s_logp.dtype), 0.0)
+    s_logp, _ = _student_logprobs_at(student_logits, ids)
+    return _sampled_rows(s_logp, ids, _draws_per_row(ids, counts, n_draws), counts)
+
+
+def _draws_per_row(ids: Tensor, counts: Tensor, n_draws: Tensor | int | None) -> Tensor:
+    """[N] draws of each row: ``n_draws`` broadcast, or the row's counts summed over its valid slots."""
     if n_draws is None:
-        n = counts.sum(-1)
-    else:
-        n = torch.as_tensor(n_draws, dtype=s_logp.dtype, device=s_logp.device).expand(ids.shape[0])
-    q = counts / n.clamp_min(1).unsqueeze(-1)
+        return torch.where(ids >= 0, counts, 0).sum(-1)
+    return torch.as_tensor(n_draws, device=ids.device).expand(ids.shape[0])
+
+
+def _sampled_rows(s_logp: Tensor, ids: Tensor, n: Tensor, counts: Tensor) -> Tensor:
+    """`sampled_forward_kl` per row from the student's log-probs at ``ids`` (``s_logp`` [N, m])."""
+    counts = torch.where(ids >= 0, counts.to(s_logp.dtype), 0.0)
+    q = counts / n.to(s_logp.dtype).clamp_min(1).unsqueeze(-1)
     q_logp = torch.where(q > 0, q.log(), _NEG_INF)
     return _kl_terms(q_logp, s_logp).sum(-1)
 
@@ -373,8 +385,7 @@ def sampled_kd_loss(
     student_logits: Tensor, ids: Tensor, counts: Tensor, n_draws: Tensor | int | None = None
 ) -> Tensor:
     """Mean of `sampled_forward_kl` over rows with at least one draw (padding rows left out)."""
-    rows = sampled_forward_kl(student_logits, ids, counts, n_draws)
-    return masked_mean(rows, ((ids >= 0) & (counts > 0)).any(-1))
+    return sampled_kd_term(ids, counts, n_draws).of_logits(student_logits)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -414,8 +425,7 @@ def kd_loss(
     Returns:
         scalar; padding rows (all ids -1) are left out; 0 when no row remains.
     """
-    rows, row_valid = _rows(student_logits, ids, teacher_logprobs, divergence, beta, alpha)
-    return masked_mean(rows, row_valid)
+    return kd_term(ids, teacher_logprobs, divergence, beta, alpha).of_logits(student_logits)
 
 
 def iva_loss(
@@ -441,10 +451,7 @@ def iva_loss(
     Returns:
         scalar; samples with no valid row or zero total weight are left out; 0 when none remains.
     """
-    rows, row_valid = _rows(student_logits, ids, teacher_logprobs, divergence, beta, alpha)
-    w = torch.where(row_valid, weights.detach().to(rows.dtype), 0.0)
-    inverse, n_groups = _group_index(group, rows.shape[0], rows.device)
-    return _grouped_weighted_mean(rows, w, inverse, n_groups)
+    return iva_term(ids, teacher_logprobs, weights, group, divergence, beta, alpha).of_logits(student_logits)
 
 
 def tpa_loss(
@@ -474,14 +481,267 @@ def tpa_loss(
     Returns:
         scalar; 0 when no valid row.
     """
-    rows, row_valid = _rows(student_logits, ids, teacher_logprobs, divergence, beta, alpha)
-    logw = torch.where(row_valid, candidate_logprob.detach().to(rows.dtype), _NEG_INF)
-    # Shift by the group max before exp (normalised weights are unchanged; nothing underflows).
-    inverse, n_groups = _group_index(group, rows.shape[0], rows.device)
-    gmax = logw.new_full((n_groups,), _NEG_INF).scatter_reduce(0, inverse, logw, "amax")
-    shifted = logw - gmax[inverse]
-    w = torch.where(logw > _NEG_INF, shifted, _NEG_INF).exp()
-    return _grouped_weighted_mean(rows, w, inverse, n_groups)
+    return tpa_term(ids, teacher_logprobs, candidate_logprob, group, divergence, beta, alpha).of_logits(student_logits)
+
+
+# --------------------------------------------------------------------------------------------------
+# Row terms: every loss above as (per-row value of the student's log-probs at a few ids, reduction)
+# --------------------------------------------------------------------------------------------------
+# [row term note] Each sparse term reads the student only through log p_S(id) at the k ids of each
+# of its rows, and is a *linear* reduction (a masked or weighted mean, weights from the teacher) of
+# per-row values. So the loss is sum_r c_r v_r(s_r) with constants c_r, and its gradient with respect
+# to row r's logits needs row r alone: d/dz_r = c_r sum_i (dv_r/ds_ri)(e_{id_i} - softmax(z_r)).
+# `fused_head_loss` uses that to apply the output head in row chunks and take the gradient chunk by
+# chunk in the forward pass, so no [N, V] logits tensor exists at any time (the technique of fused
+# linear cross-entropy kernels, generalised to the bucket divergences). The functions above
+# (`kd_loss`, ...) are the same terms evaluated on given logits: one copy of each formula.
+
+
+@dataclass
+class RowTerm:
+    """One loss term as the fused head evaluates it.
+
+    ``ids`` [n, k]: the token ids each row reads (PAD_ID at padded slots). ``values(s_logp, sel)``:
+    the per-row values [m] of rows ``sel`` (an index tensor, or None for all rows) from the student's
+    log-probs at their ids (``s_logp`` [m, k], -inf at padded slots). ``reduce``: [n] -> scalar, linear
+    in its input (a mean whose weights do not depend on the student).
+    """
+
+    ids: Tensor
+    values: Callable[[Tensor, Tensor | None], Tensor]
+    reduce: Callable[[Tensor], Tensor]
+
+    def of_logits(self, student_logits: Tensor) -> Tensor:
+        """The term on given logits [n, V]."""
+        if student_logits.ndim != 2 or student_logits.shape[0] != self.ids.shape[0]:
+            raise ValueError(
+                f"shape mismatch: student_logits {tuple(student_logits.shape)}, ids {tuple(self.ids.shape)} "
+                "(expected [N, V] and [N, k])"
+            )
+        s_logp, _ = _student_logprobs_at(student_logits, self.ids)
+        return self.reduce(self.values(s_logp, None))
+
+
+def _pick(x: Tensor, sel: Tensor | None) -> Tensor:
+    return x if sel is None else x[sel]
+
+
+def sft_term(labels: Tensor, ignore_index: int = -100) -> RowTerm:
+    """`sft_loss` as a row term: rows [n] read the id of their label (``labels`` [n])."""
+    labelled = labels != ignore_index
+    ids = torch.where(labelled, labels, PAD_ID).unsqueeze(-1)
+    return RowTerm(ids, lambda s, sel: -s[:, 0], lambda v: masked_mean(v, labelled))
+
+
+def kd_term(ids: Tensor, teacher_logprobs: Tensor, divergence: str = "forward_kl",
+            beta: float = 0.5, alpha: float = 0.1) -> RowTerm:
+    """`kd_loss` as a row term."""
+    _check_targets(ids, teacher_logprobs, "teacher_logprobs")
+    _divergence_fn(divergence)  # fail on a bad name before any work
+    return RowTerm(
+        ids,
+        lambda s, sel: _rows_from(s, _pick(ids, sel), _pick(teacher_logprobs, sel), divergence, beta, alpha),
+        lambda v: masked_mean(v, (ids >= 0).any(-1)),
+    )
+
+
+def sampled_kd_term(ids: Tensor, counts: Tensor, n_draws: Tensor | int | None = None) -> RowTerm:
+    """`sampled_kd_loss` as a row term."""
+    _check_targets(ids, counts, "counts")
+    n = _draws_per_row(ids, counts, n_draws)
+    return RowTerm(
+        ids,
+        lambda s, sel: _sampled_rows(s, _pick(ids, sel), _pick(n, sel), _pick(counts, sel)),
+        lambda v: masked_mean(v, ((ids >= 0) & (counts > 0)).any(-1)),
+    )
+
+
+def iva_term(ids: Tensor, teacher_logprobs: Tensor, weights: Tensor, group: Tensor | None = None,
+             divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1) -> RowTerm:
+    """`iva_loss` as a row term."""
+    _check_targets(ids, teacher_logprobs, "teacher_logprobs")
+    _divergence_fn(divergence)
+    row_valid = (ids >= 0).any(-1)
+    inverse, n_groups = _group_index(group, ids.shape[0], ids.device)
+    return RowTerm(
+        ids,
+        lambda s, sel: _rows_from(s, _pick(ids, sel), _pick(teacher_logprobs, sel), divergence, beta, alpha),
+        lambda v: _grouped_weighted_mean(v, torch.where(row_valid, weights.detach().to(v.dtype), 0.0), inverse, n_groups),
+    )
+
+
+def tpa_term(ids: Tensor, teacher_logprobs: Tensor, candidate_logprob: Tensor, group: Tensor,
+             divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1) -> RowTerm:
+    """`tpa_loss` as a row term."""
+    _check_targets(ids, teacher_logprobs, "teacher_logprobs")
+    _divergence_fn(divergence)
+    inverse, n_groups = _group_index(group, ids.shape[0], ids.device)
+    row_valid = (ids >= 0).any(-1)
+
+    def reduce(v: Tensor) -> Tensor:
+        logw = torch.where(row_valid, candidate_logprob.detach().to(v.dtype), _NEG_INF)
+        # Shift by the group max before exp (normalised weights are unchanged; nothing underflows).
+        gmax = logw.new_full((n_groups,), _NEG_INF).scatter_reduce(0, inverse, logw, "amax")
+        w = torch.where(logw > _NEG_INF, logw - gmax[inverse], _NEG_INF).exp()
+        return _grouped_weighted_mean(v, w, inverse, n_groups)
+
+    return RowTerm(
+        ids,
+        lambda s, sel: _rows_from(s, _pick(ids, sel), _pick(teacher_logprobs, sel), divergence, beta, alpha),
+        reduce,
+    )
+
+
+def _check_targets(ids: Tensor, other: Tensor, name: str) -> None:
+    if ids.ndim != 2 or ids.shape != other.shape:
+        raise ValueError(f"shape mismatch: ids {tuple(ids.shape)}, {name} {tuple(other.shape)} (expected [N, k] both)")
+
+
+# --------------------------------------------------------------------------------------------------
+# The fused head: output projection + every row term, in row chunks
+# --------------------------------------------------------------------------------------------------
+
+DEFAULT_HEAD_CHUNK_ROWS = 1024
+
+
+@dataclass
+class HeadTerm:
+    """A row term placed on the fused head's input: ``rows`` [n] are its rows' indices into the
+    hidden states, ``scale`` its weight in the total (the recipe's weight, times the DDP share)."""
+
+    term: RowTerm
+    rows: Tensor
+    scale: float
+
+
+def _linear_coefficients(term: RowTerm, dtype: torch.dtype) -> Tensor:
+    """c [n] with ``term.reduce(v) == sum(c * v)``: the gradient of the linear reduction."""
+    n = term.ids.shape[0]
+    v = torch.zeros(n, dtype=dtype, device=term.ids.device, requires_grad=True)
+    with torch.enable_grad():
+        out = term.reduce(v)
+    if not out.requires_grad:  # no row takes part
+        return torch.zeros(n, dtype=dtype, device=v.device)
+    (c,) = torch.autograd.grad(out, v)
+    return c
+
+
+class _FusedHead(torch.autograd.Function):
+    """sum_t scale_t term_t(log_softmax(hidden @ W[:V].T + b[:V])), gradients taken in the forward.
+
+    Returns (total scalar, values [T] of the terms, unscaled and not differentiable). Backward only
+    scales the stored gradients by the incoming one ([row term note])."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, terms, vocab_size, chunk_rows):
+        want_h, want_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        want_b = bias is not None and ctx.needs_input_grad[2]
+        n_vocab = weight.shape[0] if vocab_size is None else vocab_size
+        w, b = weight[:n_vocab], None if bias is None else bias[:n_vocab]
+        dtype = _compute_dtype(hidden)
+        device = hidden.device
+        grad_h = torch.zeros_like(hidden) if want_h else None
+        grad_w = torch.zeros(w.shape, dtype=torch.promote_types(weight.dtype, torch.float32), device=device) if want_w else None
+        grad_b = torch.zeros(n_vocab, dtype=grad_w.dtype if grad_w is not None else dtype, device=device) if want_b else None
+        coefs = [_linear_coefficients(t.term, dtype) for t in terms]
+        values = torch.zeros(len(terms), dtype=dtype, device=device)
+        for start in range(0, hidden.shape[0], chunk_rows):
+            stop = min(start + chunk_rows, hidden.shape[0])
+            h = hidden[start:stop]
+            z = F.linear(h, w, b).to(dtype)  # [c, V]: the only vocabulary-wide tensor, one chunk of it
+            lse = torch.logsumexp(z, dim=-1)
+            g_rows = torch.zeros(stop - start, dtype=dtype, device=device)  # sum_i dL/ds_ri per row
+            scatter = []
+            for i, (t, c) in enumerate(zip(terms, coefs)):
+                sel = ((t.rows >= start) & (t.rows < stop)).nonzero().squeeze(1)
+                if sel.numel() == 0:
+                    continue
+                local, ids = t.rows[sel] - start, t.term.ids[sel]
+                valid = ids >= 0
+                s = torch.where(valid, z[local[:, None], ids.clamp_min(0)] - lse[local, None], _NEG_INF)
+                s = s.detach().requires_grad_()
+                with torch.enable_grad():
+                    v = t.term.values(s, sel)
+                    c_sel = c[sel].to(v.dtype)
+                    part = torch.where(c_sel != 0, v * c_sel, 0.0).sum()
+                values[i] += part.detach()
+                if not part.requires_grad:
+                    continue
+                (g,) = torch.autograd.grad(part, s)
+                g = torch.where(valid, g, 0.0) * t.scale
+                g_rows.index_add_(0, local, g.sum(-1))
+                scatter.append((local[:, None].expand_as(ids)[valid], ids[valid], g[valid]))
+            if not (want_h or want_w or want_b):
+                continue
+            # d/dz of sum_i g_i log_softmax(z)_{id_i} = scatter(g) - softmax(z) * sum_i g_i, in place on z.
+            dz = z.sub_(lse[:, None]).exp_().mul_(-g_rows[:, None])
+            for r, col, g in scatter:
+                dz.index_put_((r, col), g, accumulate=True)
+            dz_w = dz.to(w.dtype)
+            if want_h:
+                grad_h[start:stop] = (dz_w @ w).to(hidden.dtype)
+            if want_w and grad_w.dtype == h.dtype:
+                grad_w.addmm_(dz_w.T, h)
+            elif want_w:  # half-precision head: accumulate the chunks' products in float32
+                grad_w.add_(dz_w.T @ h)
+            if want_b:
+                grad_b.add_(dz.sum(0))
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.have = (want_h, want_w, want_b)
+        ctx.full_rows = weight.shape[0]
+        total = sum((t.scale * values[i] for i, t in enumerate(terms)), torch.zeros((), dtype=dtype, device=device))
+        ctx.mark_non_differentiable(values)
+        return total, values
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_values):
+        saved = list(ctx.saved_tensors)
+        grads = [saved.pop(0) if have else None for have in ctx.have]
+        grad_h, grad_w, grad_b = (None if g is None else g * grad_total.to(g.dtype) for g in grads)
+        if grad_w is not None and grad_w.shape[0] != ctx.full_rows:  # padded head rows: no gradient
+            grad_w = F.pad(grad_w, (0, 0, 0, ctx.full_rows - grad_w.shape[0]))
+        if grad_b is not None and grad_b.shape[0] != ctx.full_rows:
+            grad_b = F.pad(grad_b, (0, ctx.full_rows - grad_b.shape[0]))
+        return grad_h, grad_w, grad_b, None, None, None
+
+
+def fused_head_loss(
+    hidden: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    terms: list[HeadTerm],
+    vocab_size: int | None = None,
+    chunk_rows: int = DEFAULT_HEAD_CHUNK_ROWS,
+) -> tuple[Tensor, Tensor]:
+    """``sum_t scale_t * term_t`` on the logits ``hidden @ weight[:V].T + bias[:V]``, and each term's
+    unscaled value, without materialising those logits ([row term note]).
+
+    Args:
+        hidden: [N, d] final hidden states of the rows the terms read (differentiable).
+        weight, bias: the output head ([V_rows, d], [V_rows] or None), e.g. from
+            ``pipeline.modeling.logits.output_head``.
+        terms: the row terms, each with its rows' indices into ``hidden`` and its scale.
+        vocab_size: the real tokens; head rows at or above it are padding and are no column of the
+            distributions (None: every row).
+        chunk_rows: rows per chunk: the float32 working set is ``chunk_rows x V`` (1024 x 151,936 x 4 B
+            = 622 MB, and as much again for a bf16/f32 copy during the matmuls).
+    Returns:
+        (total scalar, differentiable; values [T] of the unscaled terms, detached). Values and
+        gradients equal those of the terms evaluated on the full logits (``RowTerm.of_logits``),
+        which ``tests/test_fused_head.py`` checks in float64.
+    """
+    if hidden.ndim != 2 or weight.ndim != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, d] and weight [V, d] expected, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    if vocab_size is not None and not 0 < vocab_size <= weight.shape[0]:
+        raise ValueError(f"vocab_size must be in [1, {weight.shape[0]}], got {vocab_size}")
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be >= 1, got {chunk_rows}")
+    for t in terms:
+        if t.rows.shape != t.term.ids.shape[:1]:
+            raise ValueError(f"a term's rows {tuple(t.rows.shape)} do not match its ids {tuple(t.term.ids.shape)}")
+        if t.rows.numel() and (int(t.rows.min()) < 0 or int(t.rows.max()) >= hidden.shape[0]):
+            raise ValueError(f"a term's rows must index the {hidden.shape[0]} hidden rows")
+    return _FusedHead.apply(hidden, weight, bias, terms, vocab_size, chunk_rows)
 
 
 def attention_kl(

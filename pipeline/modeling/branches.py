@@ -61,7 +61,7 @@ import contextlib
 
 import torch
 
-from pipeline.modeling.logits import logits_at
+from pipeline.modeling.logits import hidden_at, logits_at
 
 # Position-id layouts by model type (``config.model_type``); another family must be added explicitly.
 ROPE_1D_MODEL_TYPES = ("llava", "idefics3", "internvl")
@@ -227,6 +227,7 @@ def _as_batch(branch_pos, branch_tok) -> tuple[torch.Tensor, torch.Tensor, bool]
 def forward_with_branches(
     model, model_inputs: dict, branch_pos: torch.Tensor, branch_tok: torch.Tensor,
     seq_rows: tuple[torch.Tensor, torch.Tensor] | None = None,
+    hidden: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One forward over the sequence and its branch rows (sequence logits are unchanged by the branches).
 
@@ -237,7 +238,9 @@ def forward_with_branches(
     ``t = branch_pos[b, r]``, ``c = branch_tok[b, r]``. Gradients flow (no ``no_grad`` here).
     With ``seq_rows`` = (batch, pos) index tensors [N], the head runs only on those sequence
     positions and the branch rows (``logits.logits_at``), and ``seq_logits`` is [N, V], row i for
-    ``(batch[i], pos[i])``.
+    ``(batch[i], pos[i])``. With ``hidden=True`` as well, the head runs on no row and the two
+    results are the final hidden states ([N, d] and [B, R, d]) instead of logits, for a caller that
+    applies the head itself (``stage2_student.losses.fused_head_loss``).
 
     Layout ([in-row note]): sample b's branch rows take the places right after its own
     ``len_b`` tokens, i.e. its right padding first, so the forward is ``max_b(len_b + R_b)`` wide
@@ -275,11 +278,14 @@ def forward_with_branches(
     allowed = (q[None, None, :] <= last_key[:, :, None]) | torch.eye(width, dtype=torch.bool, device=device)[None]
 
     extra = {k: v for k, v in model_inputs.items() if k not in _REPLACED_KEYS}
+    if hidden and seq_rows is None:
+        raise ValueError("hidden=True needs seq_rows: the sequence rows whose hidden states to return")
     rows = contextlib.nullcontext()
     if seq_rows is not None:
-        rows = logits_at(model, torch.cat([seq_rows[0].to(device), sample.reshape(-1)]),
-                         torch.cat([seq_rows[1].to(device), slot.reshape(-1)]))
-    with rows:
+        at = hidden_at if hidden else logits_at
+        rows = at(model, torch.cat([seq_rows[0].to(device), sample.reshape(-1)]),
+                  torch.cat([seq_rows[1].to(device), slot.reshape(-1)]))
+    with rows as captured:
         out = model(
             input_ids=input_ids,
             attention_mask=_kernel_mask(inner, allowed[:, None]),  # [B, 1, W, W]
@@ -291,7 +297,8 @@ def forward_with_branches(
         seq_logits, branch_logits = out.logits[:, :length], out.logits[sample, slot]
         return (seq_logits[0], branch_logits[0]) if single else (seq_logits, branch_logits)
     n = len(seq_rows[0])
-    seq_logits, branch_logits = out.logits[0, :n], out.logits[0, n:].view(*slot.shape, -1)
+    picked = captured.rows if hidden else out.logits[0]
+    seq_logits, branch_logits = picked[:n], picked[n:].view(*slot.shape, -1)
     return (seq_logits, branch_logits[0]) if single else (seq_logits, branch_logits)
 
 
