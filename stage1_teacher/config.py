@@ -42,13 +42,25 @@ class TransitionsConfig:
     top_k: int = 16
     """k': token ids (with exact log-probs) kept of each candidate's transition distribution."""
     min_prob: float = 0.01
-    """p_min: a candidate needs at least this teacher probability."""
+    """p_min: a candidate needs at least this probability under the model that proposes it (the teacher's own, or the student's)."""
     min_alt_mass: float = 0.05
     """epsilon: a position is selected only if 1 - p_T(gold) is at least this."""
     max_positions: int = 64
     """M: at most this many positions per sample, highest alternative mass first."""
+    candidates_from: str | None = None
+    """A student checkpoint that proposes the candidates (its top-K, or K draws, at each response
+    position of the gold conversation; the teacher scores them). None: the teacher's own top-K."""
+    candidate_choice: Literal["top", "sample"] = "top"
+    """With candidates_from: the student's K most probable tokens, or K draws without replacement."""
+    selection_mass: Literal["teacher", "student"] = "teacher"
+    """With candidates_from: whose alternative mass 1 - p(gold) selects the positions (epsilon, M)."""
 
     def __post_init__(self):
+        if self.candidates_from is None:
+            check(self.candidate_choice == "top" and self.selection_mass == "teacher", "candidates_from",
+                  "candidate_choice and selection_mass apply to student candidates only: name the student")
+        else:
+            check(bool(self.candidates_from), "candidates_from", "must name a student checkpoint directory")
         check(self.candidates >= 1, "candidates", f"must be >= 1, got {self.candidates}")
         check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
         check(0.0 <= self.min_prob < 1.0, "min_prob", f"must be in [0, 1), got {self.min_prob}")
