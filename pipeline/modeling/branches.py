@@ -298,9 +298,12 @@ def forward_with_branches(
 
 
 def _continue_from_cache(model, past_key_values, position_ids, branch_pos, branch_tok, seq_lens, rows=None):
-    """The forward of the branch rows over the cache (see :func:`forward_branches_from_cache`):
-    ``(out, branch_pos, single)``, or None when there is no branch row. ``rows``: a context
-    manager factory ``rows(valid)`` entered around the forward (``valid`` [B, R]: real rows)."""
+    """The forward of the branch rows over the cache (see :func:`forward_branches_from_cache`).
+
+    Returns ``(result, tokens, single)``: ``result`` is the model's output, or, with ``rows`` (a
+    factory ``rows(valid)`` of a context manager entered around the forward; ``valid`` [B, R]
+    marks the real rows), what that context yields; None when there is no branch row. ``tokens``
+    [B, R] are the branch rows' ids, ``single`` whether the inputs were 1-D."""
     branch_pos, branch_tok, single = _as_batch(branch_pos, branch_tok)
     length = past_key_values.get_seq_length()
     if position_ids.shape[-1] != length:
