@@ -3,14 +3,27 @@
 Per batch (right-padded): one forward on SDPA over the sequences, with
 
 * the saliency probe on the layers L* (only the instruction-to-visual block is materialised),
-* logits kept only at response and visual positions (``logits_to_keep``), the union over the batch,
+* the output head running on no row (``logits.hidden_at``): the forward yields the final hidden
+  states at the response positions and at every visual position (d floats a row, cheap),
 * the KV cache kept when transitions are on.
+
+The saliency maps then choose the visual rows to store (the most salient fraction ρ), and only
+then does the head run, in row chunks over the whole batch (``topk.HeadRows``, cut to the real
+vocabulary), on the rows that are stored: every response row and the chosen visual rows. One
+float32 log-softmax per row gives everything the row stores (``topk.row_statistics``: top-k,
+gold log-prob, TPA candidates, sampled target). Results reach the host once per group of rows,
+not once per sample.
 
 Candidates for TPA are the teacher's own top tokens at t, known only after that forward. Their
 branch rows (token c at position pos(t)+1, attending to x_0..x_t and itself) therefore run as a
 continuation of the same forward from its KV cache: they cost exactly the branch tokens, and no
-sequence token is computed twice. (Stage 2 knows the candidates in advance and runs sequence and
-branches as one forward.)
+sequence token is computed twice; the head again runs only on the real branch rows
+(``branches.branch_hidden_from_cache``). (Stage 2 knows the candidates in advance and runs
+sequence and branches as one forward.)
+
+The sampled target's draws come from uniforms of a CPU generator seeded by (seed, sample id)
+(:func:`sample_seed`), one row of uniforms per response position in order, so they depend neither
+on the batch, nor on the chunking, nor on the device.
 """
 
 from __future__ import annotations
@@ -31,14 +44,14 @@ from pipeline.processors import load_processor
 from schemas.signals import SampleSignals
 from pipeline.modeling.batching import collate_model_inputs, pad_token_id
 from pipeline.modeling.branches import (
-    forward_branches_from_cache,
+    branch_hidden_from_cache,
     pad_branches,
     placeholder_ids,
     sequence_lengths,
     sequence_position_ids,
 )
 from stage1_teacher.config import SignalsConfig, TeacherConfig
-from pipeline.modeling.logits import kept_rows, real_vocab_size
+from pipeline.modeling.logits import hidden_at, output_head, real_vocab_size
 from pipeline.modeling.probe import (
     IrsItem,
     capture,
@@ -48,7 +61,7 @@ from pipeline.modeling.probe import (
     turn_saliency,
     turns_see_image,
 )
-from stage1_teacher.topk import sample_counts, select_transitions, topk_logprobs
+from stage1_teacher.topk import HeadRows, choose_transitions, row_statistics, sample_uniforms
 
 log = logging.getLogger("stage1.teacher")
 
@@ -77,6 +90,9 @@ class Teacher:
         self.seed = seed
         self.n_layers = len(text_decoder(self.model).layers)
         self.no_candidates = torch.tensor(placeholder_ids(self.model), device=self.device)
+        # The head the teacher applies itself, to the stored rows only; its padded rows are no token.
+        weight, bias = output_head(self.model)
+        self.head = (weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
 
     def check_layers(self, layers: list[int]) -> None:
         bad = [x for x in layers if not 0 <= x < self.n_layers]
@@ -87,6 +103,10 @@ class Teacher:
         inputs = collate_model_inputs([e.model_inputs for e in batch], self.pad_id)
         return {k: v.to(self.device) for k, v in inputs.items()}
 
+    def head_rows(self, hidden: torch.Tensor) -> HeadRows:
+        """``hidden`` [N, d] final hidden states as rows of logits over the real vocabulary."""
+        return HeadRows(hidden, *self.head)
+
     @torch.inference_mode()
     def signals(self, batch: list[EncodedSample], layers: list[int]) -> list[SampleSignals]:
         """Every stored signal of each sample in ``batch`` (one forward + one branch continuation)."""
@@ -95,26 +115,54 @@ class Teacher:
         inputs = self._inputs(batch)
         position_ids = sequence_position_ids(self.model, inputs)
         indices = [sample_indices(e) for e in batch]
-        # Logits only where a distribution is stored: response and visual positions, union over the batch.
-        keep, column = kept_rows([np.concatenate([e.response_positions, e.visual_positions]) for e in batch],
-                                 inputs["input_ids"].shape[1])
+        resp = [np.asarray(e.response_positions, np.int64) for e in batch]
+        vis = [np.asarray(e.visual_positions, np.int64) for e in batch]
+        n_resp = np.array([len(r) for r in resp], np.int64)
+        n_vis = np.array([len(v) for v in vis], np.int64)
+        # Hidden rows: every response position, then every visual position, sample by sample.
+        owner = np.concatenate([np.repeat(np.arange(len(batch)), n_resp), np.repeat(np.arange(len(batch)), n_vis)])
+        where = np.concatenate(resp + vis)
         want_branches = cfg.transitions.enabled
-        with capture(self.model, layers, [i[0] for i in indices], [i[1] for i in indices]) as probe:
-            out = self.model(
-                **inputs,
-                position_ids=position_ids,
-                use_cache=want_branches,
-                logits_to_keep=torch.as_tensor(keep, device=self.device),
-            )
+        with (
+            capture(self.model, layers, [i[0] for i in indices], [i[1] for i in indices]) as probe,
+            hidden_at(self.model, self._device_long(owner), self._device_long(where)) as hidden,
+        ):
+            out = self.model(**inputs, position_ids=position_ids, use_cache=want_branches)
             blocks = [probe.block(b) for b in range(len(batch))]
-        logits = out.logits[..., : self.vocab_size]  # [B, len(keep), V]: the real tokens' rows
+        total_resp = int(n_resp.sum())
+        resp_hidden, vis_hidden = hidden.rows[:total_resp], hidden.rows[total_resp:]
 
+        # The stored visual rows, chosen from the saliency maps before the head runs.
+        maps = self._saliency_maps(blocks, indices, n_vis)
+        chosen = [_most_salient(m, len(v), cfg.visual_fraction) for m, v in zip(maps, vis)]
+        vis_start = np.concatenate([[0], np.cumsum(n_vis)[:-1]])
+        vis_rows = np.concatenate([start + order for start, (order, _) in zip(vis_start, chosen)])
+        vis_stats = row_statistics(self.head_rows(vis_hidden[self._device_long(vis_rows)]), cfg.top_k,
+                                   temperature=cfg.temperature)
+
+        # Every response row: top-k, and from the same log-softmax the TPA candidates and the draws.
+        gold = np.concatenate([e.input_ids[r + 1] for e, r in zip(batch, resp)])
+        uniforms = None
+        if cfg.sampled.enabled:
+            uniforms = torch.cat([
+                sample_uniforms(len(r), cfg.sampled.draws, torch.Generator().manual_seed(sample_seed(self.seed, e.sample_id)))
+                for e, r in zip(batch, resp)
+            ])
+        resp_stats = row_statistics(
+            self.head_rows(resp_hidden), cfg.top_k, temperature=cfg.temperature,
+            gold=self._device_long(gold) if want_branches else None,
+            candidates=cfg.transitions.candidates if want_branches else 0,
+            exclude_ids=self.no_candidates, uniforms=uniforms,
+        )
+        host = _to_host(vars(resp_stats) | {f"vis_{k}": v for k, v in vars(vis_stats).items()})
+
+        resp_split = np.cumsum(n_resp)[:-1]
+        per_sample = {name: np.split(arr, resp_split) for name, arr in host.items() if not name.startswith("vis_")}
+        vis_split = np.cumsum([len(order) for order, _ in chosen])[:-1]
+        vis_ids, vis_lp = np.split(host["vis_top_ids"], vis_split), np.split(host["vis_top_logprobs"], vis_split)
         results, branches = [], []
         for b, enc in enumerate(batch):
-            resp = enc.response_positions
-            resp_logits = logits[b, torch.as_tensor(column[resp], device=self.device)]
-            resp_ids, resp_lp = topk_logprobs(resp_logits, cfg.top_k, cfg.temperature)
-            saliency, vis_pos, vis_weight, vis_ids, vis_lp = self._visual(enc, blocks[b], indices[b], logits[b], column)
+            order, weight = chosen[b]
             sig = SampleSignals(
                 sample_id=enc.sample_id,
                 input_ids=enc.input_ids,
@@ -124,83 +172,67 @@ class Teacher:
                 ],
                 turns=[{"instruction": t.instruction.tolist(), "response": t.response.tolist()} for t in enc.turns],
                 image_hashes=enc.image_hashes,
-                resp_pos=resp,
-                resp_ids=resp_ids.cpu().numpy(),
-                resp_logprobs=resp_lp.cpu().numpy(),
-                saliency=saliency,
-                vis_pos=vis_pos,
-                vis_weight=vis_weight,
-                vis_ids=vis_ids,
-                vis_logprobs=vis_lp,
+                resp_pos=enc.response_positions,
+                resp_ids=per_sample["top_ids"][b],
+                resp_logprobs=per_sample["top_logprobs"][b],
+                saliency=maps[b].numpy(),
+                vis_pos=vis[b][order],
+                vis_weight=weight,
+                vis_ids=vis_ids[b],
+                vis_logprobs=vis_lp[b],
             )
             if cfg.sampled.enabled:
-                gen = torch.Generator(device=self.device).manual_seed(sample_seed(self.seed, enc.sample_id))
-                s_ids, s_counts = sample_counts(resp_logits, cfg.sampled.draws, gen, cfg.temperature)
-                sig.sample_ids, sig.sample_counts = s_ids.cpu().numpy(), s_counts.cpu().numpy()
+                ids, counts = per_sample["sample_ids"][b], per_sample["sample_counts"][b]
+                width = int((counts > 0).sum(1).max()) if len(counts) else 0  # this sample's widest row
+                sig.sample_ids, sig.sample_counts = ids[:, :width], counts[:, :width]
             if want_branches:
-                gold = torch.as_tensor(enc.input_ids[resp + 1], device=self.device)
-                tr = select_transitions(
-                    resp_logits,
-                    gold,
-                    torch.as_tensor(resp, device=self.device),
-                    candidates=cfg.transitions.candidates,
+                tr = choose_transitions(
+                    *(torch.from_numpy(per_sample[name][b]) for name in ("gold_logprob", "cand_ids", "cand_logprobs")),
+                    torch.from_numpy(resp[b]),
                     min_prob=cfg.transitions.min_prob,
                     min_alt_mass=cfg.transitions.min_alt_mass,
                     max_positions=cfg.transitions.max_positions,
-                    temperature=cfg.temperature,
-                    exclude_ids=self.no_candidates,
                 )
-                sig.tpa_pos = tr.cand_positions.cpu().numpy()
-                sig.tpa_cand = tr.cand_ids.cpu().numpy()
-                sig.tpa_cand_logprob = tr.cand_logprobs.cpu().numpy()
-                branches.append((tr.cand_positions.cpu(), tr.cand_ids.cpu()))
+                sig.tpa_pos = tr.cand_positions.numpy()
+                sig.tpa_cand = tr.cand_ids.numpy()
+                sig.tpa_cand_logprob = tr.cand_logprobs.numpy()
+                branches.append((tr.cand_positions, tr.cand_ids))
             results.append(sig)
 
         if want_branches:
-            pos, tok = pad_branches(branches)
-            k2 = cfg.transitions.top_k
-            if pos.shape[1] == 0:
-                for sig in results:
-                    sig.tpa_ids = np.zeros((0, k2), np.int64)
-                    sig.tpa_logprobs = np.zeros((0, k2), np.float32)
-            else:
-                branch_logits = forward_branches_from_cache(
-                    self.model, out.past_key_values, position_ids, pos.to(self.device), tok.to(self.device),
-                    sequence_lengths(inputs),
-                )[..., : self.vocab_size]
-                for b, sig in enumerate(results):
-                    n = len(sig.tpa_pos)
-                    ids, lp = topk_logprobs(branch_logits[b, :n], k2, cfg.temperature)
-                    sig.tpa_ids, sig.tpa_logprobs = ids.cpu().numpy(), lp.cpu().numpy()
+            self._transitions(results, branches, out.past_key_values, position_ids, inputs)
         return results
 
-    def _visual(self, enc: EncodedSample, block, index, logits_b, column):
-        """Turn saliency maps, and top-k distributions at the most salient fraction of visual positions."""
-        cfg = self.signals_cfg
-        k = cfg.top_k
-        rows, cols, turn_rows = index
-        n_vis = len(cols)
-        if n_vis == 0:
-            empty_i, empty_f = np.zeros(0, np.int64), np.zeros(0, np.float32)
-            return np.zeros((0, 0), np.float32), empty_i, empty_f, np.zeros((0, k), np.int64), np.zeros((0, k), np.float32)
-        maps = turn_saliency(block, turn_rows)  # [n_turns, |V|]: rows sum to 1, or 0 for a turn without a map
-        with_map = maps.sum(1) > 0
-        if not bool(with_map.any()):  # no turn can see the image: nothing says where to look
-            return (maps.cpu().numpy(), np.zeros(0, np.int64), np.zeros(0, np.float32),
-                    np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
-        mean_map = maps[with_map].mean(0)  # turns without a map carry no IVA weight
-        n_keep = min(n_vis, math.ceil(cfg.visual_fraction * n_vis))
-        # Most salient first (ties: earlier position), then back to position order.
-        order = torch.sort(-mean_map, stable=True).indices[:n_keep].sort().values
-        vis_pos = cols[order.cpu()].numpy()
-        ids, lp = topk_logprobs(logits_b[torch.as_tensor(column[vis_pos], device=self.device)], k, cfg.temperature)
-        return (
-            maps.cpu().numpy(),
-            vis_pos,
-            mean_map[order].cpu().numpy(),
-            ids.cpu().numpy(),
-            lp.cpu().numpy(),
-        )
+    def _transitions(self, results: list[SampleSignals], branches, cache, position_ids, inputs) -> None:
+        """Each sample's ``tpa_ids`` / ``tpa_logprobs``: the top-k' of its branch rows, run as a
+        continuation of the batch's forward from its KV cache, the head on the real rows only."""
+        k2 = self.signals_cfg.transitions.top_k
+        pos, tok = pad_branches(branches)
+        hidden = branch_hidden_from_cache(self.model, cache, position_ids, pos.to(self.device), tok.to(self.device),
+                                          sequence_lengths(inputs))
+        stats = row_statistics(self.head_rows(hidden), k2, temperature=self.signals_cfg.temperature)
+        host = _to_host({"ids": stats.top_ids, "logprobs": stats.top_logprobs})
+        split = np.cumsum([len(sig.tpa_pos) for sig in results])[:-1]
+        for sig, ids, lp in zip(results, np.split(host["ids"], split), np.split(host["logprobs"], split)):
+            sig.tpa_ids, sig.tpa_logprobs = ids, lp
+
+    def _device_long(self, values: np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, np.int64), device=self.device)
+
+    def _saliency_maps(self, blocks, indices, n_vis) -> list[torch.Tensor]:
+        """Per sample, the turn saliency maps [n_turns, |V|] on the host (one copy for the batch);
+        [0, 0] for a sample without visual positions."""
+        maps = [turn_saliency(block, index[2]) if n else None for block, index, n in zip(blocks, indices, n_vis)]
+        flat = _to_host({"maps": torch.cat([m.reshape(-1) for m in maps if m is not None] or
+                                           [torch.zeros(0, device=self.device)])})["maps"]
+        out, start = [], 0
+        for m in maps:
+            if m is None:
+                out.append(torch.zeros((0, 0), dtype=torch.float32))
+                continue
+            out.append(torch.from_numpy(flat[start : start + m.numel()]).reshape(m.shape))
+            start += m.numel()
+        return out
 
     @torch.inference_mode()
     def calibrate(self, records, max_length: int, batch_size: int = 4) -> dict[int, float]:
@@ -237,3 +269,31 @@ class Teacher:
                 f"signals.saliency_layers=auto: cannot calibrate on {len(encoded)} sample(s): {e}. Name the layers "
                 "(signals.saliency_layers=[...]) or give more samples (signals.calibration_samples)"
             ) from e
+
+
+def _most_salient(maps: torch.Tensor, n_vis: int, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(indices into the visual positions, their turn-mean saliency) of the ``ceil(fraction × n_vis)``
+    most salient visual positions, in position order; ties: the earlier position. Turns without
+    a map carry no weight; with no map at all (or no visual position) nothing is chosen."""
+    empty = np.zeros(0, np.int64), np.zeros(0, np.float32)
+    if n_vis == 0:
+        return empty
+    with_map = maps.sum(1) > 0
+    if not bool(with_map.any()):  # no turn can see the image: nothing says where to look
+        return empty
+    mean_map = maps[with_map].mean(0)
+    n_keep = min(n_vis, math.ceil(fraction * n_vis))
+    # Most salient first (ties: earlier position), then back to position order.
+    order = torch.sort(-mean_map, stable=True).indices[:n_keep].sort().values
+    return order.numpy(), mean_map[order].numpy()
+
+
+def _to_host(tensors: dict[str, torch.Tensor | None]) -> dict[str, np.ndarray]:
+    """The given tensors as numpy arrays, with one device synchronisation for all of them (copies
+    issued non-blocking into pinned memory, then one wait), not one per tensor or per sample."""
+    tensors = {k: v for k, v in tensors.items() if v is not None}
+    on_cuda = [v.device for v in tensors.values() if v.device.type == "cuda"]
+    host = {k: v.to("cpu", non_blocking=v.device.type == "cuda") for k, v in tensors.items()}
+    if on_cuda:
+        torch.cuda.synchronize(on_cuda[0])
+    return {k: v.numpy() for k, v in host.items()}

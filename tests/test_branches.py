@@ -19,12 +19,14 @@ from pipeline.data.encode import encode
 from pipeline.data.records import Record, Turn
 from pipeline.modeling.batching import collate_model_inputs
 from pipeline.modeling.branches import (
+    branch_hidden_from_cache,
     forward_branches_from_cache,
     forward_with_branches,
     pad_branches,
     sequence_lengths,
     sequence_position_ids,
 )
+from pipeline.modeling.logits import output_head
 from pipeline.modeling.sparse import tail_mass
 from stage1_teacher.topk import sample_counts, select_transitions, topk_logprobs
 
@@ -218,6 +220,35 @@ def test_cache_path_runs_in_chunks(teacher, samples):
             for s in (slice(0, 3), slice(3, None))
         ]
     torch.testing.assert_close(logp(torch.cat(parts)), logp(whole), rtol=0, atol=ATOL)
+
+
+def test_branch_hidden_rows_are_the_real_rows_of_the_cache_path(teacher, samples):
+    """``branch_hidden_from_cache`` on a batch with padded branch rows: one hidden row per real
+    branch row, in (sample, row) order, whose head product is the logits of
+    ``forward_branches_from_cache``; the model's head runs on no row; the cache is left as it was."""
+    model, processor = teacher
+    per_sample = [branches_of(model, enc) for enc in samples]
+    per_sample[1] = (per_sample[1][0][:4], per_sample[1][1][:4])  # fewer rows: sample 1 is padded
+    batch = collate_model_inputs([enc.model_inputs for enc in samples], processor.tokenizer.pad_token_id)
+    bpos, btok = pad_branches(per_sample)
+    _, logits, cache, position_ids = cache_path(model, batch, bpos, btok)
+    length = cache.get_seq_length()
+    head_rows = []
+    hook = model.get_output_embeddings().register_forward_hook(lambda m, a, out: head_rows.append(out.shape[-2]))
+    try:
+        with torch.no_grad():
+            hidden = branch_hidden_from_cache(model, cache, position_ids, bpos, btok, sequence_lengths(batch))
+    finally:
+        hook.remove()
+    assert head_rows == [0] and cache.get_seq_length() == length
+    real = [logits[b, : len(p)] for b, (p, _) in enumerate(per_sample)]
+    assert hidden.shape == (sum(len(p) for p, _ in per_sample), model.get_output_embeddings().weight.shape[1])
+    weight, bias = output_head(model)
+    product = torch.nn.functional.linear(hidden, weight, bias)
+    torch.testing.assert_close(logp(product), logp(torch.cat(real)), rtol=0, atol=ATOL)
+    with torch.no_grad():  # no branch row at all: no forward, no hidden row
+        none = branch_hidden_from_cache(model, cache, position_ids, bpos[:, :0], btok[:, :0], sequence_lengths(batch))
+    assert none.shape == (0, weight.shape[1])
 
 
 def test_bad_branches_are_refused(teacher, samples):

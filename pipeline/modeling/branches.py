@@ -9,7 +9,9 @@ forward over ``x_0 … x_t, c`` gives at its last position. Two ways to run them
   (Stage 2's student: the candidates are known before the forward; layout in [in-row note]).
 * :func:`forward_branches_from_cache` — continue from the KV cache of an ordinary forward over the
   sequence, feeding only the branch rows (Stage 1's teacher: the candidates are chosen from that
-  forward's own output, and the branches then cost only their own tokens).
+  forward's own output, and the branches then cost only their own tokens);
+  :func:`branch_hidden_from_cache` is the same continuation returning the final hidden states of
+  the real branch rows only, so the teacher applies the head to no padded row.
 
 Both build their token and position rows with :func:`_branch_rows`, so they cannot drift apart.
 ``logits.logits_at`` makes a forward's output head run only at given (sample, position) pairs;
@@ -302,6 +304,38 @@ def forward_with_branches(
     return (seq_logits, branch_logits[0]) if single else (seq_logits, branch_logits)
 
 
+def _continue_from_cache(model, past_key_values, position_ids, branch_pos, branch_tok, seq_lens, rows=None):
+    """The forward of the branch rows over the cache (see :func:`forward_branches_from_cache`).
+
+    Returns ``(result, tokens, single)``: ``result`` is the model's output, or, with ``rows`` (a
+    factory ``rows(valid)`` of a context manager entered around the forward; ``valid`` [B, R]
+    marks the real rows), what that context yields; None when there is no branch row. ``tokens``
+    [B, R] are the branch rows' ids, ``single`` whether the inputs were 1-D."""
+    branch_pos, branch_tok, single = _as_batch(branch_pos, branch_tok)
+    length = past_key_values.get_seq_length()
+    if position_ids.shape[-1] != length:
+        raise ValueError(f"position_ids cover {position_ids.shape[-1]} tokens but the cache holds {length}")
+    seq_lens = torch.as_tensor(seq_lens, device=position_ids.device).reshape(-1)
+    tokens, positions = _branch_rows(model, position_ids, seq_lens, branch_pos, branch_tok)
+    batch, n_rows = tokens.shape
+    if n_rows == 0:
+        return None, tokens, single
+    # Keys: [T cached sequence keys, R branch keys]; branch r sees x_0 … x_t and itself.
+    branch_pos = branch_pos.to(tokens.device)
+    sees_seq = torch.arange(length, device=tokens.device)[None, None, :] <= branch_pos[:, :, None]
+    sees_self = torch.eye(n_rows, dtype=torch.bool, device=tokens.device)[None].expand(batch, n_rows, n_rows)
+    with (rows(branch_pos >= 0) if rows is not None else contextlib.nullcontext()) as captured:
+        out = model(
+            input_ids=tokens,
+            attention_mask=_kernel_mask(model, torch.cat([sees_seq, sees_self], dim=-1)[:, None]),  # [B, 1, R, T + R]
+            position_ids=positions,
+            past_key_values=past_key_values,
+            use_cache=True,
+        )
+    past_key_values.crop(-n_rows)
+    return (out if captured is None else captured), tokens, single
+
+
 def forward_branches_from_cache(
     model,
     past_key_values,
@@ -319,28 +353,36 @@ def forward_branches_from_cache(
     Returns ``branch_logits`` [B, R, V] ([R, V] for 1-D inputs).
 
     The branch keys are appended to the cache for the forward and cropped off afterwards, so the
-    cache is as it was and branches can be run in several chunks.
+    cache is as it was and branches can be run in several chunks. :func:`branch_hidden_from_cache`
+    is the same forward with the head left to the caller, on the real rows only.
     """
-    branch_pos, branch_tok, single = _as_batch(branch_pos, branch_tok)
-    length = past_key_values.get_seq_length()
-    if position_ids.shape[-1] != length:
-        raise ValueError(f"position_ids cover {position_ids.shape[-1]} tokens but the cache holds {length}")
-    seq_lens = torch.as_tensor(seq_lens, device=position_ids.device).reshape(-1)
-    tokens, positions = _branch_rows(model, position_ids, seq_lens, branch_pos, branch_tok)
-    batch, n_rows = tokens.shape
-    if n_rows == 0:
+    out, tokens, single = _continue_from_cache(model, past_key_values, position_ids, branch_pos, branch_tok, seq_lens)
+    if out is None:
         vocab = model.get_output_embeddings().weight.shape[0]
         empty = torch.zeros((tokens.shape[0], 0, vocab), dtype=model.dtype, device=tokens.device)
         return empty[0] if single else empty
-    # Keys: [T cached sequence keys, R branch keys]; branch r sees x_0 … x_t and itself.
-    sees_seq = torch.arange(length, device=tokens.device)[None, None, :] <= branch_pos.to(tokens.device)[:, :, None]
-    sees_self = torch.eye(n_rows, dtype=torch.bool, device=tokens.device)[None].expand(batch, n_rows, n_rows)
-    out = model(
-        input_ids=tokens,
-        attention_mask=_kernel_mask(model, torch.cat([sees_seq, sees_self], dim=-1)[:, None]),  # [B, 1, R, T + R]
-        position_ids=positions,
-        past_key_values=past_key_values,
-        use_cache=True,
-    )
-    past_key_values.crop(-n_rows)
     return out.logits[0] if single else out.logits
+
+
+def branch_hidden_from_cache(
+    model,
+    past_key_values,
+    position_ids: torch.Tensor,
+    branch_pos: torch.Tensor,
+    branch_tok: torch.Tensor,
+    seq_lens: torch.Tensor | int,
+) -> torch.Tensor:
+    """The forward of :func:`forward_branches_from_cache`, but the output head runs on no row
+    (``logits.hidden_at``): returns the final hidden states [N, d] of the N real branch rows
+    (``branch_pos >= 0``) in (sample, row) order, for the caller to apply the head to (padded
+    rows of a batch never reach the head). Same arguments; the cache is left as it was."""
+    def real_rows(valid):
+        b, r = torch.nonzero(valid, as_tuple=True)
+        return hidden_at(model, b, r)
+
+    captured, tokens, _ = _continue_from_cache(model, past_key_values, position_ids, branch_pos, branch_tok,
+                                               seq_lens, rows=real_rows)
+    if captured is None:
+        hidden = model.get_output_embeddings().weight.shape[1]
+        return torch.zeros((0, hidden), dtype=model.dtype, device=tokens.device)
+    return captured.rows

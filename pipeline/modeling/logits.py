@@ -3,7 +3,7 @@ are most of a forward's memory, and the head's matmul much of its time, so both 
 output head only where a distribution is read.
 
 * :func:`kept_rows` — for HF's ``logits_to_keep``: the union of the positions a batch reads, and
-  each position's row in the kept logits (Stage 1's teacher, the evaluator's agreement).
+  each position's row in the kept logits (the evaluator's agreement).
 * :func:`logits_at` — a forward pre-hook on the output head: logits at given (sample, position)
   pairs (Stage 2's losses, and the sequence rows of ``branches.forward_with_branches``).
 * :func:`hidden_at` — the same pre-hook, but the head runs on no row: the forward yields the final

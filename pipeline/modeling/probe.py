@@ -257,8 +257,8 @@ def turn_saliency(block: torch.Tensor, turn_rows: Sequence[torch.Tensor]) -> tor
             continue
         mean = block[torch.as_tensor(idx, dtype=torch.long, device=block.device)].float().mean(0)
         total = mean.sum()
-        if total > 0:
-            out[j] = mean / total
+        # A `where`, not an `if`: no device sync per turn (0 / 0 on the unused side is discarded).
+        out[j] = torch.where(total > 0, mean / total, torch.zeros_like(mean))
     return out
 
 
