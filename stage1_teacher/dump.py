@@ -58,6 +58,7 @@ from schemas.manifest import (
 from schemas.signals import array_specs, saliency_coverage, signal_bytes
 from stage1_teacher.config import DumpConfig
 from stage1_teacher.executors import make_executor
+from stage1_teacher.proposer import candidates_provenance
 
 log = logging.getLogger("stage1.dump")
 
@@ -88,7 +89,14 @@ def store_settings(cfg: DumpConfig, teacher: ModelIdentity, processor) -> dict:
         "signals": to_dict(cfg.signals),
         "shard_size": cfg.output.shard_size,
         "seed": cfg.seed,
-    }
+    } | _candidates(cfg)
+
+
+def _candidates(cfg: DumpConfig) -> dict:
+    """Where the TPA candidates come from, recorded only when a student proposes them (a store of
+    the teacher's own candidates keeps the settings it always had, so older stores still resume)."""
+    tc = cfg.signals.transitions
+    return {"candidates": candidates_provenance(tc)} if tc.enabled and tc.candidates_from is not None else {}
 
 
 def _own_file(name: str) -> bool:

@@ -14,7 +14,8 @@ response position of one is the j-th of the other. :meth:`StudentProposer.propos
 their gold tokens agree.
 
 Like the teacher, the student's output head runs only at the response rows, in row chunks
-(``pipeline.modeling.logits.hidden_at``), one float32 log-softmax per row at the dump temperature.
+(``pipeline.modeling.logits.hidden_at``), one float32 log-softmax per row at the dump temperature;
+its top-K is the teacher's own candidate rule (``topk.row_statistics``).
 Draws (``choice: sample``) are Gumbel-top-K with one generator per sample seeded by (seed, sample
 id): a function of the sample alone, whatever the batch.
 """
@@ -37,6 +38,7 @@ from pipeline.modeling.branches import placeholder_ids
 from pipeline.modeling.logits import hidden_at, output_head, real_vocab_size
 from pipeline.processors import load_processor
 from schemas.fingerprints import ModelIdentity, chat_template_fingerprint, tokenizer_fingerprint
+from stage1_teacher.topk import HeadRows, log_softmax_f32, row_statistics
 
 CHUNK_ROWS = 256
 
@@ -54,51 +56,44 @@ class Proposal:
     gold_logprob: np.ndarray
 
 
-def propose_from_logprobs(
-    logprobs: torch.Tensor,
-    gold: torch.Tensor,
-    k: int,
-    exclude: torch.Tensor,
-    choice: str = "top",
-    generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Candidates from normalised log-probs ``logprobs`` [n, V] (any row count, float32).
-
-    ``gold`` [n]: the token each row must not propose; ``exclude`` [e]: tokens no row may propose.
-    ``choice="top"``: the ``k`` most probable allowed tokens, by decreasing probability (ties: as
-    ``torch.topk`` orders them); ``"sample"``: ``k`` draws without replacement from the allowed
-    tokens' renormalised distribution (Gumbel-top-k; ``generator`` required), in draw order.
-    Returns ``ids`` [n, k] (-1 where fewer than k tokens are allowed), their ``logprobs`` [n, k]
-    (-inf there) and the gold token's log-prob [n].
-    """
+def draw_candidates(
+    logprobs: torch.Tensor, gold: torch.Tensor, k: int, exclude: torch.Tensor, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``k`` draws without replacement per row from the distribution ``exp(logprobs)`` [n, V]
+    restricted to the allowed tokens (neither ``gold`` [n] nor in ``exclude``) and renormalised:
+    Gumbel-top-k (the k largest of ``logprobs + Gumbel noise`` are such draws, in draw order).
+    Returns ``ids`` [n, k] (-1 where fewer than k tokens of nonzero mass are allowed) and their
+    log-probs [n, k] (-inf there)."""
     n, vocab = logprobs.shape
-    gold_lp = logprobs.gather(1, gold[:, None]).squeeze(1)
-    if choice == "top":
-        # The k best allowed tokens are among the k + 1 + |exclude| best tokens: no [n, V] mask needed.
-        width = min(vocab, k + 1 + exclude.numel())
-        lp, ids = torch.topk(logprobs, width, dim=1)
-        banned = (ids == gold[:, None]) | torch.isin(ids, exclude)
-        order = torch.sort(banned.to(torch.int8), dim=1, stable=True).indices[:, :k]  # allowed first, in rank order
-        ids, lp, banned = ids.gather(1, order), lp.gather(1, order), banned.gather(1, order)
-    elif choice == "sample":
-        if generator is None:
-            raise ValueError("choice='sample' needs a generator")
-        u = torch.rand(logprobs.shape, generator=generator, device=logprobs.device, dtype=logprobs.dtype)
-        scores = logprobs - torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # + Gumbel(0, 1)
-        scores[torch.arange(n, device=logprobs.device), gold] = -torch.inf
-        scores[:, exclude] = -torch.inf
-        top, ids = torch.topk(scores, min(k, vocab), dim=1)
-        lp = logprobs.gather(1, ids)
-        banned = ~torch.isfinite(top) | ~torch.isfinite(lp)
-    else:
-        raise ValueError(f"choice must be 'top' or 'sample', got {choice!r}")
-    if ids.shape[1] < k:  # a vocabulary smaller than k + 1
+    u = torch.rand(logprobs.shape, generator=generator, device=logprobs.device, dtype=logprobs.dtype)
+    scores = logprobs - torch.log(-torch.log(u.clamp_min(torch.finfo(u.dtype).tiny)))  # + Gumbel(0, 1)
+    scores[torch.arange(n, device=logprobs.device), gold] = -torch.inf
+    scores[:, exclude] = -torch.inf
+    top, ids = torch.topk(scores, min(k, vocab), dim=1)
+    lp = logprobs.gather(1, ids)
+    missing = ~torch.isfinite(top) | ~torch.isfinite(lp)
+    if ids.shape[1] < k:  # a vocabulary smaller than k
         pad = k - ids.shape[1]
         ids, lp = F.pad(ids, (0, pad), value=-1), F.pad(lp, (0, pad), value=-torch.inf)
-        banned = F.pad(banned, (0, pad), value=True)
-    ids = torch.where(banned, -1, ids)
-    lp = torch.where(banned, -torch.inf, lp)
-    return ids, lp, gold_lp
+        missing = F.pad(missing, (0, pad), value=True)
+    return ids.masked_fill(missing, -1), lp.masked_fill(missing, -torch.inf)
+
+
+def candidates_provenance(transitions) -> dict:
+    """What a store records of where its TPA candidates came from (``TransitionsConfig``)."""
+    if transitions.candidates_from is None:
+        return {"source": "teacher"}
+    student = ModelIdentity.read(transitions.candidates_from)
+    return {
+        "source": "student",
+        "path": student.path,
+        "model_type": student.model_type,
+        "config_fingerprint": student.config_fingerprint,
+        "weights_fingerprint": student.weights_fingerprint(),
+        "engine": "transformers",
+        "choice": transitions.candidate_choice,
+        "selection_mass": transitions.selection_mass,
+    }
 
 
 def _sample_seed(seed: int, sample_id: str) -> int:
@@ -134,18 +129,6 @@ class StudentProposer:
         self.exclude = torch.tensor(placeholder_ids(self.model), dtype=torch.long, device=self.device)
         self.candidates, self.choice, self.temperature, self.seed = candidates, choice, temperature, seed
 
-    def provenance(self) -> dict:
-        """What the store records of where its candidates came from."""
-        return {
-            "source": "student",
-            "path": self.path,
-            "model_type": self.identity.model_type,
-            "config_fingerprint": self.identity.config_fingerprint,
-            "weights_fingerprint": self.identity.weights_fingerprint(),
-            "engine": "transformers",
-            "choice": self.choice,
-        }
-
     def encode(self, record, max_length: int) -> EncodedSample:
         """The record through the student's own processor (raises ``SampleError`` like the teacher's)."""
         return encode(record, self.processor, max_length)
@@ -177,18 +160,21 @@ class StudentProposer:
         bias = None if bias is None else bias[: self.vocab_size]
         gold = torch.as_tensor(np.concatenate([e.input_ids[e.response_positions + 1] for e in batch]), device=self.device)
         out_ids, out_lp, out_gold = [], [], []
-        start = 0
-        for e, n in zip(batch, counts):
-            gen = None
-            if self.choice == "sample":
+        if self.choice == "top":  # the whole batch's rows at once, as the teacher's own candidates
+            stats = row_statistics(HeadRows(captured.rows, weight, bias), 0, temperature=self.temperature,
+                                   gold=gold, candidates=self.candidates, exclude_ids=banned)
+            out_ids, out_lp, out_gold = [stats.cand_ids], [stats.cand_logprobs], [stats.gold_logprob]
+        else:
+            start = 0
+            for e, n in zip(batch, counts):  # one sample's rows, in chunks: its draws depend on it alone
                 gen = torch.Generator(device=self.device).manual_seed(_sample_seed(self.seed, e.sample_id))
-            for lo in range(start, start + n, CHUNK_ROWS):  # one sample's rows, in chunks: draws depend on it alone
-                hi = min(lo + CHUNK_ROWS, start + n)
-                logits = F.linear(captured.rows[lo:hi], weight, bias).float()
-                lp = torch.log_softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=-1)
-                ids, clp, glp = propose_from_logprobs(lp, gold[lo:hi], self.candidates, banned, self.choice, gen)
-                out_ids.append(ids), out_lp.append(clp), out_gold.append(glp)
-            start += n
+                for lo in range(start, start + n, CHUNK_ROWS):
+                    hi = min(lo + CHUNK_ROWS, start + n)
+                    lp = log_softmax_f32(HeadRows(captured.rows[lo:hi], weight, bias), self.temperature)
+                    ids, clp = draw_candidates(lp, gold[lo:hi], self.candidates, banned, gen)
+                    out_ids.append(ids), out_lp.append(clp)
+                    out_gold.append(lp.gather(1, gold[lo:hi, None]).squeeze(1))
+                start += n
         k = self.candidates
         ids = torch.cat(out_ids).cpu().numpy() if out_ids else np.zeros((0, k), np.int64)
         lps = torch.cat(out_lp).cpu().numpy() if out_lp else np.zeros((0, k), np.float32)

@@ -43,9 +43,11 @@ def dump_shard(
     with writing(f"shard {shard} of {store_dir}"), ShardWriter(store_dir, shard, specs, META_SCHEMA) as writer:
         pending: list = []  # encoded samples and skip records, in record order
 
+        student: dict = {}  # with a proposer (candidates_from): each sample's encoding by the student's processor
+
         def flush() -> None:
             encoded = [p for p in pending if not isinstance(p, SampleError)]
-            results = _signals_or_per_sample(teacher, encoded, layers)
+            results = _signals_or_per_sample(teacher, encoded, layers, student or None)
             for item in pending:
                 if isinstance(item, SampleError):
                     writer.add_skipped(item.skip_id, item.reason, item.detail)
@@ -59,14 +61,19 @@ def dump_shard(
             if progress is not None:
                 progress(len(pending), sum(e.length for e in encoded))
             pending.clear()
+            student.clear()
 
         n_encoded = 0
+        proposer = getattr(teacher, "proposer", None)
         for rec in records:
             if isinstance(rec, BadRecord):
                 pending.append(rec.error)
                 continue
             try:
-                pending.append(encode(rec, teacher.processor, max_length))
+                enc = encode(rec, teacher.processor, max_length)
+                if proposer is not None:  # the student reads the record through its own processor
+                    student[enc.sample_id] = proposer.encode(rec, max_length)
+                pending.append(enc)
                 n_encoded += 1
             except SampleError as e:
                 pending.append(e)
@@ -78,11 +85,12 @@ def dump_shard(
     return writer.info  # set by the clean __exit__, which finalised the shard
 
 
-def _signals_or_per_sample(teacher, encoded: list, layers: list[int]) -> dict:
+def _signals_or_per_sample(teacher, encoded: list, layers: list[int], student: dict | None = None) -> dict:
     if not encoded:
         return {}
     try:
-        return {s.sample_id: s for s in teacher.signals(encoded, layers)}
+        extra = {} if student is None else {"student": student}
+        return {s.sample_id: s for s in teacher.signals(encoded, layers, **extra)}
     except PipelineError:  # a setting is wrong, not a sample: stop the dump
         raise
     except Exception as batch_error:  # noqa: BLE001 - isolate the failing sample, then report it
@@ -92,5 +100,5 @@ def _signals_or_per_sample(teacher, encoded: list, layers: list[int]) -> dict:
         log.warning("teacher failed on a batch of %d (%r); retrying one by one", len(encoded), batch_error)
         out = {}
         for e in encoded:
-            out |= _signals_or_per_sample(teacher, [e], layers)
+            out |= _signals_or_per_sample(teacher, [e], layers, student)
         return out

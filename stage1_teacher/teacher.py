@@ -61,7 +61,8 @@ from pipeline.modeling.probe import (
     turn_saliency,
     turns_see_image,
 )
-from stage1_teacher.topk import HeadRows, choose_transitions, row_statistics, sample_uniforms
+from stage1_teacher.proposer import Proposal, StudentProposer
+from stage1_teacher.topk import HeadRows, Transitions, choose_transitions, row_statistics, sample_uniforms
 
 log = logging.getLogger("stage1.teacher")
 
@@ -93,6 +94,13 @@ class Teacher:
         # The head the teacher applies itself, to the stored rows only; its padded rows are no token.
         weight, bias = output_head(self.model)
         self.head = (weight[: self.vocab_size], None if bias is None else bias[: self.vocab_size])
+        tc = signals.transitions
+        self.proposer = None
+        if tc.enabled and tc.candidates_from is not None:
+            self.proposer = StudentProposer(
+                tc.candidates_from, self.processor, candidates=tc.candidates, choice=tc.candidate_choice,
+                temperature=signals.temperature, seed=seed, device=cfg.device, dtype=cfg.dtype,
+            )
 
     def check_layers(self, layers: list[int]) -> None:
         bad = [x for x in layers if not 0 <= x < self.n_layers]
@@ -108,10 +116,19 @@ class Teacher:
         return HeadRows(hidden, *self.head)
 
     @torch.inference_mode()
-    def signals(self, batch: list[EncodedSample], layers: list[int]) -> list[SampleSignals]:
-        """Every stored signal of each sample in ``batch`` (one forward + one branch continuation)."""
+    def signals(self, batch: list[EncodedSample], layers: list[int],
+                student: dict[str, EncodedSample] | None = None) -> list[SampleSignals]:
+        """Every stored signal of each sample in ``batch`` (one forward + one branch continuation).
+
+        With a proposer (``signals.transitions.candidates_from``), ``student`` holds each sample's
+        encoding by the student's processor (``self.proposer.encode``), keyed by sample id."""
         cfg = self.signals_cfg
         self.check_layers(layers)
+        proposals = None
+        if cfg.transitions.enabled and self.proposer is not None:
+            if student is None or any(e.sample_id not in student for e in batch):
+                raise PipelineError("signals.transitions.candidates_from: the student's encoding of every sample is needed")
+            proposals = self.proposer.propose([student[e.sample_id] for e in batch], batch, exclude=self.no_candidates)
         inputs = self._inputs(batch)
         position_ids = sequence_position_ids(self.model, inputs)
         indices = [sample_indices(e) for e in batch]
@@ -148,11 +165,14 @@ class Teacher:
                 sample_uniforms(len(r), cfg.sampled.draws, torch.Generator().manual_seed(sample_seed(self.seed, e.sample_id)))
                 for e, r in zip(batch, resp)
             ])
+        own_candidates = want_branches and proposals is None
         resp_stats = row_statistics(
             self.head_rows(resp_hidden), cfg.top_k, temperature=cfg.temperature,
             gold=self._device_long(gold) if want_branches else None,
-            candidates=cfg.transitions.candidates if want_branches else 0,
+            candidates=cfg.transitions.candidates if own_candidates else 0,
             exclude_ids=self.no_candidates, uniforms=uniforms,
+            # the student's candidates: the teacher's exact log-probs of them, from the same pass
+            at_ids=None if proposals is None else self._device_long(np.concatenate([p.ids for p in proposals])),
         )
         host = _to_host(vars(resp_stats) | {f"vis_{k}": v for k, v in vars(vis_stats).items()})
 
@@ -186,13 +206,7 @@ class Teacher:
                 width = int((counts > 0).sum(1).max()) if len(counts) else 0  # this sample's widest row
                 sig.sample_ids, sig.sample_counts = ids[:, :width], counts[:, :width]
             if want_branches:
-                tr = choose_transitions(
-                    *(torch.from_numpy(per_sample[name][b]) for name in ("gold_logprob", "cand_ids", "cand_logprobs")),
-                    torch.from_numpy(resp[b]),
-                    min_prob=cfg.transitions.min_prob,
-                    min_alt_mass=cfg.transitions.min_alt_mass,
-                    max_positions=cfg.transitions.max_positions,
-                )
+                tr = self._choose(per_sample, b, resp[b], None if proposals is None else proposals[b])
                 sig.tpa_pos = tr.cand_positions.numpy()
                 sig.tpa_cand = tr.cand_ids.numpy()
                 sig.tpa_cand_logprob = tr.cand_logprobs.numpy()
@@ -202,6 +216,20 @@ class Teacher:
         if want_branches:
             self._transitions(results, branches, out.past_key_values, position_ids, inputs)
         return results
+
+    def _choose(self, per_sample: dict, b: int, resp: np.ndarray, proposal: Proposal | None) -> Transitions:
+        """Sample ``b``'s branch positions and candidates: the teacher's own top-K, or the student's
+        proposal scored by the teacher (its log-probs stored; the student's gate ``min_prob``; the
+        positions selected by the mass ``selection_mass`` names)."""
+        tc = self.signals_cfg.transitions
+        gate = dict(min_prob=tc.min_prob, min_alt_mass=tc.min_alt_mass, max_positions=tc.max_positions)
+        teacher_gold = torch.from_numpy(per_sample["gold_logprob"][b])
+        if proposal is None:
+            return choose_transitions(teacher_gold, torch.from_numpy(per_sample["cand_ids"][b]),
+                                      torch.from_numpy(per_sample["cand_logprobs"][b]), torch.from_numpy(resp), **gate)
+        gold = teacher_gold if tc.selection_mass == "teacher" else torch.from_numpy(proposal.gold_logprob)
+        return choose_transitions(gold, torch.from_numpy(proposal.ids), torch.from_numpy(per_sample["at_logprobs"][b]),
+                                  torch.from_numpy(resp), proposer_logprobs=torch.from_numpy(proposal.logprobs), **gate)
 
     def _transitions(self, results: list[SampleSignals], branches, cache, position_ids, inputs) -> None:
         """Each sample's ``tpa_ids`` / ``tpa_logprobs``: the top-k' of its branch rows, run as a

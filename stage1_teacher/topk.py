@@ -107,6 +107,7 @@ class RowStatistics:
     cand_logprobs: torch.Tensor | None = None  # float32 [N, K]: their log-probs, -inf where id is -1
     sample_ids: torch.Tensor | None = None  # int64 [N, draws]: unique drawn ids, ascending, padded with -1
     sample_counts: torch.Tensor | None = None  # int32 [N, draws]: their counts (sum = draws), padded with 0
+    at_logprobs: torch.Tensor | None = None  # float32 [N, m]: log-probs of given ids (``at_ids``), -inf where -1
 
 
 def row_statistics(
@@ -118,6 +119,7 @@ def row_statistics(
     candidates: int = 0,
     exclude_ids: torch.Tensor | None = None,
     uniforms: torch.Tensor | None = None,
+    at_ids: torch.Tensor | None = None,
     chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> RowStatistics:
     """Every statistic a stored row needs, from one float32 log-softmax per row.
@@ -127,7 +129,9 @@ def row_statistics(
     ``candidates`` K > 0 (needs ``gold``): per row the K most probable ids that are neither the
     gold token nor in ``exclude_ids``. ``uniforms`` [N, n_draws] in [0, 1): the sampled target,
     one draw per uniform by inverse CDF (:func:`_draw`), so the draws are a function of the
-    uniforms and the row only, whatever the chunking or the other rows.
+    uniforms and the row only, whatever the chunking or the other rows. ``at_ids`` [N, m]: the
+    log-probs of given ids per row (-1: none; -inf there), e.g. a student's candidates the teacher
+    scores (``stage1_teacher.proposer``).
 
     Candidates without a ``[N, V]`` mask: the banned ids of a row are at most ``1 + n_excluded``
     distinct ids, so the top ``K + 1 + n_excluded`` of the row hold at least K allowed ids, and
@@ -153,6 +157,12 @@ def row_statistics(
         if uniforms.ndim != 2 or uniforms.shape[0] != n or uniforms.shape[1] < 1:
             raise ValueError(f"uniforms must be [N={n}, draws >= 1], got shape {tuple(uniforms.shape)}")
         uniforms = uniforms.to(logits.device, torch.float32)
+    if at_ids is not None:
+        if at_ids.ndim != 2 or at_ids.shape[0] != n:
+            raise ValueError(f"at_ids must be [N={n}, m], got shape {tuple(at_ids.shape)}")
+        at_ids = at_ids.to(logits.device).long()
+        if bool(((at_ids < -1) | (at_ids >= v)).any()):
+            raise ValueError(f"at_ids must be token ids in [0, {v}) or -1")
     banned = torch.zeros(0, dtype=torch.int64, device=logits.device)
     if exclude_ids is not None:
         banned = torch.unique(exclude_ids.to(logits.device).long())
@@ -172,7 +182,12 @@ def row_statistics(
     if uniforms is not None:  # as wide as the draws: no device sync to find the widest row
         out.sample_ids = torch.full(uniforms.shape, -1, dtype=torch.int64, device=logits.device)
         out.sample_counts = torch.zeros(uniforms.shape, dtype=torch.int32, device=logits.device)
+    if at_ids is not None:
+        out.at_logprobs = torch.empty(at_ids.shape, dtype=torch.float32, device=logits.device)
     for rows, lp in _logprob_chunks(logits, temperature, chunk_rows):
+        if at_ids is not None:
+            picked = lp.gather(1, at_ids[rows].clamp_min(0))
+            out.at_logprobs[rows] = picked.masked_fill(at_ids[rows] < 0, -math.inf)
         top_lp, top_id = torch.topk(lp, top_width, dim=-1) if top_width else (lp[:, :0], lp[:, :0].long())
         out.top_logprobs[rows], out.top_ids[rows] = top_lp[:, :k], top_id[:, :k]
         if gold is not None:
@@ -305,9 +320,14 @@ def choose_transitions(
     min_prob: float = 0.01,
     min_alt_mass: float = 0.05,
     max_positions: int = 64,
+    proposer_logprobs: torch.Tensor | None = None,
 ) -> Transitions:
     """The selection of :func:`select_transitions` from one sample's :class:`RowStatistics`
-    (``gold_logprob`` [N], ``cand_ids`` / ``cand_logprobs`` [N, K]; small tensors, on any device)."""
+    (``gold_logprob`` [N], ``cand_ids`` / ``cand_logprobs`` [N, K]; small tensors, on any device).
+
+    With candidates another model proposed (``stage1_teacher.proposer``): ``cand_logprobs`` are the
+    teacher's (stored, the TPA weights), ``proposer_logprobs`` [N, K] the proposer's, which
+    ``min_prob`` applies to; ``gold_logprob`` is whichever model's mass selects the positions."""
     n = gold_logprob.shape[0]
     if cand_ids.shape != cand_logprobs.shape or cand_ids.ndim != 2 or cand_ids.shape[0] != n:
         raise ValueError(f"cand_ids and cand_logprobs must both be [N={n}, K], got "
@@ -320,7 +340,10 @@ def choose_transitions(
     positions = positions.to(device)
     log_min_prob = math.log(min_prob) if min_prob > 0 else -math.inf
     alt_mass = -torch.expm1(gold_logprob)  # 1 - p(gold), without cancellation near p(gold) = 1
-    keep_cand = (cand_logprobs >= log_min_prob) & torch.isfinite(cand_logprobs)  # [N, K]; missing (-inf) never passes
+    gate = cand_logprobs if proposer_logprobs is None else proposer_logprobs.to(device)
+    if gate.shape != cand_ids.shape:
+        raise ValueError(f"proposer_logprobs must be [N={n}, K={cand_ids.shape[1]}], got {tuple(gate.shape)}")
+    keep_cand = (gate >= log_min_prob) & torch.isfinite(gate) & (cand_ids >= 0)  # [N, K]; missing (-1, -inf) never passes
     eligible = (alt_mass >= min_alt_mass) & keep_cand.any(dim=1)
     rows = torch.nonzero(eligible).squeeze(1)
     if rows.numel() > max_positions:

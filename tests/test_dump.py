@@ -176,10 +176,16 @@ def test_saliency_equals_eager_attention(store, tiny_teacher_dir, dataset):
 
 def test_transitions_equal_plain_forward(store, tiny_teacher_dir, dataset):
     """Each stored branch distribution equals a forward of x<=t followed by the candidate. Tolerance 1e-4."""
-    model, _, encoded = teacher_and_samples(tiny_teacher_dir, dataset)
+    assert_transitions_equal_plain_forward(store, tiny_teacher_dir, dataset, ("s01", "s03", "s05"))
+
+
+def assert_transitions_equal_plain_forward(store: Path, teacher_dir: Path, dataset: Path, sample_ids) -> None:
+    """Every third stored branch row of ``sample_ids`` (after every image) against a plain forward of
+    x<=t followed by its candidate; the candidate's stored log-prob against the plain forward at t."""
+    model, _, encoded = teacher_and_samples(teacher_dir, dataset)
     reader = StoreReader(store)
     checked = 0
-    for sid in ("s01", "s03", "s05"):
+    for sid in sample_ids:
         enc, sig = encoded[sid], unpack(reader.get(sid))
         assert len(sig.tpa_pos) > 0
         assert set(sig.tpa_pos) <= set(sig.resp_pos)
@@ -197,6 +203,9 @@ def test_transitions_equal_plain_forward(store, tiny_teacher_dir, dataset):
             with torch.no_grad():
                 logp = torch.log_softmax(model(**inputs).logits[0, -1].float(), -1)
             np.testing.assert_allclose(sig.tpa_logprobs[r], logp[torch.as_tensor(sig.tpa_ids[r])].numpy(), atol=1e-4)
+            with torch.no_grad():
+                at_t = torch.log_softmax(model(**enc.model_inputs).logits[0, t].float(), -1)
+            np.testing.assert_allclose(sig.tpa_cand_logprob[r], float(at_t[c]), atol=1e-4)
             checked += 1
     assert checked >= 3
 

@@ -3,7 +3,6 @@ the student's full-logits forward on its own encoding, log-softmax, and a plain 
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
@@ -17,25 +16,7 @@ from pipeline.modeling.batching import collate_model_inputs
 from pipeline.modeling.branches import placeholder_ids
 from pipeline.processors import load_processor
 from pipeline.tools.tiny import save_tiny_vlm
-from stage1_teacher.proposer import StudentProposer, propose_from_logprobs
-
-
-def test_top_proposals_are_the_best_allowed_tokens_in_rank_order():
-    lp = torch.log_softmax(torch.tensor([[0.0, 5.0, 4.0, 3.0, 2.0, 1.0],
-                                         [9.0, 1.0, 2.0, 3.0, 4.0, 5.0]]), -1)
-    gold = torch.tensor([1, 5])
-    ids, clp, glp = propose_from_logprobs(lp, gold, 3, torch.tensor([2]))
-    # row 0: gold 1 and placeholder 2 out -> 3, 4, 5; row 1: gold 5 and 2 out -> 0, 4, 3
-    assert ids.tolist() == [[3, 4, 5], [0, 4, 3]]
-    torch.testing.assert_close(clp, lp.gather(1, ids))
-    torch.testing.assert_close(glp, lp[[0, 1], gold])
-
-
-def test_a_row_with_fewer_allowed_tokens_than_k_pads_with_minus_one():
-    lp = torch.log_softmax(torch.tensor([[1.0, 2.0, 3.0]]), -1)
-    ids, clp, _ = propose_from_logprobs(lp, torch.tensor([2]), 3, torch.tensor([0]))
-    assert ids.tolist() == [[1, -1, -1]]
-    assert math.isinf(float(clp[0, 1])) and float(clp[0, 1]) < 0
+from stage1_teacher.proposer import StudentProposer, draw_candidates
 
 
 def test_sampled_proposals_follow_the_allowed_distribution_without_replacement():
@@ -45,7 +26,7 @@ def test_sampled_proposals_follow_the_allowed_distribution_without_replacement()
     lp = p.log()[None].expand(4000, 6).contiguous()
     gold = torch.full((4000,), 1)
     gen = torch.Generator().manual_seed(0)
-    ids, clp, _ = propose_from_logprobs(lp, gold, 3, torch.tensor([5]), "sample", gen)
+    ids, clp = draw_candidates(lp, gold, 3, torch.tensor([5]), gen)
     assert not bool(((ids == 1) | (ids == 5)).any())
     assert all(len(set(r)) == 3 for r in ids.tolist())
     allowed = torch.tensor([0, 2, 3, 4])
@@ -103,6 +84,13 @@ def test_student_proposals_equal_the_students_own_top_k(setup):
         np.testing.assert_allclose(prop.gold_logprob, lp[rows, gold].numpy(), atol=1e-5)
 
 
+def test_draws_pad_when_too_few_tokens_are_allowed():
+    lp = torch.log(torch.tensor([[0.5, 0.5, 0.0]]))
+    ids, clp = draw_candidates(lp, torch.tensor([0]), 3, torch.tensor([], dtype=torch.long), torch.Generator().manual_seed(0))
+    assert ids.tolist() == [[1, -1, -1]]  # the gold 0 is out, and 2 has no mass
+    assert float(clp[0, 1]) == -float("inf")
+
+
 def test_sampled_student_proposals_depend_on_the_sample_alone(setup):
     teacher, student, records = setup
     teacher_proc = load_processor(teacher)
@@ -137,3 +125,50 @@ def test_misaligned_samples_are_refused(setup):
     theirs = [encode(records[1], teacher_proc, 400)]
     with pytest.raises(PipelineError, match="reads other response tokens than the teacher"):
         proposer.propose(mine, theirs)
+
+
+def test_a_dump_with_student_candidates_stores_them_scored_by_the_teacher(setup, tmp_path):
+    """End to end (``pipeline run teacher-dump`` with candidates_from): the stored candidates are the
+    student's top-K at the positions the student's alternative mass selects, the store names the
+    student, and the teacher's rows for them equal plain forwards."""
+    import json
+
+    from test_dump import assert_transitions_equal_plain_forward, dump_config
+
+    from schemas import StoreReader
+    from schemas.signals import unpack
+    from stage1_teacher.dump import run
+
+    teacher, student, _ = setup
+    data = make_dataset(tmp_path / "data", n=6)
+    out = tmp_path / "store"
+    k, m = 2, 4
+    run(dump_config(teacher, data, out, **{
+        "signals.transitions.candidates_from": str(student),
+        "signals.transitions.selection_mass": "student",
+        "signals.transitions.candidates": k,
+        "signals.transitions.max_positions": m,
+    }))
+    manifest = json.loads((out / "manifest.json").read_text())
+    settings = json.loads((out / "dump.json").read_text())
+    assert settings["candidates"]["source"] == "student" and settings["candidates"]["path"] == str(student)
+    assert settings["candidates"]["weights_fingerprint"] and settings["candidates"]["selection_mass"] == "student"
+    assert manifest["n_samples"] == 6
+
+    reader = StoreReader(out)
+    records = {r.sample_id: r for r in read_records(data) if not isinstance(r, BadRecord)}
+    student_proc = load_processor(student)
+    from pipeline.data import encode
+
+    for sid in ("s00", "s03", "s05"):
+        sig = unpack(reader.get(sid))
+        mine = encode(records[sid], student_proc, 400)
+        want, lp = _reference(student, [mine], k)[0]
+        rows = torch.as_tensor(mine.response_positions)
+        gold = torch.as_tensor(mine.input_ids[mine.response_positions + 1])
+        alt = -torch.expm1(lp[rows, gold])  # the student's alternative mass selects the positions
+        chosen = sorted(torch.sort(alt, descending=True, stable=True).indices[:m].tolist())
+        expect_pos = np.repeat(sig.resp_pos[chosen], k)
+        np.testing.assert_array_equal(sig.tpa_pos, expect_pos)
+        np.testing.assert_array_equal(sig.tpa_cand, want[chosen].reshape(-1))
+    assert_transitions_equal_plain_forward(out, teacher, data, ("s01", "s03", "s05"))
