@@ -1,6 +1,6 @@
 # Two entry points, both self-contained on a fresh machine (Python 3.11 + pip, no GPU, no hub):
 #   make demo   -- set up .venv and run the end-to-end demo on the embedded default
-#   make test   -- set up .venv and .venv-vllm, run the main suite in .venv and tests/vllm in .venv-vllm
+#   make test   -- set up .venv and .venv-vllm, run the main suite in .venv and tests/on_vllm in .venv-vllm
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -40,8 +40,8 @@ setup: $(VENV)/.installed
 vllm-setup: $(VLLM_VENV)/.installed
 
 test: $(VENV)/.installed $(VLLM_VENV)/.installed
-	$(OFFLINE) $(PY) -m pytest -n 2 --durations=15 --ignore=tests/vllm $(PYTEST_ARGS)
-	$(OFFLINE) VLLM_CPU_KVCACHE_SPACE=1 $(VPY) -m pytest -p no:xdist --durations=15 tests/vllm
+	$(OFFLINE) $(PY) -m pytest -n 2 --durations=15 --ignore=tests/on_vllm $(PYTEST_ARGS)
+	$(OFFLINE) VLLM_CPU_KVCACHE_SPACE=1 $(VPY) -m pytest -p no:xdist --durations=15 tests/on_vllm
 
 demo: $(VENV)/.installed
 	$(OFFLINE) $(VENV)/bin/pipeline demo --out $(DEMO_OUT)

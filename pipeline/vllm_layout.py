@@ -7,7 +7,7 @@ adding it back). vLLM 0.32 expects the legacy names in full, ``vision_tower.visi
 refuses the checkpoint: "There is no module or parameter named 'vision_tower.embeddings'". Stock
 ``LlavaForConditionalGeneration.save_pretrained`` writes the same names, so the mismatch is between
 the two libraries, not ours. transformers reads both names (its CLIP vision model drops a
-``vision_model.`` prefix on load), so a checkpoint in vLLM's layout serves both: ``tests/vllm``
+``vision_model.`` prefix on load), so a checkpoint in vLLM's layout serves both: ``tests/on_vllm``
 checks that an exported checkpoint gives transformers identical logits and vLLM the same log-probs.
 
 Families without a rule (Qwen2-VL and the other Qwen-VL families) keep their names; their

@@ -2,7 +2,7 @@
 model for transformers, the video processor config the stock Qwen-VL processors need.
 
 vLLM itself is not installed in the main suite's venv: that these checkpoints load and generate in
-vLLM is tested in tests/vllm/test_serving.py.
+vLLM is tested in tests/on_vllm/test_vllm_serving.py.
 """
 
 from __future__ import annotations

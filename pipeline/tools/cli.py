@@ -39,6 +39,11 @@ class Job:
 
 
 RUN_JOBS: dict[str, Job] = {
+    "generate": Job(
+        "stage0_generate.config:GenerateConfig",
+        "stage0_generate.generate:run",
+        "Stage 0: answer a LLaVA dataset's instructions with a VLM through vLLM (its venv); resumable",
+    ),
     "teacher-dump": Job(
         "stage1_teacher.config:DumpConfig",
         "stage1_teacher.dump:run",

@@ -1,4 +1,4 @@
-"""What the tests under tests/vllm share: a vLLM engine on CPU for a tiny checkpoint.
+"""What the tests under tests/on_vllm share: a vLLM engine on CPU for a tiny checkpoint.
 
 These tests run in the vLLM venv (`make test` runs them there; `make vllm-setup` builds it). In
 the main venv, `import vllm` fails on purpose: they are never skipped silently.
