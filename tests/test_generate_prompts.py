@@ -4,12 +4,14 @@ side (vLLM) is tested in tests/on_vllm/test_generate.py."""
 
 from __future__ import annotations
 
+import copy as copy_module
 import json
 
 import pytest
 from conftest import write_image, write_json
 
 from pipeline.config import load_config
+from pipeline.data import BadRecord, SampleError
 from pipeline.data.records import Record, Turn
 from pipeline.errors import PipelineError
 from pipeline.processors import load_processor
@@ -97,6 +99,14 @@ def test_bad_records_get_their_reason(tmp_path):
     reasons = {skip["id"]: skip["reason"] for _, skip in results[1:]}
     assert reasons == {"three": TOO_MANY_IMAGES, "tags": "image_tag_mismatch", "missing": "missing_image",
                        "system-only": "malformed_record", "ok@data.json[5]": "malformed_record", "broken": "malformed_record"}
+
+
+def test_a_bad_record_crosses_to_another_process_whole():
+    """Shards go to Ray actors with their bad records: a SampleError is rebuilt from its fields."""
+    bad = BadRecord(SampleError("a", "missing_image", "image 0 not found: x.png", skip_id="a@data.json:3"))
+    copy = copy_module.deepcopy(bad)  # through __reduce__, as Ray's serialisation goes
+    assert (copy.error.sample_id, copy.error.reason, copy.error.detail, copy.error.skip_id) == (
+        "a", "missing_image", "image 0 not found: x.png", "a@data.json:3")
 
 
 def test_generate_reads_llava_files_only(tmp_path):
