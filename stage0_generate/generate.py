@@ -128,6 +128,8 @@ def read_items(cfg: GenerateConfig) -> list[tuple[dict | None, object]]:
 def run(cfg: GenerateConfig, engine=None) -> dict:
     """Answer every record; the provenance written. ``engine``: an ``Engine`` already started on
     ``cfg.model`` for ``workers=0`` to use (tests, notebooks); by default the run starts its own."""
+    if engine is not None and cfg.workers:
+        raise ValueError(f"an engine is for workers=0 (this process); workers={cfg.workers} start their own")
     with output_lock(cfg.output.dir, "generate"):
         return _run(cfg, engine)
 
