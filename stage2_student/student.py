@@ -3,7 +3,8 @@
 Composition is how a 0.5B–2B student is usually born: a small causal LM that shares the teacher's
 tokenizer, a CLIP/SigLIP vision tower, and a randomly initialised LLaVA-style MLP projector. The
 result is a stock ``LlavaForConditionalGeneration`` with a stock ``LlavaProcessor``, so the trained
-student saves and loads with ``save_pretrained``/``from_pretrained`` and needs no code of ours.
+student loads with ``from_pretrained`` and needs no code of ours; it is saved in the weight layout
+that vLLM loads too (``pipeline.vllm_layout``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from transformers import (
 
 from pipeline.errors import PipelineError
 from pipeline.processors import load_processor
+from pipeline.vllm_layout import to_vllm_layout
 from schemas.fingerprints import read_model_config
 from stage2_student.config import StudentConfig
 
@@ -127,9 +129,14 @@ def map_layer(teacher_layer: int, teacher_layers: int, student_layers: int) -> i
 
 
 def save_student(model, processor, out_dir: Path, provenance: dict) -> Path:
-    """``save_pretrained`` for model and processor, and provenance.json beside them."""
+    """``save_pretrained`` for model and processor, and provenance.json beside them.
+
+    The weights are then renamed where vLLM expects other names than transformers writes
+    (``pipeline.vllm_layout``), so the student loads in both; transformers reads either name.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out_dir, safe_serialization=True)
     processor.save_pretrained(out_dir)
+    to_vllm_layout(out_dir)
     (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True))
     return out_dir

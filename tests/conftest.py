@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -13,6 +14,17 @@ from PIL import Image
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+# tests/on_vllm need vLLM, which lives in its own venv (`make test` runs them there). In a venv
+# without it they are not collected, and the report header says so (pytest_report_header).
+HAS_VLLM = importlib.util.find_spec("vllm") is not None
+collect_ignore = [] if HAS_VLLM else ["on_vllm"]
+
+
+def pytest_report_header(config):
+    if not HAS_VLLM:
+        return "tests/on_vllm not collected: vLLM is not installed in this venv (make test runs them in .venv-vllm)"
+    return None
 
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl")
 # Visual blocks per test image (32x32 or 32x48 px): tiled families give one per tile plus the

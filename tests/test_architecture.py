@@ -1,7 +1,7 @@
 """The floors of the code base (docs/architecture.md): every import goes down or sideways, never up.
 
     3  pipeline.tools                    CLI table, demo, inspect, data-check, tiny models, synthetic data
-    2  stage1_teacher | stage2_student   the two stages; neither imports the other
+    2  stage0_generate | stage1_teacher | stage2_student   the stages; none imports another
     1  pipeline (all but pipeline.tools) config, errors, logs, data layer, processors, model mechanics
     0  schemas                           the store format: layout, writer, reader, manifest, verify
 
@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("schemas", "pipeline", "stage1_teacher", "stage2_student")
+PACKAGES = ("schemas", "pipeline", "stage0_generate", "stage1_teacher", "stage2_student")
+STAGES = ("stage0_generate", "stage1_teacher", "stage2_student")
 
 
 def floor(module: str) -> int | None:
@@ -29,7 +30,7 @@ def floor(module: str) -> int | None:
         return 3
     if top == "pipeline":
         return 1
-    if top in ("stage1_teacher", "stage2_student"):
+    if top in STAGES:
         return 2
     return None
 
@@ -108,6 +109,8 @@ def test_no_module_imports_from_a_floor_above_or_across_the_stages():
         ("pipeline.data.records", "def f():\n    from pipeline.tools.tiny import build_tiny_vlm\n", "floor 3) from floor 1"),
         ("stage2_student.distill", "from stage1_teacher import dump\n", "the stages never import each other"),
         ("stage1_teacher.teacher", "from stage2_student.losses import forward_kl\n", "the stages never import each other"),
+        ("stage0_generate.shards", "from stage1_teacher.executors import RayExecutor\n", "the stages never import each other"),
+        ("pipeline.data.encode", "from stage0_generate.prompts import render\n", "floor 2) from floor 1"),
         ("schemas.reader", "from . import signals\nfrom pipeline import config\n", "floor 1) from floor 0"),
     ],
 )
@@ -123,3 +126,4 @@ def test_the_checker_allows_imports_down_and_sideways():
     )
     assert violations(source, "stage2_student.distill") == []
     assert violations("from stage1_teacher.dump import run\nfrom stage2_student import distill\n", "pipeline.tools.demo") == []
+    assert violations("from pipeline.data.encode import message\nfrom schemas.layout import shard_name\n", "stage0_generate.shards") == []

@@ -78,5 +78,5 @@ def test_saved_processor_is_readable_by_stock_class_name(tmp_path, family, stock
 
     d = save_tiny_vlm(tmp_path / "q", family, "student")
     assert json.loads((d / "processor_config.json").read_text())["processor_class"] == stock
-    assert type(load_processor(d)).__mro__[1].__name__ == stock  # image-only subclass of the stock class
+    assert stock in [c.__name__ for c in type(load_processor(d)).__mro__[1:]]  # image-only subclass of the stock class
     assert (d / "model.safetensors").is_file() and not list(d.glob("*.bin"))

@@ -45,6 +45,7 @@ from pipeline.data.records import (
     OVER_LENGTH,
     Record,
     SampleError,
+    Turn,
 )
 
 IGNORE_INDEX = -100
@@ -102,8 +103,9 @@ class EncodedSample:
         return np.concatenate([t.response for t in self.turns]) if self.turns else np.zeros(0, np.int64)
 
 
-def to_messages(record: Record) -> list[dict]:
-    """Chat messages with content items; checks that ``<image>`` tags match the images."""
+def check_image_tags(record: Record) -> None:
+    """SampleError(image_tag_mismatch) unless the ``<image>`` tags stand in human turns only and
+    there is one per image."""
     n_tags = sum(t.text.count(IMAGE_TAG) for t in record.turns if t.role == "user")
     if any(IMAGE_TAG in t.text for t in record.turns if t.role != "user"):
         raise SampleError(record.sample_id, IMAGE_TAG_MISMATCH, "<image> tag outside a human turn")
@@ -113,23 +115,31 @@ def to_messages(record: Record) -> list[dict]:
             IMAGE_TAG_MISMATCH,
             f"{n_tags} <image> tag(s) but {len(record.images)} image(s)",
         )
-    messages = []
+
+
+def message(turn: Turn) -> dict:
+    """One chat message with content items: each ``<image>`` tag of a human turn becomes an image item."""
+    if turn.role == "assistant":
+        return {"role": "assistant", "content": [{"type": "text", "text": turn.text}]}
+    content: list[dict] = []
+    for i, piece in enumerate(turn.text.split(IMAGE_TAG)):
+        if i:
+            content.append({"type": "image"})
+        if piece:
+            content.append({"type": "text", "text": piece})
+    return {"role": turn.role, "content": content}
+
+
+def to_messages(record: Record) -> list[dict]:
+    """Chat messages with content items; checks that ``<image>`` tags match the images and that
+    there is a non-empty answer."""
+    check_image_tags(record)
     for t in record.turns:
-        if t.role == "assistant":
-            if not t.text.strip():
-                raise SampleError(record.sample_id, NO_RESPONSE, "empty assistant response")
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": t.text}]})
-            continue
-        content: list[dict] = []
-        for i, piece in enumerate(t.text.split(IMAGE_TAG)):
-            if i:
-                content.append({"type": "image"})
-            if piece:
-                content.append({"type": "text", "text": piece})
-        messages.append({"role": t.role, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
+        if t.role == "assistant" and not t.text.strip():
+            raise SampleError(record.sample_id, NO_RESPONSE, "empty assistant response")
+    if not any(t.role == "assistant" for t in record.turns):
         raise SampleError(record.sample_id, NO_RESPONSE, "no assistant turn")
-    return messages
+    return [message(t) for t in record.turns]
 
 
 def _render(processor, messages: list[dict], generation_prompt: bool = False) -> str:

@@ -68,6 +68,11 @@ class SampleError(Exception):
         self.sample_id, self.reason, self.detail = sample_id, reason, detail
         self.skip_id = sample_id if skip_id is None else skip_id
 
+    def __reduce__(self):
+        # Rebuilt from its fields when it crosses to another process (a BadRecord handed to a Ray
+        # actor): the default rebuilds an exception from its message alone, which __init__ refuses.
+        return SampleError, (self.sample_id, self.reason, self.detail, self.skip_id)
+
 
 class DataSourceError(PipelineError):
     """The data source as a whole is unusable (missing file, not JSON, unknown layout)."""

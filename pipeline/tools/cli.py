@@ -5,6 +5,7 @@
     pipeline verify STORE                                       # exit 1 on any inconsistency
     pipeline inspect STORE [--sample ID --json] [--out DIR]     # statistics, one sample, PNGs
     pipeline tiny --family llava --preset teacher --out DIR     # a tiny VLM checkpoint (tests, demo)
+    pipeline export-vllm --model DIR --out DIR                  # a copy of a checkpoint that vLLM loads
     pipeline demo --out DIR [--quick] [--seeds N]               # the end-to-end demo
 
 Jobs are listed in ``RUN_JOBS`` as ``"module:ConfigClass"`` and ``"module:function"`` strings,
@@ -38,6 +39,11 @@ class Job:
 
 
 RUN_JOBS: dict[str, Job] = {
+    "generate": Job(
+        "stage0_generate.config:GenerateConfig",
+        "stage0_generate.generate:run",
+        "Stage 0: answer a LLaVA dataset's instructions with a VLM through vLLM (its venv); resumable",
+    ),
     "teacher-dump": Job(
         "stage1_teacher.config:DumpConfig",
         "stage1_teacher.dump:run",
@@ -89,6 +95,14 @@ def _tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export_vllm(args: argparse.Namespace) -> int:
+    from pipeline.vllm_layout import export_for_vllm
+
+    out = export_for_vllm(args.model, args.out)
+    log.info("%s exported for vLLM to %s", args.model, out)
+    return 0
+
+
 def _verify(args: argparse.Namespace) -> int:
     from pipeline.tools.inspect_store import main_verify
 
@@ -125,9 +139,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     tiny = sub.add_parser("tiny", help="write a tiny VLM checkpoint built from a config (offline)")
     tiny.add_argument("--family", choices=["llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "internvl"], required=True)  # tiny.FAMILIES (a test checks)
-    tiny.add_argument("--preset", default="teacher", help="teacher | student | student-pooled")
+    tiny.add_argument("--preset", default="teacher", help="teacher | student | student-pooled | vllm-teacher | vllm-student")
     tiny.add_argument("--seed", type=int, default=0)
     tiny.add_argument("--out", type=Path, required=True)
+
+    export = sub.add_parser("export-vllm", help="copy an HF VLM checkpoint into the weight layout vLLM loads (transformers still loads it)")
+    export.add_argument("--model", type=Path, required=True, help="the checkpoint directory")
+    export.add_argument("--out", type=Path, required=True, help="a new directory for the copy")
 
     verify = sub.add_parser("verify", help="check a store: versions, checksums, index/array consistency, signal sanity")
     verify.add_argument("store", type=Path)
@@ -151,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "run": _run,
     "tiny": _tiny,
+    "export-vllm": _export_vllm,
     "verify": _verify,
     "inspect": _inspect,
     "demo": _demo,

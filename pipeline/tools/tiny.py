@@ -189,6 +189,11 @@ PRESETS = {
     "student": TinySpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64),
     # Same student with a visual grid pooled by 2 in each direction (4x fewer visual tokens).
     "student-pooled": TinySpec(hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64, patch=16),
+    # For vLLM (tests/on_vllm): its CPU attention refuses head_dim 16 ("Unsupported CPU attention
+    # configuration") and takes 32, so these keep the teacher's and student's widths with fewer,
+    # wider heads (head_dim 64/2 and 32/1). Qwen-VL mRoPE sections then sum to 16 = head_dim / 2.
+    "vllm-teacher": TinySpec(heads=2, kv_heads=1),
+    "vllm-student": TinySpec(hidden=32, layers=1, heads=1, kv_heads=1, intermediate=64),
 }
 
 
