@@ -1,8 +1,8 @@
 """The floors of the code base (docs/architecture.md): every import goes down or sideways, never up.
 
     3  pipeline.tools                    CLI table, demo, inspect, data-check, tiny models, synthetic data
-    2  stage0_generate | stage1_teacher | stage2_student   the stages; none imports another
-    1  pipeline (all but pipeline.tools) config, errors, logs, data layer, processors, model mechanics
+    2  pipeline.generation | stage1_teacher | stage2_student   the stages; none imports another
+    1  pipeline (all but tools, generation) config, errors, logs, data layer, processors, model mechanics
     0  schemas                           the store format: layout, writer, reader, manifest, verify
 
 Every ``import`` and ``from ... import`` of the four packages is read with ``ast``, including imports
@@ -17,8 +17,17 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("schemas", "pipeline", "stage0_generate", "stage1_teacher", "stage2_student")
-STAGES = ("stage0_generate", "stage1_teacher", "stage2_student")
+PACKAGES = ("schemas", "pipeline", "stage1_teacher", "stage2_student")
+STAGES = ("pipeline.generation", "stage1_teacher", "stage2_student")
+
+
+def _within(module: str, package: str) -> bool:
+    return module == package or module.startswith(package + ".")
+
+
+def stage(module: str) -> str | None:
+    """The stage package a floor-2 module belongs to."""
+    return next((s for s in STAGES if _within(module, s)), None)
 
 
 def floor(module: str) -> int | None:
@@ -26,12 +35,12 @@ def floor(module: str) -> int | None:
     top = module.split(".")[0]
     if top == "schemas":
         return 0
-    if module == "pipeline.tools" or module.startswith("pipeline.tools."):
+    if _within(module, "pipeline.tools"):
         return 3
+    if stage(module) is not None:
+        return 2
     if top == "pipeline":
         return 1
-    if top in STAGES:
-        return 2
     return None
 
 
@@ -80,7 +89,7 @@ def violations(source: str, module: str, is_package: bool = False) -> list[str]:
             continue
         if there > here:
             out.append(f"{module}:{line} imports {name} (floor {there}) from floor {here}")
-        elif here == there == 2 and name.split(".")[0] != module.split(".")[0]:
+        elif here == there == 2 and stage(name) != stage(module):
             out.append(f"{module}:{line} imports {name}: the stages never import each other")
     return out
 
@@ -109,8 +118,8 @@ def test_no_module_imports_from_a_floor_above_or_across_the_stages():
         ("pipeline.data.records", "def f():\n    from pipeline.tools.tiny import build_tiny_vlm\n", "floor 3) from floor 1"),
         ("stage2_student.distill", "from stage1_teacher import dump\n", "the stages never import each other"),
         ("stage1_teacher.teacher", "from stage2_student.losses import forward_kl\n", "the stages never import each other"),
-        ("stage0_generate.shards", "from stage1_teacher.executors import RayExecutor\n", "the stages never import each other"),
-        ("pipeline.data.encode", "from stage0_generate.prompts import render\n", "floor 2) from floor 1"),
+        ("pipeline.generation.shards", "from stage1_teacher.executors import RayExecutor\n", "the stages never import each other"),
+        ("pipeline.data.encode", "from pipeline.generation.prompts import render\n", "floor 2) from floor 1"),
         ("schemas.reader", "from . import signals\nfrom pipeline import config\n", "floor 1) from floor 0"),
     ],
 )
@@ -126,4 +135,4 @@ def test_the_checker_allows_imports_down_and_sideways():
     )
     assert violations(source, "stage2_student.distill") == []
     assert violations("from stage1_teacher.dump import run\nfrom stage2_student import distill\n", "pipeline.tools.demo") == []
-    assert violations("from pipeline.data.encode import message\nfrom schemas.layout import shard_name\n", "stage0_generate.shards") == []
+    assert violations("from pipeline.data.encode import message\nfrom schemas.layout import shard_name\n", "pipeline.generation.shards") == []

@@ -17,10 +17,10 @@ from pipeline.errors import PipelineError
 from pipeline.processors import load_processor
 from pipeline.tools.cli import main
 from pipeline.tools.tiny import save_tiny_vlm
-from stage0_generate.config import GenerateConfig
-from stage0_generate.generate import OutputMismatchError, check_or_claim_output, read_items
-from stage0_generate.prompts import answer_seed, images_asked, output_record, prompt_turns, render
-from stage0_generate.shards import TOO_MANY_IMAGES, open_record, shard_path
+from pipeline.generation.config import GenerateConfig
+from pipeline.generation.generate import OutputMismatchError, check_or_claim_output, read_items
+from pipeline.generation.prompts import answer_seed, images_asked, output_record, prompt_turns, render
+from pipeline.generation.shards import TOO_MANY_IMAGES, open_record, shard_path
 
 RECORD = Record("r1", [
     Turn("system", "You are a helpful assistant."),

@@ -40,8 +40,8 @@ class Job:
 
 RUN_JOBS: dict[str, Job] = {
     "generate": Job(
-        "stage0_generate.config:GenerateConfig",
-        "stage0_generate.generate:run",
+        "pipeline.generation.config:GenerateConfig",
+        "pipeline.generation.generate:run",
         "Stage 0: answer a LLaVA dataset's instructions with a VLM through vLLM (its venv); resumable",
     ),
     "teacher-dump": Job(

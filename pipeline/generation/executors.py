@@ -1,6 +1,6 @@
 """Where Stage 0's shards run: in this process (``workers=0``) or on Ray actors, one engine each.
 
-Both run :func:`stage0_generate.shards.generate_shard`, so a shard's answers never depend on which
+Both run :func:`pipeline.generation.shards.generate_shard`, so a shard's answers never depend on which
 one ran it. Ray actors each hold one engine for the whole run (an engine takes a minute to start);
 each takes ``model.tensor_parallel_size`` GPUs when the cluster has GPUs (vLLM spreads the model
 over them), else one CPU. Ray's ``ActorPool`` hands each idle actor the next shard.
@@ -14,8 +14,8 @@ from contextlib import AbstractContextManager
 
 from pipeline.errors import PipelineError
 from pipeline.processors import load_processor
-from stage0_generate.config import GenerateConfig
-from stage0_generate.shards import generate_shard
+from pipeline.generation.config import GenerateConfig
+from pipeline.generation.shards import generate_shard
 
 log = logging.getLogger("stage0.executors")
 
@@ -36,7 +36,7 @@ class InProcessExecutor(AbstractContextManager):
     """One engine in this process; shards run one after another (debuggable, no Ray)."""
 
     def __init__(self, cfg: GenerateConfig, engine=None):
-        from stage0_generate.engine import Engine
+        from pipeline.generation.engine import Engine
 
         self.cfg = cfg
         self.processor = load_processor(cfg.model.path)
@@ -56,7 +56,7 @@ class GenerateWorker:
     """The body of a Ray actor: one engine, any number of shards."""
 
     def __init__(self, cfg: GenerateConfig):
-        from stage0_generate.engine import Engine
+        from pipeline.generation.engine import Engine
 
         self.cfg = cfg
         self.processor = load_processor(cfg.model.path)

@@ -42,10 +42,10 @@ from schemas.fingerprints import ModelIdentity, dataset_fingerprint
 from schemas.io import atomic_write_text, settings_diff, writing
 from schemas.layout import shard_name
 from schemas.manifest import read_json_file
-from stage0_generate.config import GenerateConfig
-from stage0_generate.engine import engine_version
-from stage0_generate.executors import make_executor
-from stage0_generate.shards import SHARDS_DIR, shard_path
+from pipeline.generation.config import GenerateConfig
+from pipeline.generation.engine import engine_version
+from pipeline.generation.executors import make_executor
+from pipeline.generation.shards import SHARDS_DIR, shard_path
 
 log = logging.getLogger("stage0.generate")
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 import sys
 
 from pipeline.errors import PipelineError
-from stage0_generate.config import GenerateConfig
-from stage0_generate.prompts import Answer, Request
+from pipeline.generation.config import GenerateConfig
+from pipeline.generation.prompts import Answer, Request
 
 
 def engine_version() -> str:

@@ -26,8 +26,8 @@ from pipeline.data import BadRecord, Record, SampleError
 from pipeline.data.encode import check_image_tags
 from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH
 from schemas.io import atomic_write_text, writing
-from stage0_generate.config import GenerateConfig
-from stage0_generate.prompts import (
+from pipeline.generation.config import GenerateConfig
+from pipeline.generation.prompts import (
     Request,
     answer_seed,
     human_turns,
