@@ -451,22 +451,23 @@ def stage1(args, teacher_dir: Path, data: Path, layer: int) -> dict:
     def bare(i: int) -> None:
         teacher.model(**collated[i], use_cache=False)
 
-    def dump(i: int) -> None:
-        teacher.signals(batches[i], [layer])
+    signals: dict[int, list] = {}
 
-    # What the dump selects: branch rows, and how peaked the teacher is (so the logit scale is visible).
-    out = [s for i in range(len(batches)) for s in teacher.signals(batches[i], [layer])]
-    branch_rows = sum(len(s.tpa_pos) for s in out)
-    top1 = np.concatenate([np.exp(s.resp_logprobs.max(1)) for s in out])
+    def dump(i: int) -> None:
+        signals[i] = teacher.signals(batches[i], [layer])
+
     seq = sum(e.length for e in encoded)
     resp = sum(len(e.response_positions) for e in encoded)
     vis = sum(len(e.visual_positions) for e in encoded)
-
     print(f"stage 1: {len(encoded)} samples, {seq / len(encoded):.0f} tokens/sample ({vis / len(encoded):.0f} visual, "
           f"{resp / len(encoded):.0f} response), {len(batches)} batches of {args.dump_batch_size}; "
           f"{args.reps} rounds of bare/dump", flush=True)
     unit_times = interleaved({"bare": bare, "dump": dump}, args.reps, args.device, units=len(batches))
     del teacher
+    # What the dump selected (the last round's signals): branch rows, and how peaked the teacher is.
+    out = [s for i in range(len(batches)) for s in signals[i]]
+    branch_rows = sum(len(s.tpa_pos) for s in out)
+    top1 = np.concatenate([np.exp(s.resp_logprobs.max(1)) for s in out])
     times = {m: round_sums(t) for m, t in unit_times.items()}
     return {
         "samples": len(encoded),
