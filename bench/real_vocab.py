@@ -436,10 +436,10 @@ def stage1(args, teacher_dir: Path, data: Path, layer: int) -> dict:
     from stage1_teacher.config import SignalsConfig, TeacherConfig, TransitionsConfig
     from stage1_teacher.teacher import Teacher
 
-    signals = SignalsConfig(
+    signals_cfg = SignalsConfig(
         saliency_layers=[layer], transitions=TransitionsConfig(min_prob=args.min_prob, min_alt_mass=args.min_alt_mass)
     )
-    teacher = Teacher(TeacherConfig(str(teacher_dir), dtype=args.dtype, device=args.device), signals, seed=0)
+    teacher = Teacher(TeacherConfig(str(teacher_dir), dtype=args.dtype, device=args.device), signals_cfg, seed=0)
     encoded = encode_file(data, teacher.processor, 4096)
     batches = chunks(encoded, args.dump_batch_size)
     collated = [
@@ -463,7 +463,6 @@ def stage1(args, teacher_dir: Path, data: Path, layer: int) -> dict:
           f"{resp / len(encoded):.0f} response), {len(batches)} batches of {args.dump_batch_size}; "
           f"{args.reps} rounds of bare/dump", flush=True)
     unit_times = interleaved({"bare": bare, "dump": dump}, args.reps, args.device, units=len(batches))
-    del teacher
     # What the dump selected (the last round's signals): branch rows, and how peaked the teacher is.
     out = [s for i in range(len(batches)) for s in signals[i]]
     branch_rows = sum(len(s.tpa_pos) for s in out)
@@ -476,7 +475,8 @@ def stage1(args, teacher_dir: Path, data: Path, layer: int) -> dict:
         "visual_tokens": vis,
         "branch_rows": branch_rows,
         "branch_rows_per_response_token": branch_rows / resp,
-        "teacher_top1_prob": stats(np.quantile(top1, [0.1, 0.25, 0.5, 0.75, 0.9]).tolist()),
+        "teacher_top1_prob_quantiles": dict(zip(("p10", "p25", "p50", "p75", "p90"),
+                                                np.quantile(top1, [0.1, 0.25, 0.5, 0.75, 0.9]).tolist())),
         "seconds_per_pass": {m: stats(t) for m, t in times.items()},
         "unit_seconds": unit_times,
         "throughput_ratio_dump_over_bare": per_rep_ratio(times["bare"], times["dump"]),
@@ -660,7 +660,7 @@ def main(argv=None) -> Path | None:
         s2 = stage2_time(args, student_dir, store, student_shape)
         load_after = load_average()
 
-    report(args, s1, s2, memory, load_before, load_after)
+    report(args, student_shape, s1, s2, memory, load_before, load_after)
     return write_results(
         "real_vocab" + ("_quick" if args.quick else ""),
         {
@@ -689,14 +689,15 @@ def verdict(ok: bool) -> str:
     return "meets" if ok else "MISSES"
 
 
-def report(args, s1, s2, memory, load_before, load_after) -> None:
+def report(args, student: TextShape, s1, s2, memory, load_before, load_after) -> None:
     print()
     print(f"vocabulary: {args.tokens} tokens, {args.rows} output rows; {args.device} {args.dtype}, "
           f"torch threads {torch.get_num_threads()}; load average {load_before[0]:.2f} -> {load_after[0]:.2f}")
     if s1:
         r = s1["per_batch_throughput_ratio_dump_over_bare"]
         print(f"stage 1: {s1['branch_rows']} branch rows = {s1['branch_rows_per_response_token']:.2f} per response token; "
-              f"teacher top-1 probability p10..p90 {np.round(s1['teacher_top1_prob']['values'], 3).tolist()}")
+              "teacher top-1 probability "
+              + " ".join(f"{k} {v:.2f}" for k, v in s1["teacher_top1_prob_quantiles"].items()))
         print(table(["mode", "s/pass median [min..max]"],
                     [[m, fmt_spread(v)] for m, v in s1["seconds_per_pass"].items()]))
         print(f"dump / bare throughput: {fmt_quartiles(r)} per batch, "
@@ -714,13 +715,17 @@ def report(args, s1, s2, memory, load_before, load_after) -> None:
             f"{w['align_ti']['body_tokens']} / {w['sft']['body_tokens']}",
             f"{r['flop_ratio']:.3f}",
             f"{r['step_ratio_over_flop_ratio']:.3f} ({verdict(r['step_ratio_over_flop_ratio'] <= TARGET_TIME_OVER_FLOPS)})",
+            "-" if mem is None else f"{mem['align_ti']['peak_bytes'] / 2**20:.0f} / {mem['sft']['peak_bytes'] / 2**20:.0f}",
             "-" if mem is None else f"{mem['peak_ratio']:.3f} ({verdict(mem['peak_ratio'] <= TARGET_MEMORY)})",
             "-" if mem is None else
             f"{mem['align_ti']['peak_delta_bytes'] / 2**20:.0f} / {mem['sft']['peak_delta_bytes'] / 2**20:.0f}",
         ])
-    print("stage 2, Align-TI / SFT (per pass over the store's samples):")
+    print(f"stage 2, Align-TI (A) / SFT (S), student hidden {student.hidden}, "
+          f"{student.layers} layers, {'tied' if student.tie else 'untied'} head; rows and tokens per pass over the "
+          "store's samples; memory: peak RSS (CPU) or max_memory_allocated (CUDA) of each in a fresh process:")
     print(table(["batch", "step ms A / S", "time ratio [p25..p75]", "head rows A / S", "body tokens A / S",
-                 "FLOP ratio", f"time / FLOP (<= {TARGET_TIME_OVER_FLOPS})", f"peak mem ratio (<= {TARGET_MEMORY})",
+                 "FLOP ratio", f"time / FLOP (<= {TARGET_TIME_OVER_FLOPS})", "peak MiB A / S",
+                 f"peak ratio (<= {TARGET_MEMORY})",
                  "step peak over resident MiB A / S"], rows))
 
 
