@@ -405,7 +405,7 @@ def parse_args(argv=None):
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.quick:
-        args.reps = min(args.reps, 2)
+        args.reps = min(args.reps, 1)
     if args.rows < args.tokens:
         p.error(f"--rows {args.rows} < --tokens {args.tokens}")
     return args
