@@ -128,7 +128,7 @@ def main() -> None:
         # function the teacher calls (in this process only; the wrapper adds two device syncs).
         branch_calls: list[float] = []
         stack = ExitStack()
-        stack.enter_context(clocked(teacher_module, "forward_branches_from_cache", branch_calls, args.device))
+        stack.enter_context(clocked(teacher_module, "branch_hidden_from_cache", branch_calls, args.device))
 
         def signals_with(cfg: SignalsConfig):
             def run(i: int) -> list:
