@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from schemas.checksums import _checksum_problems
+from schemas.codecs import CodecError
 from schemas.errors import StoreFormatError
 from schemas.layout import (
     ARRAYS_DIR,
@@ -217,10 +218,13 @@ class StoreReader:
         self._cache = LRUBytes(cache_bytes)
         self.manifest = read_manifest(self.store_dir)
         try:
-            self.specs = {n: ArraySpec.from_json(s) for n, s in self.manifest["arrays"].items()}
+            self.stored_specs = {n: ArraySpec.from_json(s) for n, s in self.manifest["arrays"].items()}
         except (KeyError, TypeError, ValueError) as e:
             raise StoreFormatError(f"{self.store_dir / MANIFEST_NAME}: bad 'arrays' entry: "
                                    f"{e}") from e
+        # Arrays stored with a codec are decoded by read_block; `specs` are the arrays readers see.
+        self.codecs = self.manifest.codecs
+        self.specs = self.codecs.decoded_specs(self.stored_specs)
         self._entries = {e["name"]: e for e in self.manifest["shards"]}
         for name in self._entries:
             if not (self.store_dir / SHARDS_DIR / name).is_dir():
@@ -238,7 +242,7 @@ class StoreReader:
         if name not in self._entries:
             raise KeyError(f"{self.store_dir}: no shard {name!r}")
         if name not in self._shards:
-            self._shards[name] = _ShardIndex(self.store_dir, self._entries[name], self.specs)
+            self._shards[name] = _ShardIndex(self.store_dir, self._entries[name], self.stored_specs)
         return self._shards[name]
 
     def __len__(self) -> int:
@@ -287,7 +291,8 @@ class StoreReader:
 
     def read_block(self, shard_name: str, start_idx: int, stop_idx: int) -> list[StoredSample]:
         """Samples [start_idx, stop_idx) of a shard, with ONE zarr read per array for the whole
-        block (its rows are contiguous). Returned arrays are views into that block's buffers."""
+        block (its rows are contiguous). Returned arrays are views into that block's buffers, or,
+        for arrays stored with a codec, the sample's decoded arrays."""
         sh = self._shard(shard_name)
         n = len(sh.sample_ids)
         if not (0 <= start_idx <= stop_idx <= n):
@@ -310,11 +315,16 @@ class StoreReader:
             rel = starts - lo
             per_array[a] = [block[s:s + ln] for s, ln in zip(rel.tolist(), lens.tolist())]
         metas = sh.meta_rows(start_idx, stop_idx)
-        return [
-            StoredSample(sample_id=sh.sample_ids[start_idx + j], meta=metas[j],
-                         arrays={a: per_array[a][j] for a in sh.arrays})
-            for j in range(stop_idx - start_idx)
-        ]
+        out = []
+        for j in range(stop_idx - start_idx):
+            sid = sh.sample_ids[start_idx + j]
+            try:
+                arrays = self.codecs.decode({a: per_array[a][j] for a in sh.arrays})
+            except CodecError as e:
+                raise StoreFormatError(f"{self.store_dir}: shard {shard_name!r}: sample {sid!r}: {ARRAYS_DIR}: "
+                                       f"{e}; the stored arrays do not decode") from e
+            out.append(StoredSample(sample_id=sid, meta=metas[j], arrays=arrays))
+        return out
 
     def _rows(self, shard_name: str, name: str, arr, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) of one array: straight from zarr, or (with a cache) cut from whole decoded
@@ -322,7 +332,7 @@ class StoreReader:
         chunk (about DEFAULT_CHUNK_BYTES) for any read inside it, and a read costs about 1 ms of
         call overhead however few its rows, so a block of samples that needs a few KB of each array
         pays for the chunk; the cache pays it once per chunk."""
-        spec = self.specs[name]
+        spec = self.stored_specs[name]
         if hi <= lo:
             return np.empty((0, *spec.row_shape), dtype=spec.dtype)
         if not self._cache.max_bytes:

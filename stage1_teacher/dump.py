@@ -55,7 +55,7 @@ from schemas.manifest import (
     write_calibration,
     write_manifest,
 )
-from schemas.signals import array_specs, saliency_coverage, signal_bytes
+from schemas.signals import array_specs, saliency_coverage, signal_bytes, store_codecs
 from stage1_teacher.config import DumpConfig
 from stage1_teacher.executors import make_executor
 from stage1_teacher.proposer import candidates_provenance
@@ -186,9 +186,11 @@ def _run(cfg: DumpConfig) -> dict:
         sampled=cfg.signals.sampled.enabled,
         transitions=cfg.signals.transitions.enabled,
     )
+    codec = cfg.signals.codec
+    codecs = store_codecs(codec.profile, specs, settings["vocabulary"]["tokens"], codec.max_kl, codec.logprob_step)
     with make_executor(cfg, processor) as executor:
         layers, irs = calibrate(cfg, store, executor, records)
-        executor.run_shards(todo, specs, layers, n_samples=sum(len(r) for r in todo.values()))
+        executor.run_shards(todo, specs, layers, n_samples=sum(len(r) for r in todo.values()), codecs=codecs)
 
     stats = signal_bytes(store)
     manifest = write_manifest(
