@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -173,11 +174,11 @@ class TopkCodec:
 
     # names and specs
 
-    @property
+    @cached_property
     def decoded(self) -> dict[str, ArraySpec]:
         return {self.ids: ArraySpec("int32", (self.k,)), self.logprobs: ArraySpec("float32", (self.k,))}
 
-    @property
+    @cached_property
     def stored(self) -> dict[str, ArraySpec]:
         return {self.prefix: ArraySpec("uint8")}
 
@@ -335,6 +336,11 @@ class StoreCodecs:
 
     def __bool__(self) -> bool:
         return bool(self.codecs)
+
+    @property
+    def stored_names(self) -> set[str]:
+        """The stored arrays that some codec decodes (empty: every array is stored as it is)."""
+        return set(self._source)
 
     def stored_specs(self, decoded: dict[str, ArraySpec]) -> dict[str, ArraySpec]:
         """The arrays on disk for these decoded arrays (refusing a codec whose arrays are not

@@ -171,6 +171,10 @@ def _offsets_problem(ids: list[str], starts: np.ndarray, lens: np.ndarray,
     return None
 
 
+# Cache key tag of a sample's decoded arrays (beside (shard, array, chunk) keys of stored chunks).
+_DECODED = "<decoded>"
+
+
 class LRUBytes:
     """A least-recently-used cache bounded by the bytes its values declare (0 bytes: keeps nothing)."""
 
@@ -300,8 +304,18 @@ class StoreReader:
                              f"[0, {n})")
         if start_idx == stop_idx:
             return []
+        # Arrays stored with a codec: with a cache, each sample's decoded arrays are kept (decoding
+        # costs more than slicing), and a block whose samples are all there reads none of them.
+        coded = self.codecs.stored_names
+        count = stop_idx - start_idx
+        decoded: list[dict | None] = [None] * count
+        if coded and self._cache.max_bytes:
+            decoded = [self._cache.get((shard_name, _DECODED, i)) for i in range(start_idx, stop_idx)]
+        skip = coded if all(d is not None for d in decoded) else set()
         per_array: dict[str, list[np.ndarray]] = {}
         for a, arr in sh.arrays.items():
+            if a in skip:
+                continue
             starts = sh.starts[a][start_idx:stop_idx]
             lens = sh.lens[a][start_idx:stop_idx]
             lo, hi = int(starts[0]), int(starts[-1] + lens[-1])
@@ -316,14 +330,21 @@ class StoreReader:
             per_array[a] = [block[s:s + ln] for s, ln in zip(rel.tolist(), lens.tolist())]
         metas = sh.meta_rows(start_idx, stop_idx)
         out = []
-        for j in range(stop_idx - start_idx):
+        for j in range(count):
             sid = sh.sample_ids[start_idx + j]
-            try:
-                arrays = self.codecs.decode({a: per_array[a][j] for a in sh.arrays})
-            except CodecError as e:
-                raise StoreFormatError(f"{self.store_dir}: shard {shard_name!r}: sample {sid!r}: {ARRAYS_DIR}: "
-                                       f"{e}; the stored arrays do not decode") from e
-            out.append(StoredSample(sample_id=sid, meta=metas[j], arrays=arrays))
+            arrays = {a: per_array[a][j] for a in sh.arrays if a not in coded}
+            if coded and decoded[j] is None:
+                try:
+                    decoded[j] = self.codecs.decode({a: per_array[a][j] for a in coded})
+                except CodecError as e:
+                    raise StoreFormatError(f"{self.store_dir}: shard {shard_name!r}: sample {sid!r}: {ARRAYS_DIR}: "
+                                           f"{e}; the stored arrays do not decode") from e
+                if self._cache.max_bytes:
+                    for v in decoded[j].values():
+                        v.flags.writeable = False  # shared by every later read of the sample
+                    self._cache.put((shard_name, _DECODED, start_idx + j), decoded[j],
+                                    sum(v.nbytes for v in decoded[j].values()))
+            out.append(StoredSample(sample_id=sid, meta=metas[j], arrays=arrays | (decoded[j] or {})))
         return out
 
     def _rows(self, shard_name: str, name: str, arr, lo: int, hi: int) -> np.ndarray:

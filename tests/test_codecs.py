@@ -334,3 +334,19 @@ def test_recoding_the_exact_store_writes_what_a_compact_dump_writes(stores, tmp_
     for sid in r1.sample_ids():
         a, b = r1.get(sid).arrays, r2.get(sid).arrays
         assert all(np.array_equal(a[k], b[k]) for k in a), sid
+
+
+def test_cached_reads_of_a_compact_store_decode_once(stores, monkeypatch):
+    plain = StoreReader(stores["compact"])
+    cached = StoreReader(stores["compact"], cache_bytes=1 << 26)
+    n = plain.shard_sizes()["shard-00000"]
+    first = cached.read_block("shard-00000", 0, n)
+    decodes = []
+    real = StoreCodecs.decode
+    monkeypatch.setattr(StoreCodecs, "decode", lambda self, arrays: decodes.append(1) or real(self, arrays))
+    again = cached.read_block("shard-00000", 0, n)
+    assert decodes == []  # every sample's decoded arrays came from the cache
+    for a, b, c in zip(plain.read_block("shard-00000", 0, n), first, again):
+        for name in a.arrays:
+            assert np.array_equal(a.arrays[name], b.arrays[name]) and np.array_equal(a.arrays[name], c.arrays[name])
+    assert not again[0].arrays["resp_logprobs"].flags.writeable
