@@ -30,7 +30,8 @@ the stored ``1 - tail``, so the tail bucket that Stage 2 derives from the decode
 quantisation did. A decoded log-prob is within ``step`` of the exact one (levels under the cap).
 
 How many ids a row keeps: the fewest whose decoded row is within ``max_kl`` nats of the exact
-top-k row, by :func:`completion_kl` (``max_kl = 0``: every valid id). The measure compares on
+top-k row, by :func:`completion_kl`, and, with ``max_dropped``, whose dropped ids carry at most
+that much of the row's mass (each rule off at 0; both off: every valid id). The KL rule compares on
 the exact row's k + 1 buckets, filling the ids a decoded row lacks by the maximum-entropy
 completion (its tail spread evenly over the vocabulary's other tokens), so dropping an id is
 charged for what the student can no longer learn about it, not hidden inside a coarser tail.
@@ -161,6 +162,7 @@ class TopkCodec:
     vocab_size: int
     step: float = 1.0 / 16
     max_kl: float = 0.0
+    max_dropped: float = 0.0
 
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 255:
@@ -171,6 +173,8 @@ class TopkCodec:
             raise ValueError(f"{self.NAME}: step must be > 0, got {self.step}")
         if not self.max_kl >= 0:
             raise ValueError(f"{self.NAME}: max_kl must be >= 0, got {self.max_kl}")
+        if not 0 <= self.max_dropped < 1:
+            raise ValueError(f"{self.NAME}: max_dropped must be in [0, 1), got {self.max_dropped}")
 
     # names and specs
 
@@ -189,7 +193,8 @@ class TopkCodec:
 
     def to_json(self) -> dict:
         return {"codec": self.NAME, "arrays": [self.ids, self.logprobs], "prefix": self.prefix,
-                "params": {"k": self.k, "vocab_size": self.vocab_size, "step": self.step, "max_kl": self.max_kl}}
+                "params": {"k": self.k, "vocab_size": self.vocab_size, "step": self.step, "max_kl": self.max_kl,
+                           "max_dropped": self.max_dropped}}
 
     @classmethod
     def from_json(cls, d: dict) -> "TopkCodec":
@@ -220,12 +225,7 @@ class TopkCodec:
         tail = np.maximum(1.0 - p.sum(axis=1), 0.0)
         levels = self._levels(lp, valid)
         n_valid = valid.sum(axis=1)
-        if self.max_kl > 0 and len(ids):
-            kl = _prefix_kl(p, np.where(valid, np.exp(-levels * self.step), 0.0), tail, self.vocab_size)
-            ok = (kl <= self.max_kl) & (np.arange(self.k + 1)[None, :] <= n_valid[:, None])
-            n = np.where(ok.any(axis=1), ok.argmax(axis=1), n_valid)
-        else:
-            n = n_valid
+        n = self._kept(p, levels, valid, tail)
         keep = np.arange(self.k)[None, :] < n[:, None]
         kept_tail = tail + np.where(keep, 0.0, p).sum(axis=1)  # exact mass outside the kept ids
         tail32 = kept_tail.astype(np.float32)
@@ -240,6 +240,25 @@ class TopkCodec:
             pack_bits(ids[keep], id_bits(self.vocab_size)),
         ]
         return {self.prefix: np.concatenate(parts)}
+
+    def _kept(self, p: np.ndarray, levels: np.ndarray, valid: np.ndarray, tail: np.ndarray) -> np.ndarray:
+        """Ids each row keeps (rows sorted descending): the fewest that meet every rule that is on
+        (``max_kl``, ``max_dropped``); every valid id when neither is."""
+        n_valid = valid.sum(axis=1)
+        if not len(p) or (self.max_kl == 0 and self.max_dropped == 0):
+            return n_valid
+        prefix = np.arange(self.k + 1)[None, :] <= n_valid[:, None]
+        n = np.zeros(len(p), dtype=np.int64)
+        if self.max_kl > 0:
+            kl = _prefix_kl(p, np.where(valid, np.exp(-levels * self.step), 0.0), tail, self.vocab_size)
+            ok = (kl <= self.max_kl) & prefix
+            n = np.maximum(n, np.where(ok.any(axis=1), ok.argmax(axis=1), n_valid))
+        if self.max_dropped > 0:
+            zeros = np.zeros((len(p), 1))
+            dropped = p.sum(axis=1, keepdims=True) - np.concatenate([zeros, np.cumsum(p, axis=1)], axis=1)
+            ok = (dropped <= self.max_dropped) & prefix
+            n = np.maximum(n, np.where(ok.any(axis=1), ok.argmax(axis=1), n_valid))
+        return n
 
     # decoding
 

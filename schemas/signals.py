@@ -155,18 +155,18 @@ PROFILES = ("exact", "compact")
 
 
 def store_codecs(profile: str, specs: dict[str, ArraySpec], vocab_size: int, max_kl: float = 1e-3,
-                 step: float = 1.0 / 16) -> StoreCodecs:
+                 step: float = 1.0 / 16, max_dropped: float = 0.0) -> StoreCodecs:
     """The codecs of a store profile (DESIGN.md §5): ``exact`` stores every array as it is;
     ``compact`` stores each sparse distribution of ``specs`` with :class:`schemas.codecs.TopkCodec`
-    (the fewest ids within ``max_kl`` nats of the exact row, bit-packed ids, log-probs quantised at
-    ``step`` nats, the tail mass exact). ``vocab_size``: the real tokens (every id is below it)."""
+    (the fewest ids within ``max_kl`` nats of the exact row and dropping at most ``max_dropped`` of its
+    mass, bit-packed ids, log-probs quantised at ``step`` nats, the tail mass exact). ``vocab_size``: the real tokens (every id is below it)."""
     if profile not in PROFILES:
         raise ValueError(f"unknown store profile {profile!r}; profiles: {', '.join(PROFILES)}")
     if profile == "exact":
         return StoreCodecs()
     return StoreCodecs([
         TopkCodec(ids=ids, logprobs=lps, prefix=f"{prefix}_topk", k=specs[ids].row_shape[0],
-                  vocab_size=vocab_size, step=step, max_kl=max_kl)
+                  vocab_size=vocab_size, step=step, max_kl=max_kl, max_dropped=max_dropped)
         for prefix, (ids, lps) in TOPK_SIGNALS.items() if ids in specs
     ])
 

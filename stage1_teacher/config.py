@@ -75,13 +75,17 @@ class CodecConfig:
     (per row the fewest ids within `max_kl` of the exact top-k row, bit-packed, log-probs quantised, the tail
     mass exact; schemas/codecs.py). Readers decode either to the same arrays."""
     max_kl: float = 1e-3
-    """compact: a row keeps the fewest ids whose decoded row is within this KL (nats) of the exact top-k row
-    (0: every id)."""
+    """compact: a row keeps the fewest ids whose decoded row is within this KL (nats) of the exact top-k row, the
+    ids it drops charged as if spread over the vocabulary (0: off; with max_dropped 0 too, every id is kept)."""
     logprob_step: float = 0.0625
     """compact: quantisation step of the log-probs (nats, relative to the row's most probable id; 8 bits)."""
+    max_dropped: float = 0.0
+    """compact: also keep enough ids that those dropped carry at most this much of the row's mass (0: off).
+    With `max_kl: 0` it is the only rule: a coverage rule, whose loss shows only on the kept buckets."""
 
     def __post_init__(self):
         check(self.max_kl >= 0, "max_kl", f"must be >= 0, got {self.max_kl}")
+        check(0 <= self.max_dropped < 1, "max_dropped", f"must be in [0, 1), got {self.max_dropped}")
         check(0 < self.logprob_step <= 1, "logprob_step", f"must be in (0, 1], got {self.logprob_step}")
 
 

@@ -187,7 +187,8 @@ def _run(cfg: DumpConfig) -> dict:
         transitions=cfg.signals.transitions.enabled,
     )
     codec = cfg.signals.codec
-    codecs = store_codecs(codec.profile, specs, settings["vocabulary"]["tokens"], codec.max_kl, codec.logprob_step)
+    codecs = store_codecs(codec.profile, specs, settings["vocabulary"]["tokens"], codec.max_kl, codec.logprob_step,
+                          codec.max_dropped)
     with make_executor(cfg, processor) as executor:
         layers, irs = calibrate(cfg, store, executor, records)
         executor.run_shards(todo, specs, layers, n_samples=sum(len(r) for r in todo.values()), codecs=codecs)

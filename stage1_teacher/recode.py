@@ -34,7 +34,7 @@ def recode(src: str | Path, dst: str | Path, codec: CodecConfig) -> Manifest:
         raise FileExistsError(f"{dst}: the recoded store needs a new, empty directory")
     reader = StoreReader(src)
     m = reader.manifest
-    codecs = store_codecs(codec.profile, reader.specs, m.vocab_size, codec.max_kl, codec.logprob_step)
+    codecs = store_codecs(codec.profile, reader.specs, m.vocab_size, codec.max_kl, codec.logprob_step, codec.max_dropped)
     skipped: dict[str, list] = {}
     for rec in reader.skipped():
         skipped.setdefault(rec.shard, []).append(rec)

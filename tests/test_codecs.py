@@ -350,3 +350,18 @@ def test_cached_reads_of_a_compact_store_decode_once(stores, monkeypatch):
         for name in a.arrays:
             assert np.array_equal(a.arrays[name], b.arrays[name]) and np.array_equal(a.arrays[name], c.arrays[name])
     assert not again[0].arrays["resp_logprobs"].flags.writeable
+
+
+@pytest.mark.parametrize("max_dropped", [1e-3, 3e-2])
+def test_coverage_rule_keeps_the_fewest_ids_dropping_at_most_that_mass(max_dropped):
+    ids, lps = random_rows(np.random.default_rng(7), 30, 16, 5000, 6.0)
+    stored, dec = round_trip(codec(k=16, vocab=5000, max_dropped=max_dropped), ids, lps)
+    p = np.exp(lps.astype(np.float64))
+    n = stored["n"].astype(int)
+    for r in range(len(ids)):
+        assert p[r, n[r]:].sum() <= max_dropped  # what it dropped
+        assert n[r] == 0 or p[r, n[r] - 1:].sum() > max_dropped  # one id fewer would drop too much
+    assert (n < 16).any() and (n > 0).all()
+    both, _ = round_trip(codec(k=16, vocab=5000, max_dropped=max_dropped, max_kl=1e-3), ids, lps)
+    kl_only, _ = round_trip(codec(k=16, vocab=5000, max_kl=1e-3), ids, lps)
+    assert np.array_equal(both["n"], np.maximum(n, kl_only["n"]))  # both rules on: each must hold
