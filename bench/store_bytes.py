@@ -59,7 +59,7 @@ from common import (
 import torch  # noqa: E402
 
 from pipeline.tools.tiny import LLAVA_IMAGE, TinySpec, build_llava, build_tiny_vlm, build_tokenizer  # noqa: E402
-from schemas.codecs import completion_kl  # noqa: E402
+from schemas.codecs import DECODED_TAIL_FLOOR, completion_kl  # noqa: E402
 from schemas.reader import StoreReader  # noqa: E402
 from schemas.signals import SIGNAL_GROUPS as GROUPS  # noqa: E402
 from schemas.signals import TOPK_SIGNALS, array_specs  # noqa: E402
@@ -220,7 +220,7 @@ def _bucket_kl(e_ids, e_lp, d_ids, d_lp) -> np.ndarray:
     q = np.where(d_ids >= 0, np.exp(d_lp.astype(np.float64)), 0.0)
     kept = (e_ids[:, :, None] == d_ids[:, None, :]) & (d_ids[:, None, :] >= 0)
     p_at = (kept * p[:, :, None]).sum(axis=1)  # exact prob of each decoded id
-    pt, qt = np.maximum(1 - p_at.sum(1), 0), np.maximum(1 - q.sum(1), 0)
+    pt, qt = np.maximum(1 - p_at.sum(1), 0), np.maximum(1 - q.sum(1), DECODED_TAIL_FLOOR)
     with np.errstate(divide="ignore", invalid="ignore"):
         terms = np.where(p_at > 0, p_at * np.log(p_at / q), 0.0).sum(1) + np.where(pt > 0, pt * np.log(pt / qt), 0.0)
     return np.maximum(terms, 0.0)

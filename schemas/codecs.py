@@ -51,6 +51,9 @@ from schemas.layout import ArraySpec
 CODECS_KEY = "codecs"  # the entry in shard.json and the manifest
 PAD_ID = -1
 LEVEL_CAP = 255  # uint8 levels
+# Floor of a tail derived from decoded float32 log-probs: float32 eps, the losses' floor
+# (``stage2_student.losses`` [tail floor note]).
+DECODED_TAIL_FLOOR = float(np.finfo(np.float32).eps)
 
 
 class CodecError(ValueError):
@@ -129,7 +132,9 @@ def completion_kl(exact_ids: np.ndarray, exact_logprobs: np.ndarray, decoded_ids
     p = np.where(e_ids >= 0, np.exp(np.asarray(exact_logprobs, np.float64)), 0.0)
     q = np.where(d_ids >= 0, np.exp(np.asarray(decoded_logprobs, np.float64)), 0.0)
     m = np.maximum(1.0 - p.sum(axis=1), 0.0)
-    m_dec = np.maximum(1.0 - q.sum(axis=1), 0.0)
+    # The decoded tail as Stage 2 derives it from float32 log-probs, floored like the losses' (a row
+    # whose ids carry all but ~1e-10 rounds to 0; the exact row's own tail of 1e-10 is no error).
+    m_dec = np.maximum(1.0 - q.sum(axis=1), DECODED_TAIL_FLOOR)
     n_dec = (d_ids >= 0).sum(axis=1)
     k_exact = (e_ids >= 0).sum(axis=1)
     fill = m_dec / np.maximum(vocab_size - n_dec, 1)
