@@ -80,8 +80,24 @@ def unpack_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
     need = -(-count * width // 8)
     if len(packed) != need:
         raise CodecError(f"{len(packed)} bytes for {count} ids of {width} bits (expected {need})")
-    bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little", count=count * width)
-    return (bits.reshape(count, width).astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=1)
+    if width > 57:  # an id may span 9 bytes: bit by bit
+        bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little", count=count * width)
+        return (bits.reshape(count, width).astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=1)
+    # 8 ids take exactly `width` bytes: view the bytes as rows of `width`, and read id j of every row
+    # from the (at most 8) columns holding its bits, one column operation at a time
+    groups = -(-count // 8)
+    buf = np.zeros(groups * width, dtype=np.uint8)
+    buf[: len(packed)] = packed
+    cols = buf.reshape(groups, width).astype(np.uint64)
+    out = np.empty((groups, 8), dtype=np.int64)
+    mask = np.uint64((1 << width) - 1)
+    for j in range(8):
+        first, last = j * width // 8, (j * width + width - 1) // 8
+        word = np.zeros(groups, dtype=np.uint64)
+        for b in range(first, last + 1):
+            word |= cols[:, b] << np.uint64(8 * (b - first))
+        out[:, j] = ((word >> np.uint64(j * width % 8)) & mask).astype(np.int64)
+    return out.reshape(-1)[:count]
 
 
 # -- fidelity ------------------------------------------------------------------------------------
@@ -320,11 +336,16 @@ class TopkCodec:
         keep = np.arange(self.k)[None, :] < n[:, None]
         ids = np.full((len(n), self.k), PAD_ID, dtype=np.int32)
         ids[keep] = parts["ids"]
-        w = np.where(keep, np.exp(-parts["levels"] * self.step), 0.0)
+        levels = parts["levels"]
+        w = np.where(keep, self._weights[levels], 0.0)  # exp(-level * step), from a table
         with np.errstate(divide="ignore"):
-            scale = (1.0 - tail) / np.maximum(w.sum(axis=1), 1e-300)
-            lp = np.where(keep, np.log(w * scale[:, None]), -np.inf)
+            log_scale = np.log((1.0 - tail) / np.maximum(w.sum(axis=1), 1e-300))
+        lp = np.where(keep, log_scale[:, None] - levels * self.step, -np.inf)
         return ids, lp.astype(np.float32)
+
+    @cached_property
+    def _weights(self) -> np.ndarray:
+        return np.exp(-np.arange(LEVEL_CAP + 1) * self.step)
 
 
 def _planes(x: np.ndarray) -> np.ndarray:
