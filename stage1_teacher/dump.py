@@ -56,7 +56,7 @@ from schemas.manifest import (
     write_manifest,
 )
 from schemas.signals import array_specs, saliency_coverage, signal_bytes, store_codecs
-from stage1_teacher.config import DumpConfig
+from stage1_teacher.config import CodecConfig, DumpConfig
 from stage1_teacher.executors import make_executor
 from stage1_teacher.proposer import candidates_provenance
 
@@ -117,6 +117,9 @@ def check_or_claim_store(store: Path, settings: dict) -> None:
         raise PipelineError(f"output.dir {store} exists and is not a directory")
     if path.is_file():
         existing = read_json_file(path)
+        if isinstance(existing, dict) and isinstance(existing.get("signals"), dict):
+            # a store begun before profiles existed was written exact (the default)
+            existing["signals"].setdefault("codec", to_dict(CodecConfig()))
         diff = settings_diff(existing, settings, "store", "this run") if isinstance(existing, dict) else [
             f"{SETTINGS_FILE}: not a JSON object"]
         if not diff:

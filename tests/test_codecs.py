@@ -365,3 +365,19 @@ def test_coverage_rule_keeps_the_fewest_ids_dropping_at_most_that_mass(max_dropp
     both, _ = round_trip(codec(k=16, vocab=5000, max_dropped=max_dropped, max_kl=1e-3), ids, lps)
     kl_only, _ = round_trip(codec(k=16, vocab=5000, max_kl=1e-3), ids, lps)
     assert np.array_equal(both["n"], np.maximum(n, kl_only["n"]))  # both rules on: each must hold
+
+
+def test_a_store_begun_before_profiles_resumes_as_exact_and_refuses_compact(stores, tmp_path):
+    import shutil
+
+    from stage1_teacher.dump import StoreMismatchError
+
+    store = tmp_path / "old"
+    shutil.copytree(stores["exact"], store)
+    settings = json.loads((store / "dump.json").read_text())
+    del settings["signals"]["codec"]  # what dump.json held before signals.codec existed
+    (store / "dump.json").write_text(json.dumps(settings))
+    teacher, data = settings["teacher"]["path"], settings["dataset"]["path"]
+    assert run(dump_config(Path(teacher), Path(data), store)).n_samples == 8  # complete: nothing to redo
+    with pytest.raises(StoreMismatchError, match="codec"):
+        run(dump_config(Path(teacher), Path(data), store, **{"signals.codec.profile": "compact"}))
