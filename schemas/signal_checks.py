@@ -122,14 +122,14 @@ class _Context:
             problems.append(f"manifest: no integer tokenizer.size (found {vocab!r}); token ids not range-checked")
             vocab = None
         draws = None
-        if "resp_sample_n" in m["arrays"]:
+        if "resp_sample_n" in m.decoded_arrays:
             draws = get("signals.sampled.draws")
             if not isinstance(draws, int):
                 problems.append(f"manifest: the store has sampled targets but no integer signals.sampled.draws "
                                 f"(found {draws!r}); counts not checked against it")
                 draws = None
         cands = positions = None
-        if "tpa_pos" in m["arrays"]:
+        if "tpa_pos" in m.decoded_arrays:
             cands, positions = get("signals.transitions.candidates"), get("signals.transitions.max_positions")
             cands = cands if isinstance(cands, int) else None
             positions = positions if isinstance(positions, int) else None
