@@ -139,8 +139,8 @@ def completion_kl(exact_ids: np.ndarray, exact_logprobs: np.ndarray, decoded_ids
 
     The exact row's buckets are its valid ids and its tail ``1 - Σ p``. The decoded row is read as a
     distribution over the whole vocabulary: its ids with their probabilities, and its tail (``1 -``
-    the decoded ids' mass) spread evenly over the ``vocab_size - n`` tokens it does not name; that is
-    then summed onto the exact buckets. Equal rows give 0; a row that keeps fewer ids pays for the
+    the decoded ids' mass, floored at float32 eps as the losses floor it) spread evenly over the
+    ``vocab_size - n`` tokens it does not name; that is then summed onto the exact buckets. Equal rows give 0; a row that keeps fewer ids pays for the
     mass it stopped naming. Both inputs: ids [R, k] (-1 padding), log-probs [R, k] (-inf or any value
     at padding).
     """
