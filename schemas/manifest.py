@@ -30,7 +30,10 @@ from schemas.layout import (
 )
 
 _RESERVED_MANIFEST_KEYS = ("format_version", "arrays", "shards", "n_samples", "n_skipped",
-                           "skipped_reasons", "settings_sha256", CODECS_KEY)
+                           "skipped_reasons", "settings_sha256")
+# Written by write_manifest too, but hashed with the settings: the codecs say how to decode the
+# arrays, so an edited codec parameter (a quantisation step) is refused like an edited setting.
+_WRITTEN_KEYS = (*_RESERVED_MANIFEST_KEYS, CODECS_KEY)
 
 
 def _sha256_or_none(doc: dict) -> str | None:
@@ -74,7 +77,7 @@ def write_manifest(store_dir: str | os.PathLike, manifest: dict,
     exist, or when shards disagree on the array specs.
     """
     store = Path(store_dir)
-    clash = [k for k in _RESERVED_MANIFEST_KEYS if k in manifest]
+    clash = [k for k in _WRITTEN_KEYS if k in manifest]
     if clash:
         raise ValueError(f"manifest entries {clash} are written by write_manifest; remove them")
     partial = list_partial_shards(store)
@@ -113,12 +116,11 @@ def write_manifest(store_dir: str | os.PathLike, manifest: dict,
         })
         reasons.update(d["skipped_reasons"])
 
-    out = dict(manifest)
+    out = {**manifest, **({CODECS_KEY: codecs} if codecs else {})}
     out.update({
-        "settings_sha256": _settings_sha256(manifest),
+        "settings_sha256": _settings_sha256(out),
         "format_version": FORMAT_VERSION,
         "arrays": arrays or {},
-        **({CODECS_KEY: codecs} if codecs else {}),
         "shards": entries,
         "n_samples": sum(e["n_samples"] for e in entries),
         "n_skipped": sum(e["n_skipped"] for e in entries),
