@@ -75,16 +75,21 @@ def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
     return np.packbits(bits.reshape(-1), bitorder="little")
 
 
+# Up to this many bits, unpacking every bit is faster than the column reads (fewer numpy calls).
+_BITWISE_MAX_BITS = 1 << 17
+
+
 def unpack_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
     """The inverse of :func:`pack_bits`: ``count`` ints (int64) of ``width`` bits."""
     need = -(-count * width // 8)
     if len(packed) != need:
         raise CodecError(f"{len(packed)} bytes for {count} ids of {width} bits (expected {need})")
-    if width > 57:  # an id may span 9 bytes: bit by bit
+    if width > 57 or count * width <= _BITWISE_MAX_BITS:
+        # few ids (or an id spanning 9 bytes): every bit, weighted by its power of two
         bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little", count=count * width)
-        return (bits.reshape(count, width).astype(np.int64) << np.arange(width, dtype=np.int64)).sum(axis=1)
-    # 8 ids take exactly `width` bytes: view the bytes as rows of `width`, and read id j of every row
-    # from the (at most 8) columns holding its bits, one column operation at a time
+        return bits.reshape(count, width) @ (np.int64(1) << np.arange(width, dtype=np.int64))
+    # many ids: 8 ids take exactly `width` bytes, so view the bytes as rows of `width` and read id j
+    # of every row from the (at most 8) columns holding its bits, one column operation at a time
     groups = -(-count // 8)
     buf = np.zeros(groups * width, dtype=np.uint8)
     buf[: len(packed)] = packed

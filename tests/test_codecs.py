@@ -63,18 +63,19 @@ def exact_tail(ids, lps) -> np.ndarray:
 # the pieces
 
 
+@pytest.mark.parametrize("count", [37, 9000])  # both unpacking paths (few ids: bit by bit; many: columns)
 @pytest.mark.parametrize("width", [1, 9, 18, 31])
-def test_bit_packing_round_trips_and_refuses_a_wrong_length(width):
+def test_bit_packing_round_trips_and_refuses_a_wrong_length(width, count):
     rng = np.random.default_rng(width)
-    values = rng.integers(0, 2**width, size=37)
+    values = rng.integers(0, 2**width, size=count)
     packed = pack_bits(values, width)
-    assert len(packed) == math.ceil(37 * width / 8)
-    assert np.array_equal(unpack_bits(packed, width, 37), values)
+    assert len(packed) == math.ceil(count * width / 8)
+    assert np.array_equal(unpack_bits(packed, width, count), values)
     # an independent unpacking: the integer the little-endian byte string spells
     big = int.from_bytes(packed.tobytes(), "little")
-    assert [(big >> (width * i)) & ((1 << width) - 1) for i in range(37)] == values.tolist()
-    with pytest.raises(CodecError, match="bytes for 37 ids"):
-        unpack_bits(packed[:-1], width, 37)
+    assert [(big >> (width * i)) & ((1 << width) - 1) for i in range(count)] == values.tolist()
+    with pytest.raises(CodecError, match=f"bytes for {count} ids"):
+        unpack_bits(packed[:-1], width, count)
     assert id_bits(V) == 18 and id_bits(512) == 9 and id_bits(1) == 1
 
 
