@@ -29,6 +29,13 @@ Modes, each a whole epoch over the same samples, timed in interleaved rounds:
 * raw tokens    only token ids, labels and the response top-k ids/logprobs from memmaps, built
                 into input_ids / attention_mask / labels / KD rows (checked equal to the store's).
 
+Compact store (``signals.codec.profile=compact``; the same store recoded, ``stage1_teacher.recode``):
+
+* compact w0, compact w0 cold, compact read_block: store w0, store w0 cold and read_block on it. The
+  batches are checked equal in ids and within the codec's log-prob step of the exact store's; the
+  table gives each compact mode's throughput over its exact twin (target >= 1: no slower).
+  ``--codec-only`` times just these pairs and the raw modes (no w2, no phase breakdown).
+
 After the rounds, ``store w2``: one DataLoader with 2 workers for consecutive epochs (its workers
 prefetch, so it cannot alternate with the other modes), against the median raw epoch.
 
@@ -80,12 +87,16 @@ from pipeline.data.encode import IGNORE_INDEX  # noqa: E402
 from pipeline.processors import load_processor  # noqa: E402
 from schemas import StoreReader  # noqa: E402
 from schemas.reader import _ShardIndex  # noqa: E402
+from stage1_teacher.config import CodecConfig  # noqa: E402
 from stage1_teacher.dump import run as dump  # noqa: E402
+from stage1_teacher.recode import recode  # noqa: E402
 from stage2_student.data import StoreDataset, StudentTargets, collate, epoch_order, epoch_samples  # noqa: E402
 from stage2_student.data.pixel_cache import PixelCache  # noqa: E402
 from stage2_student.data.reencode import StudentEncoder  # noqa: E402
 
 TARGET = 0.5
+# Each compact mode and its exact twin (their throughput ratio: compact / exact, target >= 1).
+CODEC_PAIRS = {"compact w0": "store w0", "compact w0 cold": "store w0 cold", "compact read_block": "read_block"}
 
 # Loader rates depend on the store's contents (geometry, k, rows), not on the teacher's width.
 DUMP_SPEC = replace(BENCH_SPEC, hidden=128, layers=2, heads=4, kv_heads=2, intermediate=344)
@@ -109,12 +120,23 @@ _TARGET_ARRAYS = {
 _MINIMAL = ("input_ids", "labels", "resp_pos", "resp_ids", "resp_logprobs")
 
 
+def codec_ratios(times: dict, n_samples: int) -> dict:
+    """Print and return each compact mode's throughput over its exact twin's, per round."""
+    ratios = {c: per_rep_ratio(times[e], times[c]) for c, e in CODEC_PAIRS.items() if c in times}
+    rows = [[c, fmt_spread(stats(times[e])), fmt_spread(stats(times[c])), fmt_spread(ratios[c])] for c, e in CODEC_PAIRS.items()
+            if c in times]
+    print(f"\ncompact vs exact store ({n_samples} samples; throughput ratio compact / exact per round, >= 1: no slower)")
+    print(table(["mode", "exact s/epoch", "compact s/epoch", "compact / exact"], rows))
+    return {"compact_over_exact": ratios}
+
+
 def parse_args():
     p = base_parser(__doc__.splitlines()[0])
     p.add_argument("--samples", type=int, default=128, help="synthetic records (multi-turn)")
     p.add_argument("--turns", type=int, default=3, help="question/answer turns per record")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--reps", type=int, default=5, help="timed epochs per mode (interleaved)")
+    p.add_argument("--codec-only", action="store_true", help="time only the exact/compact pairs and the raw modes")
     args = p.parse_args()
     if args.quick:
         args.samples, args.reps = min(args.samples, 32), min(args.reps, 2)
@@ -186,6 +208,8 @@ def main() -> None:
                 },
             )
         )
+        compact_store = work / "store-compact"
+        recode(store, compact_store, CodecConfig(profile="compact"))
         processor = load_processor(teacher_dir)  # the student's: same tokenizer, template and geometry
         ds = StoreDataset(store, processor, batch_size=args.batch_size, seed=0, with_saliency=False)
         shard_sizes = ds.shard_sizes
@@ -266,8 +290,21 @@ def main() -> None:
         del store_batches
         print(f"raw batches equal the store's ({len(batches)} batches checked)", flush=True)
 
-        def make(**kw) -> StoreDataset:
-            return StoreDataset(store, processor, batch_size=args.batch_size, seed=0, with_saliency=False, **kw)
+        def make(where=store, **kw) -> StoreDataset:
+            return StoreDataset(where, processor, batch_size=args.batch_size, seed=0, with_saliency=False, **kw)
+
+        # The compact store's batches: the same ids where it kept them, log-probs within the codec's step.
+        step = CodecConfig().logprob_step
+        for a, b in zip(make(), make(compact_store)):
+            assert a.sample_ids == b.sample_ids
+            for g in ("kd", "iva", "tpa"):
+                ga, gb = getattr(a, g), getattr(b, g)
+                kept = gb.ids >= 0
+                assert torch.equal(ga.ids[kept], gb.ids[kept]), g
+                diff = (ga.logprobs[kept] - gb.logprobs[kept]).abs()
+                assert not len(diff) or float(diff.max()) <= step + 1e-5, g
+        compact_bytes = sum(f.stat().st_size for f in compact_store.rglob("*") if f.is_file())
+        print(f"compact batches match the exact store's; compact store {compact_bytes / 1e6:.2f} MB on disk", flush=True)
 
         def take_epoch(stream, what: str) -> None:
             n = sum(len(next(stream).sample_ids) for _ in range(len(batches)))
@@ -277,6 +314,8 @@ def main() -> None:
         # store w0: one DataLoader over the repeating dataset, as distill.batch_stream runs it; the
         # dataset keeps its reader, decoded chunks and preprocessed images from epoch to epoch.
         w0_stream = iter(DataLoader(make(repeat=True), batch_size=None, num_workers=0))
+        compact_w0_stream = iter(DataLoader(make(compact_store, repeat=True), batch_size=None, num_workers=0))
+        compact_cold = make(compact_store, image_cache_mb=0, read_cache_mb=0)
         cold = make(image_cache_mb=0, read_cache_mb=0)  # every pass: zarr reads, image read + preprocess
         pixels = make(image_cache_mb=0, read_cache_mb=0, pixel_cache_dir=work / "pixels")  # zarr reads, pixel files
         old = make(encoding="processor", image_cache_mb=0, read_cache_mb=0)  # chat template + tokenizer too
@@ -297,10 +336,15 @@ def main() -> None:
 
         blocks = epoch_order(0, 0, shard_sizes, ds.block_size)
 
-        def read_blocks(_u: int) -> None:
-            r = StoreReader(store)  # a new reader without a cache: every block read goes to zarr
-            for shard, start, stop in blocks:
-                r.read_block(shard, start, stop)
+        def read_blocks_of(where):
+            def run(_u: int) -> None:
+                r = StoreReader(where)  # a new reader without a cache: every block read goes to zarr
+                for shard, start, stop in blocks:
+                    r.read_block(shard, start, stop)
+
+            return run
+
+        read_blocks = read_blocks_of(store)
 
         open_reader = StoreReader(store, cache_bytes=ds.read_cache_bytes)
         open_reader.sample_ids()  # opens every shard's index
@@ -318,19 +362,31 @@ def main() -> None:
 
         modes = {
             "store w0": lambda _u: take_epoch(w0_stream, "store w0"),
+            "compact w0": lambda _u: take_epoch(compact_w0_stream, "compact w0"),
             "store w0 cold": loader_pass(cold, 0),
+            "compact w0 cold": loader_pass(compact_cold, 0),
             "store w0 pixels": loader_pass(pixels, 0),
             "store w0 old": loader_pass(old, 0),
             "store w2 fresh": loader_pass(fresh_w2, 2),
             "read_block": read_blocks,
+            "compact read_block": read_blocks_of(compact_store),
             "read_block warm": read_blocks_warm,
             "raw full": raw_pass(raw_full_batch),
             "raw tokens": raw_pass(raw_tokens_batch),
         }
+        if args.codec_only:
+            modes = {m: f for m, f in modes.items() if m in CODEC_PAIRS or m in CODEC_PAIRS.values() or m.startswith("raw")}
         print(f"timing {args.reps} epochs of {list(modes)} ({n_samples} samples, {len(batches)} batches), interleaved", flush=True)
         load_before = load_average()
         times = {m: round_sums(t) for m, t in interleaved(modes, args.reps, "cpu").items()}
         load_after = load_average()
+        codec = codec_ratios(times, n_samples)
+        if args.codec_only:
+            path = write_results("loader_codec", {"env": environment(args.device, args.dtype), "args": vars(args),
+                                                  "samples": n_samples, "store_bytes": store_bytes,
+                                                  "compact_store_bytes": compact_bytes, **codec}, args.out)
+            print(f"results: {path}")
+            return
 
         # store w2: one DataLoader for the whole run, 2 persistent workers, drained back to back.
         # Not interleaved: its workers prefetch ahead, so they would run during the other modes.
@@ -382,6 +438,7 @@ def main() -> None:
         phases = {"warm": instrumented(modes["store w0"]), "cold": instrumented(modes["store w0 cold"]),
                   "pixels": instrumented(modes["store w0 pixels"])}
 
+    print(f"\ncompact store {compact_bytes / 1e6:.2f} MB vs exact {store_bytes / 1e6:.2f} MB")
     per_s = {m: stats([n_samples / t for t in ts]) for m, ts in times.items()}
     ratios = {m: per_rep_ratio(times["raw full"], times[m]) for m in modes}  # throughput / raw full
     ratios_tok = {m: per_rep_ratio(times["raw tokens"], times[m]) for m in modes}
@@ -435,6 +492,8 @@ def main() -> None:
             "batches": len(batches),
             "sequence_tokens": seq_tokens,
             "store_bytes": store_bytes,
+            "compact_store_bytes": compact_bytes,
+            **codec,
             "raw_bytes": raw_bytes,
             "raw_tokens_bytes": raw_min_bytes,
             "pixel_cache": {"images": pixel_entries, "bytes": pixel_bytes, "segments": pixel_segments},

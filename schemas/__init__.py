@@ -4,10 +4,11 @@
     io            canonical JSON, sha256, the atomic writer
     layout        directory and file names, ArraySpec, shard records, shard listing
     meta_columns  per-sample metadata in Parquet columns
-    writer        ShardWriter: one shard, written once, renamed when complete
+    codecs        how arrays are stored: StoreCodecs, TopkCodec (the compact profile), completion_kl
+    writer        ShardWriter: one shard, written once, renamed when complete (encodes through codecs)
     manifest      manifest.json: write_manifest, read_manifest, the typed Manifest
     checksums     sizes and sha256 of a shard's files
-    reader        StoreReader: samples and blocks of samples, with a chunk cache
+    reader        StoreReader: samples and blocks of samples (decoded), with a chunk cache
     verify        structural verification of a store
     signals       what the teacher stores: array layout, SampleSignals, pack/unpack
     fingerprints  identities recorded in a manifest (tokenizer, chat template, processor, model, data)

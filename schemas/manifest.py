@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any, Iterable
 
+from schemas.codecs import CODECS_KEY, StoreCodecs
 from schemas.errors import StoreFormatError
 from schemas.io import _dumps, atomic_write_text, file_sha256, fingerprint, writing
 from schemas.layout import (
@@ -30,6 +31,9 @@ from schemas.layout import (
 
 _RESERVED_MANIFEST_KEYS = ("format_version", "arrays", "shards", "n_samples", "n_skipped",
                            "skipped_reasons", "settings_sha256")
+# Written by write_manifest too, but hashed with the settings: the codecs say how to decode the
+# arrays, so an edited codec parameter (a quantisation step) is refused like an edited setting.
+_WRITTEN_KEYS = (*_RESERVED_MANIFEST_KEYS, CODECS_KEY)
 
 
 def _sha256_or_none(doc: dict) -> str | None:
@@ -73,7 +77,7 @@ def write_manifest(store_dir: str | os.PathLike, manifest: dict,
     exist, or when shards disagree on the array specs.
     """
     store = Path(store_dir)
-    clash = [k for k in _RESERVED_MANIFEST_KEYS if k in manifest]
+    clash = [k for k in _WRITTEN_KEYS if k in manifest]
     if clash:
         raise ValueError(f"manifest entries {clash} are written by write_manifest; remove them")
     partial = list_partial_shards(store)
@@ -85,16 +89,20 @@ def write_manifest(store_dir: str | os.PathLike, manifest: dict,
         raise ValueError(f"{store}: shard names repeat in {names}")
 
     arrays: dict | None = None
+    codecs: list | None = None
     arrays_from = None
     entries = []
     reasons: Counter = Counter()
     for name in names:
         d = _read_shard_json(store, name)
         if arrays is None:
-            arrays, arrays_from = d["arrays"], name
+            arrays, codecs, arrays_from = d["arrays"], d.get(CODECS_KEY), name
         elif d["arrays"] != arrays:
             raise StoreFormatError(f"{store}: shard {name!r} has arrays {d['arrays']}, but shard "
                                    f"{arrays_from!r} has {arrays}")
+        elif d.get(CODECS_KEY) != codecs:
+            raise StoreFormatError(f"{store}: shard {name!r} has codecs {d.get(CODECS_KEY)}, but shard "
+                                   f"{arrays_from!r} has {codecs}")
         sj = store / SHARDS_DIR / name / SHARD_JSON
         entries.append({
             "name": name,
@@ -108,9 +116,9 @@ def write_manifest(store_dir: str | os.PathLike, manifest: dict,
         })
         reasons.update(d["skipped_reasons"])
 
-    out = dict(manifest)
+    out = {**manifest, **({CODECS_KEY: codecs} if codecs else {})}
     out.update({
-        "settings_sha256": _settings_sha256(manifest),
+        "settings_sha256": _settings_sha256(out),
         "format_version": FORMAT_VERSION,
         "arrays": arrays or {},
         "shards": entries,
@@ -173,7 +181,18 @@ class Manifest(dict):
 
     @property
     def array_names(self) -> list[str]:
+        """The arrays on disk (with codecs, their stored arrays; see :attr:`decoded_arrays`)."""
         return list(self["arrays"])
+
+    @property
+    def codecs(self) -> StoreCodecs:
+        """How the arrays are stored (none: as they are); a codec this version does not know is refused."""
+        return StoreCodecs.from_json(self.get(CODECS_KEY), str(self.path))
+
+    @property
+    def decoded_arrays(self) -> list[str]:
+        """The arrays every reader sees (``StoreReader`` decodes the stored ones)."""
+        return list(self.codecs.decoded_specs({n: None for n in self["arrays"]}))
 
     # -- the teacher store's entries (DESIGN.md §5) --
     @property

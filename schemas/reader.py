@@ -16,6 +16,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from schemas.checksums import _checksum_problems
+from schemas.codecs import CodecError
 from schemas.errors import StoreFormatError
 from schemas.layout import (
     ARRAYS_DIR,
@@ -170,6 +171,10 @@ def _offsets_problem(ids: list[str], starts: np.ndarray, lens: np.ndarray,
     return None
 
 
+# Cache key tag of a sample's decoded arrays (beside (shard, array, chunk) keys of stored chunks).
+_DECODED = "<decoded>"
+
+
 class LRUBytes:
     """A least-recently-used cache bounded by the bytes its values declare (0 bytes: keeps nothing)."""
 
@@ -217,10 +222,13 @@ class StoreReader:
         self._cache = LRUBytes(cache_bytes)
         self.manifest = read_manifest(self.store_dir)
         try:
-            self.specs = {n: ArraySpec.from_json(s) for n, s in self.manifest["arrays"].items()}
+            self.stored_specs = {n: ArraySpec.from_json(s) for n, s in self.manifest["arrays"].items()}
         except (KeyError, TypeError, ValueError) as e:
             raise StoreFormatError(f"{self.store_dir / MANIFEST_NAME}: bad 'arrays' entry: "
                                    f"{e}") from e
+        # Arrays stored with a codec are decoded by read_block; `specs` are the arrays readers see.
+        self.codecs = self.manifest.codecs
+        self.specs = self.codecs.decoded_specs(self.stored_specs)
         self._entries = {e["name"]: e for e in self.manifest["shards"]}
         for name in self._entries:
             if not (self.store_dir / SHARDS_DIR / name).is_dir():
@@ -238,7 +246,7 @@ class StoreReader:
         if name not in self._entries:
             raise KeyError(f"{self.store_dir}: no shard {name!r}")
         if name not in self._shards:
-            self._shards[name] = _ShardIndex(self.store_dir, self._entries[name], self.specs)
+            self._shards[name] = _ShardIndex(self.store_dir, self._entries[name], self.stored_specs)
         return self._shards[name]
 
     def __len__(self) -> int:
@@ -287,7 +295,8 @@ class StoreReader:
 
     def read_block(self, shard_name: str, start_idx: int, stop_idx: int) -> list[StoredSample]:
         """Samples [start_idx, stop_idx) of a shard, with ONE zarr read per array for the whole
-        block (its rows are contiguous). Returned arrays are views into that block's buffers."""
+        block (its rows are contiguous). Returned arrays are views into that block's buffers, or,
+        for arrays stored with a codec, the sample's decoded arrays."""
         sh = self._shard(shard_name)
         n = len(sh.sample_ids)
         if not (0 <= start_idx <= stop_idx <= n):
@@ -295,8 +304,18 @@ class StoreReader:
                              f"[0, {n})")
         if start_idx == stop_idx:
             return []
+        # Arrays stored with a codec: with a cache, each sample's decoded arrays are kept (decoding
+        # costs more than slicing), and a block whose samples are all there reads none of them.
+        coded = self.codecs.stored_names
+        count = stop_idx - start_idx
+        decoded: list[dict | None] = [None] * count
+        if coded and self._cache.max_bytes:
+            decoded = [self._cache.get((shard_name, _DECODED, i)) for i in range(start_idx, stop_idx)]
+        skip = coded if all(d is not None for d in decoded) else set()
         per_array: dict[str, list[np.ndarray]] = {}
         for a, arr in sh.arrays.items():
+            if a in skip:
+                continue
             starts = sh.starts[a][start_idx:stop_idx]
             lens = sh.lens[a][start_idx:stop_idx]
             lo, hi = int(starts[0]), int(starts[-1] + lens[-1])
@@ -310,11 +329,23 @@ class StoreReader:
             rel = starts - lo
             per_array[a] = [block[s:s + ln] for s, ln in zip(rel.tolist(), lens.tolist())]
         metas = sh.meta_rows(start_idx, stop_idx)
-        return [
-            StoredSample(sample_id=sh.sample_ids[start_idx + j], meta=metas[j],
-                         arrays={a: per_array[a][j] for a in sh.arrays})
-            for j in range(stop_idx - start_idx)
-        ]
+        out = []
+        for j in range(count):
+            sid = sh.sample_ids[start_idx + j]
+            arrays = {a: per_array[a][j] for a in sh.arrays if a not in coded}
+            if coded and decoded[j] is None:
+                try:
+                    decoded[j] = self.codecs.decode({a: per_array[a][j] for a in coded})
+                except CodecError as e:
+                    raise StoreFormatError(f"{self.store_dir}: shard {shard_name!r}: sample {sid!r}: {ARRAYS_DIR}: "
+                                           f"{e}; the stored arrays do not decode") from e
+                if self._cache.max_bytes:
+                    for v in decoded[j].values():
+                        v.flags.writeable = False  # shared by every later read of the sample
+                    self._cache.put((shard_name, _DECODED, start_idx + j), decoded[j],
+                                    sum(v.nbytes for v in decoded[j].values()))
+            out.append(StoredSample(sample_id=sid, meta=metas[j], arrays=arrays | (decoded[j] or {})))
+        return out
 
     def _rows(self, shard_name: str, name: str, arr, lo: int, hi: int) -> np.ndarray:
         """Rows [lo, hi) of one array: straight from zarr, or (with a cache) cut from whole decoded
@@ -322,7 +353,7 @@ class StoreReader:
         chunk (about DEFAULT_CHUNK_BYTES) for any read inside it, and a read costs about 1 ms of
         call overhead however few its rows, so a block of samples that needs a few KB of each array
         pays for the chunk; the cache pays it once per chunk."""
-        spec = self.specs[name]
+        spec = self.stored_specs[name]
         if hi <= lo:
             return np.empty((0, *spec.row_shape), dtype=spec.dtype)
         if not self._cache.max_bytes:

@@ -56,7 +56,8 @@ resp_sample_*: resp_sample_n per response position, ids in the vocabulary and un
   counts >= 1 and summing to signals.sampled.draws per position
 tpa_*: positions among resp_pos, at most signals.transitions.max_positions of them, at most
   .candidates candidates each, unique; candidate != gold token input_ids[t+1], in the vocabulary;
-  tpa_cand_logprob = the candidate's log-prob in resp_logprobs at t (or below that row's top-k)
+  tpa_cand_logprob = the candidate's log-prob in resp_logprobs at t (or below that row's top-k),
+  within the codec's log-prob error on a compact store
 """
 
 
@@ -103,8 +104,10 @@ def verify_signals(store_dir: str | Path, max_problems: int = MAX_PROBLEMS) -> l
 class _Context:
     """Store-wide facts the per-sample checks need, from the manifest."""
 
-    def __init__(self, vocab, draws, max_candidates, max_positions):
+    def __init__(self, vocab, draws, max_candidates, max_positions, cand_tol=CAND_LOGPROB_TOL):
         self.vocab: int | None = vocab
+        # tpa_cand_logprob is exact; resp_logprobs as decoded (a compact store quantises them)
+        self.cand_tol: float = cand_tol
         self.draws: int | None = draws
         self.max_candidates: int | None = max_candidates
         self.max_positions: int | None = max_positions
@@ -119,18 +122,19 @@ class _Context:
             problems.append(f"manifest: no integer tokenizer.size (found {vocab!r}); token ids not range-checked")
             vocab = None
         draws = None
-        if "resp_sample_n" in m["arrays"]:
+        if "resp_sample_n" in m.decoded_arrays:
             draws = get("signals.sampled.draws")
             if not isinstance(draws, int):
                 problems.append(f"manifest: the store has sampled targets but no integer signals.sampled.draws "
                                 f"(found {draws!r}); counts not checked against it")
                 draws = None
         cands = positions = None
-        if "tpa_pos" in m["arrays"]:
+        if "tpa_pos" in m.decoded_arrays:
             cands, positions = get("signals.transitions.candidates"), get("signals.transitions.max_positions")
             cands = cands if isinstance(cands, int) else None
             positions = positions if isinstance(positions, int) else None
-        return cls(vocab, draws, cands, positions)
+        cand_tol = CAND_LOGPROB_TOL + m.codecs.logprob_error("resp_logprobs")
+        return cls(vocab, draws, cands, positions, cand_tol)
 
 
 def _first(mask: np.ndarray) -> int:
@@ -378,9 +382,9 @@ def _transition_problems(where: str, a: dict, input_ids: np.ndarray, resp_pos: n
     hit = r_ids == cand[:, None]
     in_topk = hit.any(axis=1)
     ref = np.where(in_topk, np.where(hit, r_lps, 0.0).sum(axis=1), np.nan)
-    mismatch = in_topk & (np.abs(clp - ref) > CAND_LOGPROB_TOL)
+    mismatch = in_topk & (np.abs(clp - ref) > ctx.cand_tol)
     lowest = np.where(r_ids >= 0, r_lps, np.inf).min(axis=1)
-    above = ~in_topk & (clp > lowest + CAND_LOGPROB_TOL)
+    above = ~in_topk & (clp > lowest + ctx.cand_tol)
     wrong = mismatch | above
     if wrong.any():
         r = _first(wrong)

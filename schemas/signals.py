@@ -27,6 +27,11 @@ tpa_logprobs        float32    (k',)        their exact log-probs
 
 Log-probs are float32: they are "exact" by contract and the tail mass 1 - sum(exp) is derived from
 them. Saliency is float16 as the design fixes (it is a weight, not a probability target).
+
+That table is what every reader sees. How the sparse distributions are stored on disk is the store's
+profile (:func:`store_codecs`): ``exact`` keeps the table as it is; ``compact`` stores each
+``<x>_ids``/``<x>_logprobs`` pair with a codec (``schemas.codecs``) that the reader decodes back to
+it, with fewer ids per row (-1 padding) and log-probs quantised around the exact tail mass.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from schemas.codecs import CODECS_KEY, StoreCodecs, TopkCodec
 from schemas.errors import StoreFormatError
 from schemas.layout import ARRAYS_DIR, INDEX_NAME, SHARD_JSON, SHARDS_DIR, ArraySpec, StoredSample, list_complete_shards
 from schemas.meta_columns import json_field
@@ -71,10 +77,12 @@ def signal_bytes(store: Path) -> dict:
     n_resp = 0
     for name in list_complete_shards(store):
         shard = json.loads((Path(store) / SHARDS_DIR / name / SHARD_JSON).read_text())
+        codecs = StoreCodecs.from_json(shard.get(CODECS_KEY), f"shard {name!r}")
         n_resp += shard["rows"].get("resp_pos", 0)
         for rel, f in shard["files"].items():
             parts = Path(rel).parts
-            key = parts[1] if parts[0] == ARRAYS_DIR and len(parts) > 2 else "index"
+            # an array stored with a codec counts for the signal of the array it holds
+            key = codecs.source_of(parts[1]) if parts[0] == ARRAYS_DIR and len(parts) > 2 else "index"
             total[key] = total.get(key, 0) + f["bytes"]
     out: dict = {"response_tokens": n_resp}
     for g, names in {**SIGNAL_GROUPS, "index": ["index"]}.items():
@@ -138,6 +146,29 @@ def array_specs(top_k: int, transition_top_k: int, sampled: bool, transitions: b
             "tpa_logprobs": ArraySpec("float32", (transition_top_k,)),
         }
     return specs
+
+
+# The sparse distributions (ids + log-probs per row) and the prefix of their stored arrays under a codec.
+TOPK_SIGNALS = {"resp": ("resp_ids", "resp_logprobs"), "vis": ("vis_ids", "vis_logprobs"),
+                "tpa": ("tpa_ids", "tpa_logprobs")}
+PROFILES = ("exact", "compact")
+
+
+def store_codecs(profile: str, specs: dict[str, ArraySpec], vocab_size: int, max_kl: float = 1e-3,
+                 step: float = 1.0 / 16, max_dropped: float = 0.0) -> StoreCodecs:
+    """The codecs of a store profile (DESIGN.md §5): ``exact`` stores every array as it is;
+    ``compact`` stores each sparse distribution of ``specs`` with :class:`schemas.codecs.TopkCodec`
+    (the fewest ids within ``max_kl`` nats of the exact row and dropping at most ``max_dropped`` of its
+    mass, bit-packed ids, log-probs quantised at ``step`` nats, the tail mass exact). ``vocab_size``: the real tokens (every id is below it)."""
+    if profile not in PROFILES:
+        raise ValueError(f"unknown store profile {profile!r}; profiles: {', '.join(PROFILES)}")
+    if profile == "exact":
+        return StoreCodecs()
+    return StoreCodecs([
+        TopkCodec(ids=ids, logprobs=lps, prefix=f"{prefix}_topk", k=specs[ids].row_shape[0],
+                  vocab_size=vocab_size, step=step, max_kl=max_kl, max_dropped=max_dropped)
+        for prefix, (ids, lps) in TOPK_SIGNALS.items() if ids in specs
+    ])
 
 
 def _empty(*shape, dtype=np.float32) -> np.ndarray:

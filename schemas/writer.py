@@ -17,6 +17,7 @@ import pyarrow.parquet as pq
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
+from schemas.codecs import CODECS_KEY, StoreCodecs
 from schemas.io import _dumps, _fsync_path, atomic_write_text, file_sha256
 from schemas.layout import (
     ARRAYS_DIR,
@@ -67,6 +68,7 @@ class ShardWriter:
         meta_schema: pa.Schema | None = None,
         rows_per_chunk: int | None = None,
         chunks_per_file: int = DEFAULT_CHUNKS_PER_FILE,
+        codecs: StoreCodecs | None = None,
     ) -> None:
         """
         Args:
@@ -78,6 +80,8 @@ class ShardWriter:
             rows_per_chunk: rows per zarr inner chunk, for every array; None picks, per array,
                 about DEFAULT_CHUNK_BYTES of uncompressed data.
             chunks_per_file: inner chunks per chunk file (zarr sharding codec).
+            codecs: how arrays are stored (``schemas.codecs``); ``add`` takes the decoded arrays of
+                ``specs`` and stores what the codecs make of them. None: every array as it is.
         """
         if not _SHARD_NAME_RE.match(shard_name) or shard_name.endswith(PARTIAL_SUFFIX):
             raise ValueError(f"shard name {shard_name!r}: use letters, digits, '_' and '-'")
@@ -98,7 +102,10 @@ class ShardWriter:
 
         self.store_dir = Path(store_dir)
         self.name = shard_name
-        self.specs = dict(sorted(specs.items()))
+        self.codecs = codecs or StoreCodecs()
+        self.decoded_specs = dict(sorted(specs.items()))
+        # The arrays on disk: the decoded ones, or what their codecs store them as.
+        self.specs = dict(sorted(self.codecs.stored_specs(self.decoded_specs).items()))
         self.meta_schema = meta_schema
         self.chunks_per_file = chunks_per_file
         self.rows_per_chunk = {
@@ -175,10 +182,10 @@ class ShardWriter:
         where = f"shard {self.name!r}, sample {sample_id!r}"
 
         for n, a in arrays.items():
-            if n not in self.specs:
+            if n not in self.decoded_specs:
                 raise ValueError(f"{where}: array {n!r} is not declared (declared: "
-                                 f"{sorted(self.specs)})")
-            spec = self.specs[n]
+                                 f"{sorted(self.decoded_specs)})")
+            spec = self.decoded_specs[n]
             if not isinstance(a, np.ndarray):
                 raise TypeError(f"{where}, array {n!r}: expected a numpy array, "
                                 f"found {type(a).__name__}")
@@ -191,6 +198,11 @@ class ShardWriter:
                                  f"{spec.row_shape}, found shape {tuple(a.shape)}")
 
         row = self._check_meta(where, meta)
+        if self.codecs:
+            try:
+                arrays = self.codecs.encode(arrays)
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from e
 
         # Everything validated: record the sample.
         self._ids.append(sample_id)
@@ -346,6 +358,7 @@ class ShardWriter:
             **dataclasses.asdict(info),
             "bytes": info.bytes,
             "arrays": {n: s.to_json() for n, s in self.specs.items()},
+            **({CODECS_KEY: self.codecs.to_json()} if self.codecs else {}),
             "rows_per_chunk": dict(self.rows_per_chunk),
             "chunks_per_file": self.chunks_per_file,
         }

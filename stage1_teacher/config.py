@@ -69,6 +69,27 @@ class TransitionsConfig:
 
 
 @dataclass
+class CodecConfig:
+    profile: Literal["exact", "compact"] = "exact"
+    """How the sparse distributions are stored: `exact` (int32 ids, float32 log-probs, k per row) or `compact`
+    (per row the fewest ids within `max_kl` of the exact top-k row, bit-packed, log-probs quantised, the tail
+    mass exact; schemas/codecs.py). Readers decode either to the same arrays."""
+    max_kl: float = 1e-3
+    """compact: a row keeps the fewest ids whose decoded row is within this KL (nats) of the exact top-k row, the
+    ids it drops charged as if spread over the vocabulary (0: off; with max_dropped 0 too, every id is kept)."""
+    logprob_step: float = 0.0625
+    """compact: quantisation step of the log-probs (nats, relative to the row's most probable id; 8 bits)."""
+    max_dropped: float = 0.0
+    """compact: also keep enough ids that those dropped carry at most this much of the row's mass (0: off).
+    With `max_kl: 0` it is the only rule: a coverage rule, whose loss shows only on the kept buckets."""
+
+    def __post_init__(self):
+        check(self.max_kl >= 0, "max_kl", f"must be >= 0, got {self.max_kl}")
+        check(0 <= self.max_dropped < 1, "max_dropped", f"must be in [0, 1), got {self.max_dropped}")
+        check(0 < self.logprob_step <= 1, "logprob_step", f"must be in (0, 1], got {self.logprob_step}")
+
+
+@dataclass
 class SignalsConfig:
     top_k: int = 64
     """k: token ids (with exact log-probs from the full-vocabulary log-softmax) kept per response and visual position."""
@@ -84,9 +105,13 @@ class SignalsConfig:
     """The optional sampled response target."""
     transitions: TransitionsConfig = field(default_factory=TransitionsConfig)
     """Transition statistics for TPA."""
+    codec: CodecConfig = field(default_factory=CodecConfig)
+    """How the signals are stored (the store's profile)."""
 
     def __post_init__(self):
         check(self.top_k >= 1, "top_k", f"must be >= 1, got {self.top_k}")
+        check(self.codec.profile == "exact" or max(self.top_k, self.transitions.top_k) <= 255, "top_k",
+              f"the compact profile stores at most 255 ids per row, got {max(self.top_k, self.transitions.top_k)}")
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(0.0 <= self.visual_fraction <= 1.0, "visual_fraction", f"must be in [0, 1], got {self.visual_fraction}")
         check(self.calibration_samples >= 1, "calibration_samples", f"must be >= 1, got {self.calibration_samples}")

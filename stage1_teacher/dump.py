@@ -55,8 +55,8 @@ from schemas.manifest import (
     write_calibration,
     write_manifest,
 )
-from schemas.signals import array_specs, saliency_coverage, signal_bytes
-from stage1_teacher.config import DumpConfig
+from schemas.signals import array_specs, saliency_coverage, signal_bytes, store_codecs
+from stage1_teacher.config import CodecConfig, DumpConfig
 from stage1_teacher.executors import make_executor
 from stage1_teacher.proposer import candidates_provenance
 
@@ -117,6 +117,9 @@ def check_or_claim_store(store: Path, settings: dict) -> None:
         raise PipelineError(f"output.dir {store} exists and is not a directory")
     if path.is_file():
         existing = read_json_file(path)
+        if isinstance(existing, dict) and isinstance(existing.get("signals"), dict):
+            # a store begun before profiles existed was written exact (the default)
+            existing["signals"].setdefault("codec", to_dict(CodecConfig()))
         diff = settings_diff(existing, settings, "store", "this run") if isinstance(existing, dict) else [
             f"{SETTINGS_FILE}: not a JSON object"]
         if not diff:
@@ -186,9 +189,12 @@ def _run(cfg: DumpConfig) -> dict:
         sampled=cfg.signals.sampled.enabled,
         transitions=cfg.signals.transitions.enabled,
     )
+    codec = cfg.signals.codec
+    codecs = store_codecs(codec.profile, specs, settings["vocabulary"]["tokens"], codec.max_kl, codec.logprob_step,
+                          codec.max_dropped)
     with make_executor(cfg, processor) as executor:
         layers, irs = calibrate(cfg, store, executor, records)
-        executor.run_shards(todo, specs, layers, n_samples=sum(len(r) for r in todo.values()))
+        executor.run_shards(todo, specs, layers, n_samples=sum(len(r) for r in todo.values()), codecs=codecs)
 
     stats = signal_bytes(store)
     manifest = write_manifest(

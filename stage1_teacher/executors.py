@@ -42,14 +42,14 @@ class InProcessExecutor(AbstractContextManager):
     def calibrate(self, records) -> dict[int, float]:
         return self.teacher.calibrate(records, self.cfg.data.max_length, self.cfg.batch_size)
 
-    def run_shards(self, todo: dict, specs, layers: list[int], n_samples: int) -> None:
+    def run_shards(self, todo: dict, specs, layers: list[int], n_samples: int, codecs=None) -> None:
         self.teacher.check_layers(layers)
         bar = ThroughputBar(n_samples, "teacher-dump")
         try:
             for name, records in todo.items():
                 dump_shard(
                     self.teacher, self.cfg.output.dir, name, records, specs,
-                    self.cfg.data.max_length, self.cfg.batch_size, layers, progress=bar.update,
+                    self.cfg.data.max_length, self.cfg.batch_size, layers, progress=bar.update, codecs=codecs,
                 )
         finally:
             bar.close()
@@ -70,11 +70,11 @@ class DumpWorker:
     def calibrate(self, records) -> dict[int, float]:
         return self.teacher.calibrate(records, self.cfg.data.max_length, self.cfg.batch_size)
 
-    def run_shard(self, name: str, records, specs, layers: list[int]) -> str:
+    def run_shard(self, name: str, records, specs, layers: list[int], codecs=None) -> str:
         dump_shard(
             self.teacher, self.cfg.output.dir, name, records, specs,
             self.cfg.data.max_length, self.cfg.batch_size, layers,
-            progress=lambda s, t: self.queue.put((s, t)),
+            progress=lambda s, t: self.queue.put((s, t)), codecs=codecs,
         )
         return name
 
@@ -150,7 +150,7 @@ class RayExecutor(AbstractContextManager):
             except RayTaskError as e:
                 _raise_named("calibration", e)
 
-    def run_shards(self, todo: dict, specs, layers: list[int], n_samples: int) -> None:
+    def run_shards(self, todo: dict, specs, layers: list[int], n_samples: int, codecs=None) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError
 
@@ -165,7 +165,7 @@ class RayExecutor(AbstractContextManager):
                     actor = idle.pop()
                     name, records = queue_items.pop(0)
                     attempts[name] += 1
-                    running[actor.run_shard.remote(name, records, specs, layers)] = (actor, name, records)
+                    running[actor.run_shard.remote(name, records, specs, layers, codecs)] = (actor, name, records)
                 ready, _ = ray.wait(list(running), num_returns=1, timeout=0.5)
                 self._drain(bar)
                 for ref in ready:

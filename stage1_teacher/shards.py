@@ -13,6 +13,7 @@ from pipeline.data import BadRecord, Record, SampleError, encode
 from pipeline.data.records import TEACHER_ERROR
 from pipeline.errors import PipelineError
 from schemas.io import writing
+from schemas.codecs import StoreCodecs
 from schemas.signals import META_SCHEMA, pack
 from schemas.layout import ArraySpec, ShardInfo
 from schemas.writer import ShardWriter
@@ -33,14 +34,17 @@ def dump_shard(
     batch_size: int,
     layers: list[int],
     progress: ProgressFn | None = None,
+    codecs: StoreCodecs | None = None,
 ) -> ShardInfo:
     """Encode, run the teacher in batches, and write ``shard``; bad samples go to its skip table.
 
     Sample order in the shard is record order. A batch whose forward fails is retried one sample at
     a time so that only the sample that fails is skipped (reason ``teacher_error``). A write that
     fails (a full disk) stops the dump naming the shard; it stays ``.partial``, redone on resume.
+    ``codecs``: how the store's arrays are stored (its profile; None: as they are).
     """
-    with writing(f"shard {shard} of {store_dir}"), ShardWriter(store_dir, shard, specs, META_SCHEMA) as writer:
+    with writing(f"shard {shard} of {store_dir}"), ShardWriter(store_dir, shard, specs, META_SCHEMA,
+                                                                            codecs=codecs) as writer:
         pending: list = []  # encoded samples and skip records, in record order
 
         student: dict = {}  # with a proposer (candidates_from): each sample's encoding by the student's processor

@@ -10,6 +10,7 @@ from pipeline.tools.cli import RUN_JOBS, main, resolve
 from pipeline.config import load_config
 from pipeline.tools.demo import METHODS, QUICK
 from pipeline.tools.inspect_store import verify
+from schemas.manifest import read_manifest
 
 
 def test_demo_quick(tmp_path, capsys):
@@ -55,3 +56,21 @@ def test_demo_quick(tmp_path, capsys):
     for path in configs:
         job = job_of[path.stem.split("-")[0]]
         load_config(resolve(RUN_JOBS[job].config), path)
+
+
+def test_demo_quick_trains_students_from_the_exact_and_the_compact_store(tmp_path, capsys):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--quick", "--store-profiles", "exact,compact"]) == 0
+    assert "| student | method | store | test accuracy (%) | KL to teacher (test) |" in capsys.readouterr().out
+    assert verify(out / "stores" / "train-compact") == []
+    assert read_manifest(out / "stores" / "train-compact").signals["codec"]["profile"] == "compact"
+    summary = json.loads((out / "reports" / "summary.json").read_text())
+    signal_methods = [m for m, w in METHODS.items() if any(v for k, v in w.items() if k != "sft")]
+    compact = [r for r in summary["runs"] if r["store"] == "compact"]
+    assert sorted((r["size"], r["method"]) for r in compact) == sorted((s, m) for s in QUICK.students for m in signal_methods)
+    for run in compact:
+        name = f"{run['size']}-{run['method']}-compact-s{run['seed']}"
+        provenance = json.loads((out / "runs" / name / "final" / "provenance.json").read_text())
+        assert "train-compact" in json.dumps(provenance)
+    assert {(r["size"], r["method"], r["store"]) for r in summary["rows"]} == (
+        {(s, m, "exact") for s in QUICK.students for m in METHODS} | {(s, m, "compact") for s in QUICK.students for m in signal_methods})

@@ -6,7 +6,7 @@
     pipeline inspect STORE [--sample ID --json] [--out DIR]     # statistics, one sample, PNGs
     pipeline tiny --family llava --preset teacher --out DIR     # a tiny VLM checkpoint (tests, demo)
     pipeline export-vllm --model DIR --out DIR                  # a copy of a checkpoint that vLLM loads
-    pipeline demo --out DIR [--quick] [--seeds N]               # the end-to-end demo
+    pipeline demo --out DIR [--quick] [--seeds N] [--store-profiles exact,compact]   # the end-to-end demo
 
 Jobs are listed in ``RUN_JOBS`` as ``"module:ConfigClass"`` and ``"module:function"`` strings,
 imported only when used so that ``pipeline --help`` stays fast; a test checks every entry resolves.
@@ -121,7 +121,7 @@ def _inspect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.tools.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds)
+    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds, store_profiles=tuple(args.store_profiles.split(",")))
     return 0
 
 
@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
     demo.add_argument("--quick", action="store_true", help="a small, fast version (for tests)")
     demo.add_argument("--seeds", type=int, default=1, help="repeat each training run with this many seeds")
+    demo.add_argument("--store-profiles", default="exact",
+                      help="exact,compact: also train the KD and Align-TI students from the train store recoded compact")
     return p
 
 

@@ -9,6 +9,9 @@
    ``stores/test``      and on the test split (for the students' agreement with the teacher)
 4. ``runs/<size>-<method>-s<seed>``  students of two sizes (one with the teacher's visual grid pooled
                         2×2), each trained with SFT-only, vanilla KD and Align-TI from the one store
+   (``--store-profiles exact,compact``: also ``stores/train-compact``, the train store recoded to the
+   compact profile, and KD and Align-TI students from it, ``runs/<size>-<method>-compact-s<seed>``,
+   same seeds: does the compact store train the same students?)
 5. ``reports/``         every evaluation as JSON, ``summary.md``/``summary.json`` with the table,
                         ``accuracy.png`` (accuracy by method and size), ``saliency/`` overlays
 6. ``configs/``         the config of every step, to rerun any of them with ``pipeline run``
@@ -96,7 +99,10 @@ def _step(out: Path, name: str, cls, values: dict, fn):
     return result
 
 
-def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
+STORE_PROFILES = ("exact", "compact")
+
+
+def run_demo(out: Path, quick: bool = False, seeds: int = 1, store_profiles: tuple[str, ...] = ("exact",)) -> dict:
     from stage1_teacher.config import DumpConfig
     from stage1_teacher.dump import run as dump
     from stage2_student.config import DistillConfig
@@ -106,6 +112,10 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
 
     if seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {seeds}")
+    unknown = [p for p in store_profiles if p not in STORE_PROFILES]
+    if unknown or "exact" not in store_profiles:
+        raise ValueError(f"--store-profiles must include exact and name only {', '.join(STORE_PROFILES)}; "
+                         f"got {', '.join(store_profiles)}")
     profile = QUICK if quick else FULL
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.time()
@@ -148,15 +158,27 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
             "batch_size": profile.dump_batch, "workers": profile.workers,
         }, dump)
 
-    log.info("[4/6] students: %s x %s x %d seed(s)", list(profile.students), list(profile.methods), seeds)
+    train_stores = {"exact": out / "stores" / "train"}
+    if "compact" in store_profiles:
+        # the same signals at the compact profile's defaults (what a compact dump writes; no teacher run)
+        from stage1_teacher.config import CodecConfig
+        from stage1_teacher.recode import recode
+
+        train_stores["compact"] = out / "stores" / "train-compact"
+        recode(train_stores["exact"], train_stores["compact"], CodecConfig(profile="compact"))
+
+    log.info("[4/6] students: %s x %s x %d seed(s), stores %s", list(profile.students), list(profile.methods), seeds,
+             list(train_stores))
     results = []
     for size, spec in profile.students.items():
         for seed in range(seeds):
             init = save_tiny_vlm(out / "models" / f"{size}-init-s{seed}", FAMILY, spec, seed=100 + seed)
-            for method in profile.methods:
-                name = f"{size}-{method}-s{seed}"
+            for store, method in [(st, m) for st in train_stores for m in profile.methods]:
+                if store != "exact" and not any(w for k, w in METHODS[method].items() if k != "sft"):
+                    continue  # SFT-only reads no teacher signal: the same run on every store
+                name = f"{size}-{method}-s{seed}" if store == "exact" else f"{size}-{method}-{store}-s{seed}"
                 _step(out, f"train-{name}", DistillConfig, {
-                    "student": {"path": str(init)}, "store": {"dir": str(out / "stores" / "train")},
+                    "student": {"path": str(init)}, "store": {"dir": str(train_stores[store])},
                     "output": {"dir": str(out / "runs" / name)}, "seed": seed,
                     "train": {"steps": profile.student_steps, "batch_size": profile.student_batch_size,
                               "lr": profile.student_lr, "warmup_steps": min(20, profile.student_steps // 10),
@@ -169,7 +191,8 @@ def run_demo(out: Path, quick: bool = False, seeds: int = 1) -> dict:
                     "store": str(out / "stores" / "test"), "output": str(reports / f"eval-{name}.json"),
                     "max_new_tokens": 6, "batch_size": 32,
                 }, evaluate)
-                results.append({"size": size, "method": method, "seed": seed, "accuracy": report["accuracy"],
+                results.append({"size": size, "method": method, "store": store, "seed": seed,
+                                "accuracy": report["accuracy"],
                                 "kl_to_teacher": report["agreement"]["forward_kl"],
                                 "top1_agreement": report["agreement"]["top1_agreement"],
                                 "by_type": {k: v["accuracy"] for k, v in report["by_type"].items()}})
@@ -197,12 +220,16 @@ def _mean_sd(values: list[float]) -> tuple[float, float]:
 
 def summarise(results: list[dict], teacher_eval: dict, profile: Profile, seeds: int, wall: float) -> dict:
     rows = []
+    stores = list(dict.fromkeys(r.get("store", "exact") for r in results))
     for size in profile.students:
-        for method in profile.methods:
-            runs = [r for r in results if r["size"] == size and r["method"] == method]
+        for method, store in [(m, st) for m in profile.methods for st in stores]:
+            runs = [r for r in results if r["size"] == size and r["method"] == method and r.get("store", "exact") == store]
+            if not runs:
+                continue
             acc, acc_sd = _mean_sd([r["accuracy"] for r in runs])
             kl, kl_sd = _mean_sd([r["kl_to_teacher"] for r in runs])
-            rows.append({"size": size, "method": method, "n_seeds": len(runs), "accuracy": acc, "accuracy_sd": acc_sd,
+            rows.append({"size": size, "method": method, "store": store, "n_seeds": len(runs), "accuracy": acc,
+                         "accuracy_sd": acc_sd,
                          "kl_to_teacher": kl, "kl_to_teacher_sd": kl_sd,
                          "accuracies": [r["accuracy"] for r in runs]})
     return {
@@ -226,8 +253,12 @@ def format_table(summary: dict) -> str:
         "| student | method | test accuracy (%) | KL to teacher (test) |",
         "|---|---|---|---|",
     ]
+    several = len({r.get("store", "exact") for r in summary["rows"]}) > 1
+    if several:  # a store column: the same students from the exact and the compact store
+        lines[2:4] = ["| student | method | store | test accuracy (%) | KL to teacher (test) |", "|---|---|---|---|---|"]
     for r in summary["rows"]:
-        lines.append(f"| {r['size']} | {r['method']} | {100 * r['accuracy']:.1f} ± {100 * r['accuracy_sd']:.1f} "
+        store = f" {r['store']} |" if several else ""
+        lines.append(f"| {r['size']} | {r['method']} |{store} {100 * r['accuracy']:.1f} ± {100 * r['accuracy_sd']:.1f} "
                      f"| {r['kl_to_teacher']:.3f} ± {r['kl_to_teacher_sd']:.3f} |")
     return "\n".join(lines)
 
@@ -243,7 +274,8 @@ def plot_accuracy(summary: dict, path: Path) -> None:
     ax = fig.add_subplot(111)
     width = 0.8 / len(methods)
     for i, method in enumerate(methods):
-        rows = [next(r for r in summary["rows"] if r["size"] == s and r["method"] == method) for s in sizes]
+        rows = [next(r for r in summary["rows"] if r["size"] == s and r["method"] == method and r.get("store", "exact") == "exact")
+                for s in sizes]
         xs = [j + (i - (len(methods) - 1) / 2) * width for j in range(len(sizes))]
         ax.bar(xs, [100 * r["accuracy"] for r in rows], width, yerr=[100 * r["accuracy_sd"] for r in rows],
                capsize=3, label=method)
