@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -62,7 +61,7 @@ from pipeline.tools.tiny import LLAVA_IMAGE, TinySpec, build_llava, build_tiny_v
 from schemas.codecs import DECODED_TAIL_FLOOR, completion_kl  # noqa: E402
 from schemas.reader import StoreReader  # noqa: E402
 from schemas.signals import SIGNAL_GROUPS as GROUPS  # noqa: E402
-from schemas.signals import TOPK_SIGNALS, array_specs  # noqa: E402
+from schemas.signals import TOPK_SIGNALS  # noqa: E402
 from stage1_teacher.config import CodecConfig  # noqa: E402
 from stage1_teacher.recode import recode  # noqa: E402
 

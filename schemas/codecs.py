@@ -250,7 +250,6 @@ class TopkCodec:
         p = np.where(valid, np.exp(lp), 0.0)
         tail = np.maximum(1.0 - p.sum(axis=1), 0.0)
         levels = self._levels(lp, valid)
-        n_valid = valid.sum(axis=1)
         n = self._kept(p, levels, valid, tail)
         keep = np.arange(self.k)[None, :] < n[:, None]
         kept_tail = tail + np.where(keep, 0.0, p).sum(axis=1)  # exact mass outside the kept ids

@@ -28,7 +28,7 @@ from schemas.codecs import (
 )
 from schemas.manifest import _settings_sha256, read_manifest
 from schemas.signal_checks import verify
-from schemas.signals import signal_bytes, unpack
+from schemas.signals import signal_bytes
 from stage1_teacher.dump import run
 from stage2_student.data import StoreDataset
 

@@ -3,7 +3,6 @@ forward: same loss terms and same gradients, per family, on real store batches."
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
