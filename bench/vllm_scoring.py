@@ -56,7 +56,7 @@ def main() -> None:
     from stage1_teacher.topk import row_statistics
     from pipeline.data import encode
 
-    with Workdir(args.workdir) as work:
+    with Workdir(args.workdir, "vllm-scoring") as work:
         teacher_dir = save_tiny_vlm(work / "teacher", "qwen2_vl", "vllm-teacher")
         data = build_shapes_data(work / "data", args.samples, turns=2)
         cfg = load_config(DumpConfig, None, [
@@ -66,7 +66,7 @@ def main() -> None:
         ])
         teacher = Teacher(cfg.teacher, cfg.signals)
         records = list(iter_records(DataConfig(path=str(data))))
-        encoded = [encode(r, teacher.processor, 2048) for r in records]
+        encoded = [encode(r, teacher.processor, 1024) for r in records]
         batches = [encoded[i : i + args.batch_size] for i in range(0, len(encoded), args.batch_size)]
         prompts = []
         for r in records:
@@ -77,7 +77,7 @@ def main() -> None:
         n_tokens = sum(e.length for e in encoded)
 
         t0 = time.perf_counter()
-        engine = LLM(model=str(teacher_dir), dtype="float32", max_model_len=2048, max_logprobs=args.top_k,
+        engine = LLM(model=str(teacher_dir), dtype="float32", max_model_len=1024, max_logprobs=args.top_k,
                      enforce_eager=True, limit_mm_per_prompt={"image": 4}, seed=0)
         start_s = time.perf_counter() - t0
         params = SamplingParams(max_tokens=1, prompt_logprobs=args.top_k)
