@@ -59,6 +59,7 @@ from schemas.signals import array_specs, saliency_coverage, signal_bytes, store_
 from stage1_teacher.config import CodecConfig, DumpConfig
 from stage1_teacher.executors import make_executor
 from stage1_teacher.proposer import candidates_provenance
+from stage1_teacher.topk import DRAW_METHOD
 
 log = logging.getLogger("stage1.dump")
 
@@ -89,7 +90,13 @@ def store_settings(cfg: DumpConfig, teacher: ModelIdentity, processor) -> dict:
         "signals": to_dict(cfg.signals),
         "shard_size": cfg.output.shard_size,
         "seed": cfg.seed,
-    } | _candidates(cfg)
+    } | _candidates(cfg) | _draws(cfg)
+
+
+def _draws(cfg: DumpConfig) -> dict:
+    """The sampled target's draw method, when it is stored: an older store (draws by another
+    method, no entry) is refused on resume instead of mixing the two in one store."""
+    return {"sampled_draws": DRAW_METHOD} if cfg.signals.sampled.enabled else {}
 
 
 def _candidates(cfg: DumpConfig) -> dict:

@@ -26,6 +26,9 @@ from typing import Iterator
 import torch
 
 DEFAULT_CHUNK_ROWS = 256
+DRAW_METHOD = "inverse-cdf-v1"
+"""How the sampled target's ids are drawn (:func:`_draw` from per-sample uniforms); recorded in a
+store's settings, so a resume never mixes draws of two methods in one store."""
 
 
 @dataclass(frozen=True)

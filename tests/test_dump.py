@@ -335,6 +335,19 @@ def test_rerun_of_complete_store_does_nothing_and_mismatch_is_refused(store, tin
         run(dump_config(tiny_teacher_dir, dataset, store, **{"signals.top_k": 8}))
 
 
+def test_a_store_with_draws_of_another_method_is_not_resumed(store, tmp_path, tiny_teacher_dir, dataset):
+    """A store whose settings lack the sampled draws' method (written before it was recorded, with
+    draws by another method) is refused, naming the entry, rather than resumed with mixed draws."""
+    copy = tmp_path / "older"
+    shutil.copytree(store, copy)
+    settings = json.loads((copy / "dump.json").read_text())
+    assert settings["sampled_draws"] == "inverse-cdf-v1"
+    del settings["sampled_draws"]
+    (copy / "dump.json").write_text(json.dumps(settings))
+    with pytest.raises(StoreMismatchError, match="sampled_draws"):
+        run(dump_config(tiny_teacher_dir, dataset, copy))
+
+
 def test_corrupted_shard_fails_verify_naming_it(store, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(store, copy)
