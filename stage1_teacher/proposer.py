@@ -22,7 +22,6 @@ id): a function of the sample alone, whatever the batch.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +37,7 @@ from pipeline.modeling.branches import placeholder_ids
 from pipeline.modeling.logits import hidden_at, output_head, real_vocab_size
 from pipeline.processors import load_processor
 from schemas.fingerprints import ModelIdentity, chat_template_fingerprint, tokenizer_fingerprint
-from stage1_teacher.topk import HeadRows, log_softmax_f32, row_statistics
+from stage1_teacher.topk import HeadRows, log_softmax_f32, row_statistics, sample_seed
 
 CHUNK_ROWS = 256
 
@@ -94,10 +93,6 @@ def candidates_provenance(transitions) -> dict:
         "choice": transitions.candidate_choice,
         "selection_mass": transitions.selection_mass,
     }
-
-
-def _sample_seed(seed: int, sample_id: str) -> int:
-    return int.from_bytes(hashlib.sha256(f"proposer:{seed}:{sample_id}".encode()).digest()[:7], "big")
 
 
 class StudentProposer:
@@ -167,7 +162,7 @@ class StudentProposer:
         else:
             start = 0
             for e, n in zip(batch, counts):  # one sample's rows, in chunks: its draws depend on it alone
-                gen = torch.Generator(device=self.device).manual_seed(_sample_seed(self.seed, e.sample_id))
+                gen = torch.Generator(device=self.device).manual_seed(sample_seed(self.seed, e.sample_id, stream="proposer"))
                 for lo in range(start, start + n, CHUNK_ROWS):
                     hi = min(lo + CHUNK_ROWS, start + n)
                     lp = log_softmax_f32(HeadRows(captured.rows[lo:hi], weight, bias), self.temperature)

@@ -28,7 +28,6 @@ on the batch, nor on the chunking, nor on the device.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import math
 
@@ -62,14 +61,9 @@ from pipeline.modeling.probe import (
     turns_see_image,
 )
 from stage1_teacher.proposer import Proposal, StudentProposer
-from stage1_teacher.topk import HeadRows, Transitions, choose_transitions, row_statistics, sample_uniforms
+from stage1_teacher.topk import HeadRows, Transitions, choose_transitions, row_statistics, sample_seed, sample_uniforms
 
 log = logging.getLogger("stage1.teacher")
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """A per-sample RNG seed that depends only on (seed, sample id): stable across workers and resumes."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()[:7], "big")
 
 
 class Teacher:

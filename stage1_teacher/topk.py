@@ -19,6 +19,7 @@ function accepts logits or log-probabilities alike.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -67,6 +68,14 @@ class HeadRows:
     def __getitem__(self, rows: slice) -> torch.Tensor:
         """The logits of ``rows`` [n, V], in the head's dtype."""
         return torch.nn.functional.linear(self.hidden[rows], self.weight, self.bias)
+
+
+def sample_seed(seed: int, sample_id: str, stream: str = "") -> int:
+    """A per-sample RNG seed that depends only on (seed, sample id) and the named ``stream`` (the
+    teacher's sampled target: none; the student proposer's draws: "proposer"): stable across
+    workers, batches and resumes, and independent between streams."""
+    key = f"{stream}:{seed}:{sample_id}" if stream else f"{seed}:{sample_id}"
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big")
 
 
 def _check_2d(logits) -> None:
