@@ -257,38 +257,49 @@ class Teacher:
         return out
 
     @torch.inference_mode()
-    def calibrate(self, records, max_length: int, batch_size: int = 4) -> dict[int, float]:
-        """IRS of every text layer (DESIGN.md §3.2) on ``records``; turns of a sample are the pairs."""
+    def layer_turn_maps(self, records, max_length: int, batch_size: int = 4, layers: list[int] | None = None,
+                        desc: str = "saliency per layer"):
+        """Per record that encodes, ``(encoded, {layer: [n_turns, |V|] turn maps}, sees)``: the saliency
+        of each layer kept apart (``sees[j]``: turn j can see the image, so its map is defined).
+        Records that do not encode are logged and skipped. For IRS and for grounding studies."""
         encoded = []
         for rec in records:
             try:
                 encoded.append(encode(rec, self.processor, max_length))
             except SampleError as e:
-                log.info("calibration skips %s: %s", e.sample_id, e.reason)
-        layers = list(range(self.n_layers))
-        items: dict[int, list[IrsItem]] = {layer: [] for layer in layers}
+                log.info("skipping %s: %s", e.sample_id, e.reason)
+        layers = list(range(self.n_layers)) if layers is None else list(layers)
+        self.check_layers(layers)
         batches = [encoded[i : i + batch_size] for i in range(0, len(encoded), batch_size)]
-        for batch in progress(batches, desc="calibrating IRS", unit="batch"):
+        for batch in progress(batches, desc=desc, unit="batch"):
             inputs = self._inputs(batch)
             indices = [sample_indices(e) for e in batch]
             with capture(self.model, layers, [i[0] for i in indices], [i[1] for i in indices]) as probe:
                 self.model(**inputs, use_cache=False, logits_to_keep=1)
                 for b, enc in enumerate(batch):
-                    maps = probe.layer_maps(b, indices[b][2])
-                    key = "|".join(enc.image_hashes)
-                    grid = tuple(tuple(v.grid) for v in enc.visual_blocks)
-                    sees = turns_see_image(*indices[b])
-                    for j, turn in enumerate(enc.turns):
-                        if not sees[j]:  # no map, whatever the layer: not an IRS item
-                            continue
-                        instruction = ",".join(map(str, enc.input_ids[turn.instruction].tolist()))
-                        for layer in layers:
-                            items[layer].append(IrsItem(key, grid, maps[layer][j].cpu(), instruction))
+                    maps = {layer: m.cpu() for layer, m in probe.layer_maps(b, indices[b][2]).items()}
+                    yield enc, maps, turns_see_image(*indices[b])
+
+    def calibrate(self, records, max_length: int, batch_size: int = 4) -> dict[int, float]:
+        """IRS of every text layer (DESIGN.md §3.2) on ``records``; turns of a sample are the pairs."""
+        layers = list(range(self.n_layers))
+        items: dict[int, list[IrsItem]] = {layer: [] for layer in layers}
+        n = 0
+        for enc, maps, sees in self.layer_turn_maps(records, max_length, batch_size, layers, desc="calibrating IRS"):
+            n += 1
+            key = "|".join(enc.image_hashes)
+            grid = tuple(tuple(v.grid) for v in enc.visual_blocks)
+            for j, turn in enumerate(enc.turns):
+                if not sees[j]:  # no map, whatever the layer: not an IRS item
+                    continue
+                instruction = ",".join(map(str, enc.input_ids[turn.instruction].tolist()))
+                for layer in layers:
+                    items[layer].append(IrsItem(key, grid, maps[layer][j], instruction))
         try:
             return irs_table(items)
         except ValueError as e:  # no pair to compare: a property of the calibration data
             raise PipelineError(
-                f"signals.saliency_layers=auto: cannot calibrate on {len(encoded)} sample(s): {e}. Name the layers "
+                f"signals.saliency_layers=auto: cannot calibrate on {n} sample(s): {e}. Name the layers "
                 "(signals.saliency_layers=[...]) or give more samples (signals.calibration_samples)"
             ) from e
 

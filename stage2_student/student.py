@@ -140,3 +140,24 @@ def save_student(model, processor, out_dir: Path, provenance: dict) -> Path:
     to_vllm_layout(out_dir)
     (out_dir / "provenance.json").write_text(json.dumps(provenance, indent=2, sort_keys=True))
     return out_dir
+
+
+def student_at_checkpoint(run_dir: Path, checkpoint: Path, out_dir: Path) -> Path:
+    """A loadable student (like ``final/``) with the weights of one of the run's checkpoints, for
+    evaluating a run along the way (learning curves). Needs the run's ``final/`` for the model's
+    config and processor; the weights must fit it exactly."""
+    from safetensors.torch import load_file
+
+    final = Path(run_dir) / "final"
+    if not (final / "config.json").is_file():
+        raise PipelineError(f"{final}: no final student; a checkpoint is exported with the run's config and processor")
+    model = AutoModelForImageTextToText.from_pretrained(final, dtype=torch.float32, trust_remote_code=False)
+    weights = load_file(str(Path(checkpoint) / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    missing = [m for m in missing if m not in weights]  # tied weights are saved once per name
+    if unexpected or missing:
+        raise PipelineError(f"{checkpoint}: weights do not fit {final} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    provenance = json.loads((final / "provenance.json").read_text()) if (final / "provenance.json").is_file() else {}
+    state = json.loads((Path(checkpoint) / "state.json").read_text())
+    provenance.update({"checkpoint": str(Path(checkpoint).resolve()), "steps": state.get("step")})
+    return save_student(model, load_processor(str(final)), Path(out_dir), provenance)

@@ -8,7 +8,9 @@ from PIL import Image
 
 from pipeline.tools.cli import RUN_JOBS, main, resolve
 from pipeline.config import load_config
-from pipeline.tools.demo import METHODS, QUICK
+from pipeline.tools.demo import QUICK, RECIPES
+
+METHODS = {m: RECIPES[m] for m in QUICK.methods}
 from pipeline.tools.inspect_store import verify
 from schemas.manifest import read_manifest
 
@@ -17,7 +19,7 @@ def test_demo_quick(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick", "--seeds", "2"]) == 0
     printed = capsys.readouterr().out
-    assert "| student | method | test accuracy (%) | KL to teacher (test) |" in printed
+    assert "| student | recipe | test accuracy (%) | paired Δ (points) | KL to teacher (test) | top-1 agreement (%) |" in printed
 
     # data: three splits on disjoint images
     images = {}
@@ -61,7 +63,7 @@ def test_demo_quick(tmp_path, capsys):
 def test_demo_quick_trains_students_from_the_exact_and_the_compact_store(tmp_path, capsys):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--quick", "--store-profiles", "exact,compact"]) == 0
-    assert "| student | method | store | test accuracy (%) | KL to teacher (test) |" in capsys.readouterr().out
+    assert "| student | recipe | store | test accuracy (%) | paired Δ (points) |" in capsys.readouterr().out
     assert verify(out / "stores" / "train-compact") == []
     assert read_manifest(out / "stores" / "train-compact").signals["codec"]["profile"] == "compact"
     summary = json.loads((out / "reports" / "summary.json").read_text())

@@ -6,7 +6,7 @@
     pipeline inspect STORE [--sample ID --json] [--out DIR]     # statistics, one sample, PNGs
     pipeline tiny --family llava --preset teacher --out DIR     # a tiny VLM checkpoint (tests, demo)
     pipeline export-vllm --model DIR --out DIR                  # a copy of a checkpoint that vLLM loads
-    pipeline demo --out DIR [--quick] [--seeds N] [--store-profiles exact,compact]   # the end-to-end demo
+    pipeline demo --out DIR [--profile full] [--quick] [--seeds N] [--jobs N] [--store-profiles exact,compact]
 
 Jobs are listed in ``RUN_JOBS`` as ``"module:ConfigClass"`` and ``"module:function"`` strings,
 imported only when used so that ``pipeline --help`` stays fast; a test checks every entry resolves.
@@ -121,7 +121,8 @@ def _inspect(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from pipeline.tools.demo import run_demo
 
-    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds, store_profiles=tuple(args.store_profiles.split(",")))
+    run_demo(Path(args.out), quick=args.quick, seeds=args.seeds, profile=args.profile, jobs=args.jobs,
+             store_profiles=None if args.store_profiles is None else tuple(args.store_profiles.split(",")))
     return 0
 
 
@@ -161,10 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = sub.add_parser("demo", help="run the end-to-end demo on the embedded default")
     demo.add_argument("--out", type=Path, default=Path("demo-out"))
-    demo.add_argument("--quick", action="store_true", help="a small, fast version (for tests)")
-    demo.add_argument("--seeds", type=int, default=1, help="repeat each training run with this many seeds")
-    demo.add_argument("--store-profiles", default="exact",
-                      help="exact,compact: also train the KD and Align-TI students from the train store recoded compact")
+    demo.add_argument("--profile", default="default", choices=("default", "full"),
+                      help="default: SFT, KD and Align-TI, one seed (about 14 min); full: the Align-TI ablation "
+                           "(6 recipes, 3 seeds, the compact store, a learning curve, saliency grounding)")
+    demo.add_argument("--quick", action="store_true", help="a miniature of the profile (for tests)")
+    demo.add_argument("--seeds", type=int, default=None, help="repeat each training run with this many seeds (default: the profile's)")
+    demo.add_argument("--jobs", type=int, default=None,
+                      help="student tasks side by side, each a one-thread process (default: the profile's)")
+    demo.add_argument("--store-profiles", default=None,
+                      help="exact,compact: also train the KD and Align-TI students from the train store recoded compact "
+                           "(default: the profile's)")
     return p
 
 

@@ -23,7 +23,9 @@ a model trained from scratch starts using the image much sooner (measured in the
 Splits use disjoint boards: a validation or test board never appears (as the same arrangement of
 coloured shapes, hence the same picture) in an earlier split, so a model cannot score by recalling a
 training image. Everything is a pure function of the seed. Records are LLaVA format,
-with two extra keys per record: ``question_types`` and ``answers`` (one per turn) for evaluation.
+with extra keys per record: ``question_types`` and ``answers`` (one per turn) for evaluation, and
+``focus_cells`` (per turn, the ``[row, col]`` cells the question is about) with ``board_grid`` for
+saliency grounding (``pipeline.tools.grounding``).
 """
 
 from __future__ import annotations
@@ -96,15 +98,19 @@ def describe(items: list[Item], grid: int) -> str:
 
 def _question(kind: str, items: list[Item], grid: int, rng: random.Random,
               colours: tuple[str, ...] = tuple(COLOURS), shapes: tuple[str, ...] = SHAPES,
-              shuffle_options: bool = True) -> tuple[str, str]:
+              shuffle_options: bool = True) -> tuple[str, str, list[list[int]]]:
+    """(question, answer, the cells [row, col] the question is about). The cells are where a model
+    should look: the named cell; the cells of the counted colour; the cells of the two shapes
+    compared; for exists, the cell of the shape asked about, or none when it is absent."""
     names = cell_names(grid)
     if kind in ("colour_at", "shape_at", "choice"):
         it = rng.choice(items)
         where = names[it.row][it.col]
+        cell = [[it.row, it.col]]
         if kind == "colour_at":
-            return f"What colour is the shape at the {where}?", it.colour
+            return f"What colour is the shape at the {where}?", it.colour, cell
         if kind == "shape_at":
-            return f"What shape is at the {where}?", it.shape
+            return f"What shape is at the {where}?", it.shape, cell
         options = rng.sample([c for c in colours if c != it.colour], min(3, len(colours) - 1)) + [it.colour]
         if shuffle_options:
             rng.shuffle(options)
@@ -112,10 +118,11 @@ def _question(kind: str, items: list[Item], grid: int, rng: random.Random,
             options.sort(key=colours.index)
         letters = "ABCD"[: len(options)]
         listed = " ".join(f"{letters[i]}. {c}" for i, c in enumerate(options))
-        return f"What colour is the shape at the {where}? {listed}", letters[options.index(it.colour)]
+        return f"What colour is the shape at the {where}? {listed}", letters[options.index(it.colour)], cell
     if kind == "count":
         colour = rng.choice(sorted({it.colour for it in items}) if rng.random() < 0.8 else list(colours))
-        return f"How many {colour} shapes are there?", str(sum(it.colour == colour for it in items))
+        cells = [[it.row, it.col] for it in items if it.colour == colour]
+        return f"How many {colour} shapes are there?", str(len(cells)), cells
     if kind == "exists":
         if rng.random() < 0.5:
             it = rng.choice(items)
@@ -124,13 +131,14 @@ def _question(kind: str, items: list[Item], grid: int, rng: random.Random,
             present = {(it.colour, it.shape) for it in items}
             absent = [(c, s) for c in colours for s in shapes if (c, s) not in present]
             colour, shape = rng.choice(absent)
-        answer = "yes" if any(it.colour == colour and it.shape == shape for it in items) else "no"
-        return f"Is there a {colour} {shape}?", answer
+        cells = [[it.row, it.col] for it in items if it.colour == colour and it.shape == shape]
+        return f"Is there a {colour} {shape}?", "yes" if cells else "no", cells
     # relative: two items in different columns
     a, b = rng.sample(items, 2)
+    cells = [[a.row, a.col], [b.row, b.col]]
     if a.col == b.col:
-        return f"Is the {a.colour} {a.shape} above the {b.colour} {b.shape}?", "yes" if a.row < b.row else "no"
-    return f"Is the {a.colour} {a.shape} left of the {b.colour} {b.shape}?", "yes" if a.col < b.col else "no"
+        return f"Is the {a.colour} {a.shape} above the {b.colour} {b.shape}?", "yes" if a.row < b.row else "no", cells
+    return f"Is the {a.colour} {a.shape} left of the {b.colour} {b.shape}?", "yes" if a.col < b.col else "no", cells
 
 
 def make_board(rng: random.Random, grid: int, colours: tuple[str, ...] = tuple(COLOURS),
@@ -159,16 +167,18 @@ def make_record(sample_id: str, image_rel: str, items: list[Item], grid: int, tu
                 colours: tuple[str, ...] = tuple(COLOURS), shapes: tuple[str, ...] = SHAPES,
                 with_description: bool = False, shuffle_options: bool = True) -> dict:
     kinds = (["describe"] if with_description else []) + [rng.choice(QUESTION_TYPES) for _ in range(turns)]
-    conversations, answers = [], []
+    conversations, answers, focus = [], [], []
     for j, kind in enumerate(kinds):
         if kind == "describe":
-            q, a = "Describe the board.", describe(items, grid)
+            q, a, cells = "Describe the board.", describe(items, grid), [[it.row, it.col] for it in items]
         else:
-            q, a = _question(kind, items, grid, rng, colours, shapes, shuffle_options)
+            q, a, cells = _question(kind, items, grid, rng, colours, shapes, shuffle_options)
         conversations.append({"from": "human", "value": ("<image>\n" if j == 0 else "") + q})
         conversations.append({"from": "gpt", "value": a})
         answers.append(a)
-    return {"id": sample_id, "image": image_rel, "conversations": conversations, "question_types": kinds, "answers": answers}
+        focus.append(sorted(cells))
+    return {"id": sample_id, "image": image_rel, "conversations": conversations, "question_types": kinds,
+            "answers": answers, "focus_cells": focus, "board_grid": grid}
 
 
 def generate(
