@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import pytest
+import torch
+
 from PIL import Image
 
 from pipeline.tools.cli import RUN_JOBS, main, resolve
@@ -76,3 +79,61 @@ def test_demo_quick_trains_students_from_the_exact_and_the_compact_store(tmp_pat
         assert "train-compact" in json.dumps(provenance)
     assert {(r["size"], r["method"], r["store"]) for r in summary["rows"]} == (
         {(s, m, "exact") for s in QUICK.students for m in METHODS} | {(s, m, "compact") for s in QUICK.students for m in signal_methods})
+
+
+def test_demo_full_profile_miniature(tmp_path, capsys):
+    """`pipeline demo --profile full --quick`: every recipe of the ablation, paired seeds, the compact
+    store, student-proposed candidates, the learning curve and saliency grounding; a rerun resumes."""
+    from safetensors.torch import load_file
+
+    from pipeline.tools.demo import FULL, STUDENT_CANDIDATES, miniature
+
+    out = tmp_path / "demo"
+    mini = miniature(FULL)
+    assert main(["demo", "--out", str(out), "--profile", "full", "--quick"]) == 0
+    assert "| student | recipe | store | test accuracy (%) | paired Δ (points) |" in capsys.readouterr().out
+    summary = json.loads((out / "reports" / "summary.json").read_text())
+    assert summary["seeds"] == 2
+    rows = {(r["size"], r["method"], r["store"]): r for r in summary["rows"]}
+    expected = {(s, m, "exact") for s in mini.students for m in RECIPES} | {
+        (s, m, "compact") for s in mini.compact_sizes for m in ("kd", "align-ti")}
+    assert set(rows) == expected
+    # paired: each recipe against KD of the same seed; the compact store against the exact one
+    for (size, method, store), row in rows.items():
+        if (method, store) == ("kd", "exact"):
+            assert "paired" not in row
+            continue
+        ref = rows[(size, "kd", "exact") if store == "exact" else (size, method, "exact")]
+        assert row["paired"]["deltas"] == pytest.approx([a - b for a, b in zip(row["accuracies"], ref["accuracies"])])
+
+    # student-proposed candidates: a store per size from its SFT-only student of seed 0
+    for size in mini.students:
+        store = out / "stores" / f"train-proposed-{size}"
+        assert verify(store) == []
+        assert f"{size}-sft-s0" in json.dumps(read_manifest(store).signals["transitions"])
+        provenance = json.loads((out / "runs" / f"{size}-{STUDENT_CANDIDATES}-s0" / "final" / "provenance.json").read_text())
+        assert str(store) in json.dumps(provenance)
+
+    # learning curve: the first size's KD and Align-TI runs, at every checkpoint; the last is the final student
+    curve = summary["learning_curve"]
+    assert set(curve) == {f"small-{m}-s0" for m in mini.curve}
+    for run, points in curve.items():
+        assert [p["step"] for p in points] == [2, 4]
+        last = load_file(str(out / "models" / "curve" / f"{run}-000004" / "model.safetensors"))
+        final = load_file(str(out / "runs" / run / "final" / "model.safetensors"))
+        assert last.keys() == final.keys() and all(torch.equal(last[k], final[k]) for k in last)
+
+    # grounding, pictures
+    grounding = json.loads((out / "reports" / "grounding.json").read_text())
+    assert grounding["chosen_layers"] and len(grounding["layers"]) == FULL.teacher.layers
+    for png in ("accuracy.png", "learning_curve.png", "grounding.png"):
+        with Image.open(out / "reports" / png) as im:
+            assert im.size[0] > 100, png
+
+    # a rerun resumes: every task is skipped and the table is the same
+    capsys.readouterr()
+    assert main(["demo", "--out", str(out), "--profile", "full", "--quick"]) == 0
+    skipped = capsys.readouterr().err.count("done before, skipped")
+    assert skipped == len(summary["runs"]) + 4  # every student, and the 4 checkpoints of the curve
+    again = json.loads((out / "reports" / "summary.json").read_text())
+    assert again["rows"] == summary["rows"]
