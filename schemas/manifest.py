@@ -240,8 +240,18 @@ class Manifest(dict):
         return float(self.value("signals", "temperature"))
 
     @property
+    def sampled_rows(self) -> list[str]:
+        """The row kinds with a sampled target (``signals.sampled.rows``; a store dumped before that
+        key existed has them for its response rows only): [] when the store has none."""
+        if not self.value("signals", "sampled", "enabled"):
+            return []
+        rows = self.optional("signals", "sampled", "rows")
+        return ["response"] if rows is None else [str(r) for r in rows]
+
+    @property
     def has_sampled(self) -> bool:
-        return bool(self.value("signals", "sampled", "enabled"))
+        """The response rows have a sampled target (the KD one)."""
+        return "response" in self.sampled_rows
 
     @property
     def has_transitions(self) -> bool:

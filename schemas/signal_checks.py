@@ -18,7 +18,7 @@ from schemas.errors import StoreFormatError
 from schemas.layout import StoredSample
 from schemas.manifest import Manifest
 from schemas.reader import StoreReader
-from schemas.signals import turn_sees_image
+from schemas.signals import SAMPLED_ROWS, sampled_arrays, turn_sees_image
 from schemas.verify import verify_store
 
 # Tolerances of the semantic checks.
@@ -52,8 +52,9 @@ saliency: n_turns * |V| values (0 for text-only samples), finite, >= 0, each tur
   a turn that cannot see a visual token (its instructions all before the image) has no map: all zeros
 vis_pos: unique, inside the visual blocks; vis_weight = turn-mean saliency there (over the turns
   that have a map), one per position; none when no turn has a map
-resp_sample_*: resp_sample_n per response position, ids in the vocabulary and unique per position,
-  counts >= 1 and summing to signals.sampled.draws per position
+resp_sample_*, vis_sample_*, tpa_sample_*: one <x>_sample_n per response position / stored visual
+  position / branch row, ids in the vocabulary and unique per row, counts >= 1 and summing to
+  signals.sampled.draws per row
 tpa_*: positions among resp_pos, at most signals.transitions.max_positions of them, at most
   .candidates candidates each, unique; candidate != gold token input_ids[t+1], in the vocabulary;
   tpa_cand_logprob = the candidate's log-prob in resp_logprobs at t (or below that row's top-k),
@@ -122,7 +123,7 @@ class _Context:
             problems.append(f"manifest: no integer tokenizer.size (found {vocab!r}); token ids not range-checked")
             vocab = None
         draws = None
-        if "resp_sample_n" in m.decoded_arrays:
+        if any(sampled_arrays(prefix)[0] in m.decoded_arrays for prefix in SAMPLED_ROWS.values()):
             draws = get("signals.sampled.draws")
             if not isinstance(draws, int):
                 problems.append(f"manifest: the store has sampled targets but no integer signals.sampled.draws "
@@ -243,13 +244,16 @@ def _sample_problems(s: StoredSample, ctx: _Context, where: str) -> list[str]:
                               f"{int(vis_pos[i])}, {float(w[i]):.4g} vs {float(mean[i]):.4g})")
     out += _topk_problems(where, "vis", a["vis_ids"], a["vis_logprobs"], vis_pos, ctx.vocab)
 
-    # -- sampled response targets
-    if "resp_sample_n" in a:
-        out += _sampled_problems(where, a, len(resp_pos), ctx)
-
     # -- transitions
     if "tpa_pos" in a:
         out += _transition_problems(where, a, ids, resp_pos, ctx)
+
+    # -- sampled targets: one per response position, stored visual position, branch row
+    rows_of = {"resp": (len(resp_pos), "response"), "vis": (len(vis_pos), "visual"),
+               "tpa": (len(a["tpa_pos"]) if "tpa_pos" in a else 0, "branch")}
+    for prefix in SAMPLED_ROWS.values():
+        if sampled_arrays(prefix)[0] in a:
+            out += _sampled_problems(where, a, prefix, *rows_of[prefix], ctx)
     return out
 
 
@@ -304,34 +308,37 @@ def _topk_problems(where: str, prefix: str, ids: np.ndarray, lps: np.ndarray, po
     return out
 
 
-def _sampled_problems(where: str, a: dict, n_resp: int, ctx: _Context) -> list[str]:
+def _sampled_problems(where: str, a: dict, prefix: str, n_rows: int, kind: str, ctx: _Context) -> list[str]:
+    """Checks of one row kind's sampled target (``<prefix>_sample_n/_ids/_counts``), ``n_rows`` rows
+    of that ``kind`` (response, visual, branch)."""
     out: list[str] = []
-    n = a["resp_sample_n"].astype(np.int64)
-    sids, counts = a["resp_sample_ids"].astype(np.int64), a["resp_sample_counts"].astype(np.int64)
-    if len(n) != n_resp:
-        return [f"{where}, array 'resp_sample_n': {len(n)} rows for {n_resp} response positions"]
+    n_name, ids_name, counts_name = sampled_arrays(prefix)
+    n = a[n_name].astype(np.int64)
+    sids, counts = a[ids_name].astype(np.int64), a[counts_name].astype(np.int64)
+    if len(n) != n_rows:
+        return [f"{where}, array {n_name!r}: {len(n)} rows for {n_rows} {kind} rows"]
     if (n < 0).any() or int(n.sum()) != len(sids) or len(sids) != len(counts):
-        return [f"{where}, array 'resp_sample_n': counts per position sum to {int(n.sum())}, but resp_sample_ids "
-                f"has {len(sids)} rows and resp_sample_counts {len(counts)}"]
-    group = np.repeat(np.arange(n_resp), n)
+        return [f"{where}, array {n_name!r}: counts per row sum to {int(n.sum())}, but {ids_name} "
+                f"has {len(sids)} rows and {counts_name} {len(counts)}"]
+    group = np.repeat(np.arange(n_rows), n)
     if ctx.vocab is not None and ((sids < 0) | (sids >= ctx.vocab)).any():
-        out.append(f"{where}, array 'resp_sample_ids': ids outside the vocabulary [0, {ctx.vocab}), e.g. "
+        out.append(f"{where}, array {ids_name!r}: ids outside the vocabulary [0, {ctx.vocab}), e.g. "
                    f"{int(sids[(sids < 0) | (sids >= ctx.vocab)][0])}")
     order = np.lexsort((sids, group))
     g, i = group[order], sids[order]
     dup = (g[1:] == g[:-1]) & (i[1:] == i[:-1])
     if dup.any():
-        out.append(f"{where}, array 'resp_sample_ids': id {int(i[1:][dup][0])} repeats at response row "
+        out.append(f"{where}, array {ids_name!r}: id {int(i[1:][dup][0])} repeats at {kind} row "
                    f"{int(g[1:][dup][0])}")
     if (counts < 1).any():
-        out.append(f"{where}, array 'resp_sample_counts': counts must be >= 1")
+        out.append(f"{where}, array {counts_name!r}: counts must be >= 1")
     if ctx.draws is not None:
-        per = np.bincount(group, weights=counts, minlength=n_resp).astype(np.int64)
+        per = np.bincount(group, weights=counts, minlength=n_rows).astype(np.int64)
         off = per != ctx.draws
         if off.any():
             r = _first(off)
-            out.append(f"{where}, array 'resp_sample_counts': {int(off.sum())} of {n_resp} positions do not sum to "
-                       f"draws = {ctx.draws} (first: response row {r}, sum {int(per[r])})")
+            out.append(f"{where}, array {counts_name!r}: {int(off.sum())} of {n_rows} {kind} rows do not sum to "
+                       f"draws = {ctx.draws} (first: {kind} row {r}, sum {int(per[r])})")
     return out
 
 

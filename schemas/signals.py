@@ -10,7 +10,7 @@ array               dtype      row shape    one row per
 resp_pos            int32      ()           response position t (x_{t+1} is a labelled token)
 resp_ids            int32      (k,)         response position: top-k ids of p_T(.|x<=t)
 resp_logprobs       float32    (k,)         response position: their exact log-probs
-resp_sample_n       int16      ()           response position: unique sampled ids   [sampled]
+resp_sample_n       int16      ()           response position: unique sampled ids   [sampled: response]
 resp_sample_ids     int32      ()           sampled unique id (flat, resp_sample_n per position)
 resp_sample_counts  int16      ()           its count out of ``draws``
 saliency            float16    ()           (turn, visual position): s_j[v], turn-major
@@ -18,12 +18,24 @@ vis_pos             int32      ()           stored visual position v (the most s
 vis_weight          float32    ()           s̄[v], the turn-mean saliency at v (not renormalised)
 vis_ids             int32      (k,)         stored visual position: top-k ids of p_T(.|x<=v)
 vis_logprobs        float32    (k,)         their exact log-probs
+vis_sample_n        int16      ()           stored visual position: unique sampled ids   [sampled: visual]
+vis_sample_ids      int32      ()           sampled unique id (flat, vis_sample_n per position)
+vis_sample_counts   int16      ()           its count out of ``draws``
 tpa_pos             int32      ()           branch row (t, c): the position t               [transitions]
 tpa_cand            int32      ()           branch row: candidate token c
 tpa_cand_logprob    float32    ()           branch row: log p_T(c|x<=t)
 tpa_ids             int32      (k',)        branch row: top-k' ids of p_T(.|x<=t, c)
 tpa_logprobs        float32    (k',)        their exact log-probs
+tpa_sample_n        int16      ()           branch row: unique sampled ids of p_T(.|x<=t, c)  [sampled: transitions]
+tpa_sample_ids      int32      ()           sampled unique id (flat, tpa_sample_n per branch row)
+tpa_sample_counts   int16      ()           its count out of ``draws``
 ==================  =========  ===========  =====================================================
+
+Sampled targets (``signals.sampled``): ``draws`` ids drawn with replacement from the row's
+distribution (the same float32 log-softmax as its top-k), stored as unique ids with counts, for the
+row kinds ``signals.sampled.rows`` names (:data:`SAMPLED_ROWS`: response by default; visual and
+transition rows on request). A store without a kind's arrays (one dumped before they existed, or
+without that kind) reads as before: the kind's fields are None.
 
 Log-probs are float32: they are "exact" by contract and the tail mass 1 - sum(exp) is derived from
 them. Saliency is float16 as the design fixes (it is a weight, not a probability target).
@@ -60,13 +72,24 @@ META_SCHEMA = pa.schema(
 )
 
 
+# The row kinds that can carry a sampled target (``signals.sampled.rows``) and their arrays' prefix.
+SAMPLED_ROWS = {"response": "resp", "visual": "vis", "transitions": "tpa"}
+
+
+def sampled_arrays(prefix: str) -> list[str]:
+    """The three arrays of one row kind's sampled target (``<prefix>_sample_n/_ids/_counts``)."""
+    return [f"{prefix}_sample_n", f"{prefix}_sample_ids", f"{prefix}_sample_counts"]
+
+
 # The arrays of each signal, for byte accounting (the manifest's ``signal_bytes``, bench/store_bytes.py).
 SIGNAL_GROUPS = {
     "response_topk": ["resp_pos", "resp_ids", "resp_logprobs"],
-    "response_sampled": ["resp_sample_n", "resp_sample_ids", "resp_sample_counts"],
+    "response_sampled": sampled_arrays("resp"),
     "saliency": ["saliency"],
     "visual_topk": ["vis_pos", "vis_weight", "vis_ids", "vis_logprobs"],
+    "visual_sampled": sampled_arrays("vis"),
     "transitions": ["tpa_pos", "tpa_cand", "tpa_cand_logprob", "tpa_ids", "tpa_logprobs"],
+    "transitions_sampled": sampled_arrays("tpa"),
 }
 
 
@@ -120,7 +143,15 @@ def saliency_coverage(store: Path) -> dict:
     return {"turns_with_images": with_images, "turns_without_map": without_map}
 
 
-def array_specs(top_k: int, transition_top_k: int, sampled: bool, transitions: bool) -> dict[str, ArraySpec]:
+def array_specs(top_k: int, transition_top_k: int, sampled: bool, transitions: bool,
+                sampled_rows: list[str] | tuple[str, ...] = ("response",)) -> dict[str, ArraySpec]:
+    """The store's arrays: ``sampled`` adds the sampled targets of the row kinds ``sampled_rows``
+    names (keys of :data:`SAMPLED_ROWS`), ``transitions`` the branch rows."""
+    unknown = [r for r in sampled_rows if r not in SAMPLED_ROWS] if sampled else []
+    if unknown:
+        raise ValueError(f"unknown sampled row kind(s) {unknown}; valid: {', '.join(SAMPLED_ROWS)}")
+    if sampled and "transitions" in sampled_rows and not transitions:
+        raise ValueError("sampled targets for transition rows need transitions")
     specs = {
         "resp_pos": ArraySpec("int32"),
         "resp_ids": ArraySpec("int32", (top_k,)),
@@ -131,12 +162,7 @@ def array_specs(top_k: int, transition_top_k: int, sampled: bool, transitions: b
         "vis_ids": ArraySpec("int32", (top_k,)),
         "vis_logprobs": ArraySpec("float32", (top_k,)),
     }
-    if sampled:
-        specs |= {
-            "resp_sample_n": ArraySpec("int16"),
-            "resp_sample_ids": ArraySpec("int32"),
-            "resp_sample_counts": ArraySpec("int16"),
-        }
+    specs |= _sampled_specs("response", sampled, sampled_rows)  # where it always was: older stores' order
     if transitions:
         specs |= {
             "tpa_pos": ArraySpec("int32"),
@@ -145,7 +171,14 @@ def array_specs(top_k: int, transition_top_k: int, sampled: bool, transitions: b
             "tpa_ids": ArraySpec("int32", (transition_top_k,)),
             "tpa_logprobs": ArraySpec("float32", (transition_top_k,)),
         }
-    return specs
+    return specs | _sampled_specs("visual", sampled, sampled_rows) | _sampled_specs("transitions", sampled, sampled_rows)
+
+
+def _sampled_specs(kind: str, sampled: bool, sampled_rows) -> dict[str, ArraySpec]:
+    if not (sampled and kind in sampled_rows):
+        return {}
+    n, ids, counts = sampled_arrays(SAMPLED_ROWS[kind])
+    return {n: ArraySpec("int16"), ids: ArraySpec("int32"), counts: ArraySpec("int16")}
 
 
 # The sparse distributions (ids + log-probs per row) and the prefix of their stored arrays under a codec.
@@ -199,11 +232,21 @@ class SampleSignals:
     tpa_cand_logprob: np.ndarray | None = None  # [B]
     tpa_ids: np.ndarray | None = None  # [B, k']
     tpa_logprobs: np.ndarray | None = None  # [B, k']
+    vis_sample_ids: np.ndarray | None = None  # [P, m] padded with -1   (sampled target of the visual rows)
+    vis_sample_counts: np.ndarray | None = None  # [P, m] padded with 0
+    tpa_sample_ids: np.ndarray | None = None  # [B, m] padded with -1   (sampled target of the branch rows)
+    tpa_sample_counts: np.ndarray | None = None  # [B, m] padded with 0
     extra: dict = field(default_factory=dict)
 
     @property
     def n_visual(self) -> int:
         return int(sum(b["length"] for b in self.visual_blocks))
+
+    def sampled(self, prefix: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """(ids, counts) of the sampled target of the rows ``prefix`` names (resp, vis, tpa)."""
+        if prefix == "resp":
+            return self.sample_ids, self.sample_counts
+        return getattr(self, f"{prefix}_sample_ids"), getattr(self, f"{prefix}_sample_counts")
 
 
 def pack(s: SampleSignals, specs: dict[str, ArraySpec]) -> tuple[dict, dict[str, np.ndarray]]:
@@ -225,13 +268,6 @@ def pack(s: SampleSignals, specs: dict[str, ArraySpec]) -> tuple[dict, dict[str,
         "vis_ids": s.vis_ids,
         "vis_logprobs": s.vis_logprobs,
     }
-    if "resp_sample_ids" in specs:
-        if s.sample_ids is None or s.sample_counts is None:
-            raise ValueError(f"sample {s.sample_id!r}: the store expects sampled targets but none were computed")
-        valid = s.sample_counts > 0
-        arrays["resp_sample_n"] = valid.sum(axis=1)
-        arrays["resp_sample_ids"] = s.sample_ids[valid]
-        arrays["resp_sample_counts"] = s.sample_counts[valid]
     if "tpa_pos" in specs:
         if s.tpa_pos is None:
             raise ValueError(f"sample {s.sample_id!r}: the store expects transitions but none were computed")
@@ -242,6 +278,16 @@ def pack(s: SampleSignals, specs: dict[str, ArraySpec]) -> tuple[dict, dict[str,
             "tpa_ids": s.tpa_ids,
             "tpa_logprobs": s.tpa_logprobs,
         }
+    for kind, prefix in SAMPLED_ROWS.items():
+        n_name, ids_name, counts_name = sampled_arrays(prefix)
+        if ids_name not in specs:
+            continue
+        ids, counts = s.sampled(prefix)
+        if ids is None or counts is None:
+            raise ValueError(f"sample {s.sample_id!r}: the store expects sampled targets of the {kind} rows "
+                             "but none were computed")
+        valid = counts > 0
+        arrays |= {n_name: valid.sum(axis=1), ids_name: ids[valid], counts_name: counts[valid]}
     return meta, {name: np.asarray(a).astype(specs[name].dtype, copy=False) for name, a in arrays.items()}
 
 
@@ -256,16 +302,9 @@ def unpack(stored: StoredSample) -> SampleSignals:
     n_visual = int(sum(b["length"] for b in blocks))
     sal = a["saliency"].astype(np.float32)
     saliency = sal.reshape(-1, n_visual) if n_visual else _empty(0, 0)
-    sample_ids = sample_counts = None
-    if "resp_sample_n" in a:
-        n = a["resp_sample_n"].astype(np.int64)
-        width = int(n.max()) if n.size else 0
-        sample_ids = np.full((len(n), width), -1, dtype=np.int64)
-        sample_counts = np.zeros((len(n), width), dtype=np.int64)
-        ends = np.cumsum(n)
-        for r, (e, k) in enumerate(zip(ends, n)):
-            sample_ids[r, :k] = a["resp_sample_ids"][e - k : e]
-            sample_counts[r, :k] = a["resp_sample_counts"][e - k : e]
+    sample_ids, sample_counts = _unpack_sampled(a, "resp")
+    vis_sample_ids, vis_sample_counts = _unpack_sampled(a, "vis")
+    tpa_sample_ids, tpa_sample_counts = _unpack_sampled(a, "tpa")
     get = a.get
     return SampleSignals(
         sample_id=stored.sample_id,
@@ -288,4 +327,25 @@ def unpack(stored: StoredSample) -> SampleSignals:
         tpa_cand_logprob=get("tpa_cand_logprob"),
         tpa_ids=None if get("tpa_ids") is None else a["tpa_ids"].astype(np.int64),
         tpa_logprobs=get("tpa_logprobs"),
+        vis_sample_ids=vis_sample_ids,
+        vis_sample_counts=vis_sample_counts,
+        tpa_sample_ids=tpa_sample_ids,
+        tpa_sample_counts=tpa_sample_counts,
     )
+
+
+def _unpack_sampled(a: dict[str, np.ndarray], prefix: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One row kind's sampled target re-padded to (ids [n, m] -1 padded, counts [n, m] 0 padded),
+    ``m`` the widest row; (None, None) when the store has none for that kind."""
+    n_name, ids_name, counts_name = sampled_arrays(prefix)
+    if n_name not in a:
+        return None, None
+    n = a[n_name].astype(np.int64)
+    width = int(n.max()) if n.size else 0
+    ids = np.full((len(n), width), -1, dtype=np.int64)
+    counts = np.zeros((len(n), width), dtype=np.int64)
+    ends = np.cumsum(n)
+    for r, (e, k) in enumerate(zip(ends, n)):
+        ids[r, :k] = a[ids_name][e - k : e]
+        counts[r, :k] = a[counts_name][e - k : e]
+    return ids, counts

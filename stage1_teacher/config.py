@@ -7,6 +7,7 @@ from typing import Literal
 
 from pipeline.config import ConfigError, check
 from pipeline.data import DataConfig
+from schemas.signals import SAMPLED_ROWS
 
 
 @dataclass
@@ -27,10 +28,21 @@ class SampledConfig:
     enabled: bool = False
     """Also store the unbiased sampled target (ids drawn from p_T with replacement, unique ids with counts)."""
     draws: int = 50
-    """Draws per response position (about 12 unique ids at 50)."""
+    """Draws per row (about 12 unique ids at 50)."""
+    rows: list[str] = field(default_factory=lambda: ["response"])
+    """Which stored rows get a sampled target: `response` (KD), `visual` (the stored visual rows, IVA),
+    `transitions` (the branch rows, TPA; needs transitions enabled). Each kind draws from its own seed stream."""
 
     def __post_init__(self):
         check(1 <= self.draws <= 32767, "draws", f"must be in [1, 32767], got {self.draws}")
+        unknown = [r for r in self.rows if r not in SAMPLED_ROWS]
+        check(not unknown, "rows", f"unknown row kind(s) {unknown}; valid: {', '.join(SAMPLED_ROWS)}")
+        check(len(set(self.rows)) == len(self.rows), "rows", f"names a row kind twice: {self.rows}")
+        check(bool(self.rows) or not self.enabled, "rows", "must name at least one row kind when sampled targets are enabled")
+
+    def kinds(self) -> list[str]:
+        """The row kinds that get sampled targets: none unless enabled, in the store's order."""
+        return [r for r in SAMPLED_ROWS if self.enabled and r in self.rows]
 
 
 @dataclass
@@ -102,7 +114,7 @@ class SignalsConfig:
     visual_fraction: float = 0.25
     """rho: store visual-position distributions for this most-salient fraction of visual tokens."""
     sampled: SampledConfig = field(default_factory=SampledConfig)
-    """The optional sampled response target."""
+    """The optional sampled targets (response rows by default; visual and branch rows on request)."""
     transitions: TransitionsConfig = field(default_factory=TransitionsConfig)
     """Transition statistics for TPA."""
     codec: CodecConfig = field(default_factory=CodecConfig)
@@ -115,6 +127,8 @@ class SignalsConfig:
         check(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         check(0.0 <= self.visual_fraction <= 1.0, "visual_fraction", f"must be in [0, 1], got {self.visual_fraction}")
         check(self.calibration_samples >= 1, "calibration_samples", f"must be >= 1, got {self.calibration_samples}")
+        check(not (self.sampled.enabled and "transitions" in self.sampled.rows) or self.transitions.enabled,
+              "sampled.rows", "names `transitions` but transitions are disabled (signals.transitions.enabled: false)")
         if isinstance(self.saliency_layers, list):
             check(bool(self.saliency_layers), "saliency_layers", "must be `auto` or a non-empty list of layer indices")
             check(all(x >= 0 for x in self.saliency_layers), "saliency_layers", "layer indices must be >= 0")

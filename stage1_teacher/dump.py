@@ -59,7 +59,7 @@ from schemas.signals import array_specs, saliency_coverage, signal_bytes, store_
 from stage1_teacher.config import CodecConfig, DumpConfig
 from stage1_teacher.executors import make_executor
 from stage1_teacher.proposer import candidates_provenance
-from stage1_teacher.topk import DRAW_METHOD
+from stage1_teacher.topk import DRAW_METHOD, SAMPLED_STREAMS
 
 log = logging.getLogger("stage1.dump")
 
@@ -94,9 +94,16 @@ def store_settings(cfg: DumpConfig, teacher: ModelIdentity, processor) -> dict:
 
 
 def _draws(cfg: DumpConfig) -> dict:
-    """The sampled target's draw method, when it is stored: an older store (draws by another
-    method, no entry) is refused on resume instead of mixing the two in one store."""
-    return {"sampled_draws": DRAW_METHOD} if cfg.signals.sampled.enabled else {}
+    """The sampled targets' draw method, when they are stored: an older store (draws by another
+    method, no entry) is refused on resume instead of mixing the two in one store. Visual and branch
+    rows draw from their own seed streams (``topk.sample_seed``), recorded by name when they have
+    draws; a store of response draws only keeps the settings it always had, so it still resumes
+    (the rows themselves are ``signals.sampled.rows``, which a resume compares too)."""
+    kinds = cfg.signals.sampled.kinds()
+    if not kinds:
+        return {}
+    streams = {kind: SAMPLED_STREAMS[kind] for kind in kinds if kind != "response"}
+    return {"sampled_draws": DRAW_METHOD} | ({"sampled_streams": streams} if streams else {})
 
 
 def _candidates(cfg: DumpConfig) -> dict:
@@ -127,6 +134,9 @@ def check_or_claim_store(store: Path, settings: dict) -> None:
         if isinstance(existing, dict) and isinstance(existing.get("signals"), dict):
             # a store begun before profiles existed was written exact (the default)
             existing["signals"].setdefault("codec", to_dict(CodecConfig()))
+            # one begun before sampled rows could be chosen drew them for the response rows only
+            if isinstance(existing["signals"].get("sampled"), dict):
+                existing["signals"]["sampled"].setdefault("rows", ["response"])
         diff = settings_diff(existing, settings, "store", "this run") if isinstance(existing, dict) else [
             f"{SETTINGS_FILE}: not a JSON object"]
         if not diff:
@@ -195,6 +205,7 @@ def _run(cfg: DumpConfig) -> dict:
         cfg.signals.transitions.top_k,
         sampled=cfg.signals.sampled.enabled,
         transitions=cfg.signals.transitions.enabled,
+        sampled_rows=cfg.signals.sampled.rows,
     )
     codec = cfg.signals.codec
     codecs = store_codecs(codec.profile, specs, settings["vocabulary"]["tokens"], codec.max_kl, codec.logprob_step,

@@ -21,9 +21,11 @@ sequence token is computed twice; the head again runs only on the real branch ro
 (``branches.branch_hidden_from_cache``). (Stage 2 knows the candidates in advance and runs
 sequence and branches as one forward.)
 
-The sampled target's draws come from uniforms of a CPU generator seeded by (seed, sample id)
-(:func:`sample_seed`), one row of uniforms per response position in order, so they depend neither
-on the batch, nor on the chunking, nor on the device.
+The sampled targets' draws come from uniforms of a CPU generator seeded by (seed, sample id) and
+the row kind's stream (:func:`sample_seed`: none for the response rows, "visual" for the stored
+visual rows, "transitions" for the branch rows), one row of uniforms per stored row of that kind in
+stored order, so they depend neither on the batch, nor on the chunking, nor on the device. Each
+kind's draws come from the same float32 log-softmax as its top-k (``row_statistics(uniforms=...)``).
 """
 
 from __future__ import annotations
@@ -61,7 +63,15 @@ from pipeline.modeling.probe import (
     turns_see_image,
 )
 from stage1_teacher.proposer import Proposal, StudentProposer
-from stage1_teacher.topk import HeadRows, Transitions, choose_transitions, row_statistics, sample_seed, sample_uniforms
+from stage1_teacher.topk import (
+    SAMPLED_STREAMS,
+    HeadRows,
+    Transitions,
+    choose_transitions,
+    row_statistics,
+    sample_seed,
+    sample_uniforms,
+)
 
 log = logging.getLogger("stage1.teacher")
 
@@ -148,17 +158,14 @@ class Teacher:
         chosen = [_most_salient(m, len(v), cfg.visual_fraction) for m, v in zip(maps, vis)]
         vis_start = np.concatenate([[0], np.cumsum(n_vis)[:-1]])
         vis_rows = np.concatenate([start + order for start, (order, _) in zip(vis_start, chosen)])
+        sampled = cfg.sampled.kinds()
+        vis_uniforms = self._uniforms(batch, [len(order) for order, _ in chosen], "visual") if "visual" in sampled else None
         vis_stats = row_statistics(self.head_rows(vis_hidden[self._device_long(vis_rows)]), cfg.top_k,
-                                   temperature=cfg.temperature)
+                                   temperature=cfg.temperature, uniforms=vis_uniforms)
 
         # Every response row: top-k, and from the same log-softmax the TPA candidates and the draws.
         gold = np.concatenate([e.input_ids[r + 1] for e, r in zip(batch, resp)])
-        uniforms = None
-        if cfg.sampled.enabled:
-            uniforms = torch.cat([
-                sample_uniforms(len(r), cfg.sampled.draws, torch.Generator().manual_seed(sample_seed(self.seed, e.sample_id)))
-                for e, r in zip(batch, resp)
-            ])
+        uniforms = self._uniforms(batch, [len(r) for r in resp], "response") if "response" in sampled else None
         own_candidates = want_branches and proposals is None
         resp_stats = row_statistics(
             self.head_rows(resp_hidden), cfg.top_k, temperature=cfg.temperature,
@@ -174,6 +181,8 @@ class Teacher:
         per_sample = {name: np.split(arr, resp_split) for name, arr in host.items() if not name.startswith("vis_")}
         vis_split = np.cumsum([len(order) for order, _ in chosen])[:-1]
         vis_ids, vis_lp = np.split(host["vis_top_ids"], vis_split), np.split(host["vis_top_logprobs"], vis_split)
+        if vis_uniforms is not None:
+            vis_sampled = list(zip(np.split(host["vis_sample_ids"], vis_split), np.split(host["vis_sample_counts"], vis_split)))
         results, branches = [], []
         for b, enc in enumerate(batch):
             order, weight = chosen[b]
@@ -195,10 +204,10 @@ class Teacher:
                 vis_ids=vis_ids[b],
                 vis_logprobs=vis_lp[b],
             )
-            if cfg.sampled.enabled:
-                ids, counts = per_sample["sample_ids"][b], per_sample["sample_counts"][b]
-                width = int((counts > 0).sum(1).max()) if len(counts) else 0  # this sample's widest row
-                sig.sample_ids, sig.sample_counts = ids[:, :width], counts[:, :width]
+            if uniforms is not None:
+                sig.sample_ids, sig.sample_counts = _trim(per_sample["sample_ids"][b], per_sample["sample_counts"][b])
+            if vis_uniforms is not None:
+                sig.vis_sample_ids, sig.vis_sample_counts = _trim(*vis_sampled[b])
             if want_branches:
                 tr = self._choose(per_sample, b, resp[b], None if proposals is None else proposals[b])
                 sig.tpa_pos = tr.cand_positions.numpy()
@@ -232,11 +241,28 @@ class Teacher:
         pos, tok = pad_branches(branches)
         hidden = branch_hidden_from_cache(self.model, cache, position_ids, pos.to(self.device), tok.to(self.device),
                                           sequence_lengths(inputs))
-        stats = row_statistics(self.head_rows(hidden), k2, temperature=self.signals_cfg.temperature)
-        host = _to_host({"ids": stats.top_ids, "logprobs": stats.top_logprobs})
-        split = np.cumsum([len(sig.tpa_pos) for sig in results])[:-1]
-        for sig, ids, lp in zip(results, np.split(host["ids"], split), np.split(host["logprobs"], split)):
-            sig.tpa_ids, sig.tpa_logprobs = ids, lp
+        n_rows = [len(sig.tpa_pos) for sig in results]
+        uniforms = self._uniforms(results, n_rows, "transitions") if "transitions" in self.signals_cfg.sampled.kinds() else None
+        stats = row_statistics(self.head_rows(hidden), k2, temperature=self.signals_cfg.temperature, uniforms=uniforms)
+        host = _to_host({"ids": stats.top_ids, "logprobs": stats.top_logprobs,
+                         "sample_ids": stats.sample_ids, "sample_counts": stats.sample_counts})
+        split = np.cumsum(n_rows)[:-1]
+        per_sample = {name: np.split(arr, split) for name, arr in host.items()}
+        for b, sig in enumerate(results):
+            sig.tpa_ids, sig.tpa_logprobs = per_sample["ids"][b], per_sample["logprobs"][b]
+            if uniforms is not None:
+                sig.tpa_sample_ids, sig.tpa_sample_counts = _trim(per_sample["sample_ids"][b], per_sample["sample_counts"][b])
+
+    def _uniforms(self, samples, n_rows: list[int], kind: str) -> torch.Tensor:
+        """The uniforms [sum n_rows, draws] of the row ``kind``'s sampled targets: ``n_rows[b]`` rows
+        for sample ``b`` (anything with a ``sample_id``), from its own generator for the kind's
+        stream (:data:`SAMPLED_STREAMS`, :func:`sample_seed`), so a sample's draws depend on
+        (seed, sample id, kind) and its stored rows only."""
+        draws, stream = self.signals_cfg.sampled.draws, SAMPLED_STREAMS[kind]
+        return torch.cat([
+            sample_uniforms(n, draws, torch.Generator().manual_seed(sample_seed(self.seed, s.sample_id, stream)))
+            for s, n in zip(samples, n_rows)
+        ])
 
     def _device_long(self, values: np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, np.int64), device=self.device)
@@ -319,6 +345,12 @@ def _most_salient(maps: torch.Tensor, n_vis: int, fraction: float) -> tuple[np.n
     # Most salient first (ties: earlier position), then back to position order.
     order = torch.sort(-mean_map, stable=True).indices[:n_keep].sort().values
     return order.numpy(), mean_map[order].numpy()
+
+
+def _trim(ids: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """One sample's sampled target (unique ids and counts, as wide as the draws) cut to its widest row."""
+    width = int((counts > 0).sum(1).max()) if len(counts) else 0
+    return ids[:, :width], counts[:, :width]
 
 
 def _to_host(tensors: dict[str, torch.Tensor | None]) -> dict[str, np.ndarray]:

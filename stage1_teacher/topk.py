@@ -30,6 +30,9 @@ DEFAULT_CHUNK_ROWS = 256
 DRAW_METHOD = "inverse-cdf-v1"
 """How the sampled target's ids are drawn (:func:`_draw` from per-sample uniforms); recorded in a
 store's settings, so a resume never mixes draws of two methods in one store."""
+SAMPLED_STREAMS = {"response": "", "visual": "visual", "transitions": "transitions"}
+"""The :func:`sample_seed` stream of each row kind's sampled target (the response rows' is the
+unnamed one they always had); recorded in a store's settings for the visual and branch rows."""
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ class HeadRows:
 
 def sample_seed(seed: int, sample_id: str, stream: str = "") -> int:
     """A per-sample RNG seed that depends only on (seed, sample id) and the named ``stream`` (the
-    teacher's sampled target: none; the student proposer's draws: "proposer"): stable across
+    teacher's sampled targets: :data:`SAMPLED_STREAMS`; the student proposer's draws: "proposer"): stable across
     workers, batches and resumes, and independent between streams."""
     key = f"{stream}:{seed}:{sample_id}" if stream else f"{seed}:{sample_id}"
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:7], "big")

@@ -139,7 +139,7 @@ class LossConfig:
     iva_attention_layer: int | None = None
     """Student layer for the attention variant; null maps the teacher's saliency layer proportionally by depth."""
     divergence: DIVERGENCE = "forward_kl"
-    """D for KD, IVA and TPA. Sampled targets always use forward KL."""
+    """D for KD, IVA and TPA against the top-k targets. Sampled targets always use forward KL."""
     beta: float = 0.5
     """JSD's beta (0 -> forward KL, 1 -> reverse KL)."""
     alpha: float = 0.1
@@ -148,6 +148,12 @@ class LossConfig:
     """Training temperature; must equal the store's dump temperature (null: take the store's)."""
     target: Literal["topk", "sampled"] = "topk"
     """KD target: the stored top-k, or the unbiased sampled target (the store must have been dumped with it)."""
+    iva_target: Literal["topk", "sampled"] = "topk"
+    """IVA target at the stored visual positions: the top-k, or the sampled target (forward KL; the store must
+    have been dumped with `signals.sampled.rows` naming `visual`)."""
+    tpa_target: Literal["topk", "sampled"] = "topk"
+    """TPA target on the branch rows: the top-k', or the sampled target (forward KL; the store must have been
+    dumped with `signals.sampled.rows` naming `transitions`)."""
 
     def __post_init__(self):
         for key in ("sft", "kd", "iva", "tpa", "iva_attention"):

@@ -71,6 +71,8 @@ def run_fingerprint(cfg: DistillConfig) -> str:
     d["train"] = {k: v for k, v in d["train"].items() if k not in ("steps", "checkpoint_every", "log_every")}
     caches = ("num_workers", "image_cache_mb", "read_cache_mb", "pixel_cache_dir", "pixel_cache_max_gb")
     d["data"] = {k: v for k, v in d["data"].items() if k not in caches}
+    # targets added later: at their default a run fingerprints as before they existed, so it resumes
+    d["loss"] = {k: v for k, v in d["loss"].items() if not (k in ("iva_target", "tpa_target") and v == "topk")}
     return fingerprint(d)
 
 
@@ -189,11 +191,16 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
             counts["kd"] = L.kd_count(kd.ids)
     if lc.iva > 0:
         iva = batch.iva
-        terms["iva"] = (L.iva_term(iva.ids, iva.logprobs, iva.weights, group=iva.batch, **kw), rows.at(*pairs["iva"]))
-        counts["iva"] = L.iva_count(iva.ids, iva.weights, iva.batch)
+        if lc.iva_target == "sampled":
+            terms["iva"] = (L.sampled_iva_term(iva.sampled_ids, iva.sampled_counts, iva.weights, group=iva.batch),
+                            rows.at(*pairs["iva"]))
+            counts["iva"] = L.sampled_iva_count(iva.sampled_ids, iva.sampled_counts, iva.weights, iva.batch)
+        else:
+            terms["iva"] = (L.iva_term(iva.ids, iva.logprobs, iva.weights, group=iva.batch, **kw), rows.at(*pairs["iva"]))
+            counts["iva"] = L.iva_count(iva.ids, iva.weights, iva.batch)
     with_branches = tpa is not None and tpa.branch_pos.numel() > 0
     if tpa is not None:
-        counts["tpa"] = L.tpa_count(tpa.ids, tpa.candidate_logprob, tpa.group) if with_branches else 0
+        counts["tpa"] = _tpa_count(tpa, lc.tpa_target) if with_branches else 0
 
     attn = None
     probe = (
@@ -206,8 +213,7 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
             seq_hidden, branch_hidden = forward_with_branches(
                 model, inputs, tpa.branch_pos, tpa.branch_tok, seq_rows=(b, t), hidden=True)
             branch_hidden = branch_hidden[tpa.batch, tpa.row]
-            terms["tpa"] = (L.tpa_term(tpa.ids, tpa.logprobs, tpa.candidate_logprob, tpa.group, **kw),
-                            len(b) + torch.arange(len(tpa.batch), device=ids.device))
+            terms["tpa"] = (_tpa_term(tpa, lc.tpa_target, kw), len(b) + torch.arange(len(tpa.batch), device=ids.device))
             hidden = torch.cat([seq_hidden, branch_hidden])
         else:
             with hidden_at(model, b, t) as captured:
@@ -242,6 +248,34 @@ def compute_losses(model, batch: StudentBatch, cfg: DistillConfig, attn_layer: i
         log["total"] = sum(weights[k] * log[k] for k in active)
         return loss, log
     return loss, global_log(local, counts, global_counts, weights, accelerator)
+
+
+def _tpa_term(tpa, target: str, kw: dict) -> L.RowTerm:
+    """The TPA row term against the branch rows' top-k' or their sampled target (``loss.tpa_target``)."""
+    if target == "sampled":
+        return L.sampled_tpa_term(tpa.sampled_ids, tpa.sampled_counts, tpa.candidate_logprob, tpa.group)
+    return L.tpa_term(tpa.ids, tpa.logprobs, tpa.candidate_logprob, tpa.group, **kw)
+
+
+def _tpa_count(tpa, target: str) -> int:
+    """The positions `_tpa_term`'s mean divides by ([ddp note] in ``losses``)."""
+    if target == "sampled":
+        return L.sampled_tpa_count(tpa.sampled_ids, tpa.sampled_counts, tpa.candidate_logprob, tpa.group)
+    return L.tpa_count(tpa.ids, tpa.candidate_logprob, tpa.group)
+
+
+def check_sampled_targets(cfg: DistillConfig, manifest) -> None:
+    """Refuse a recipe that asks for sampled targets of rows the store has none for, naming the key,
+    the store and the dump setting that would have stored them."""
+    lc, have = cfg.loss, manifest.sampled_rows
+    wanted = [("loss.target", lc.target, "response"), ("loss.iva_target", lc.iva_target, "visual"),
+              ("loss.tpa_target", lc.tpa_target, "transitions")]
+    for key, target, kind in wanted:
+        if target == "sampled" and kind not in have:
+            raise PipelineError(
+                f"{key}=sampled but the store {cfg.store.dir} has no sampled targets for its {kind} rows "
+                f"(it was dumped with signals.sampled.rows {have or 'off'}); dump with signals.sampled.enabled "
+                f"and `{kind}` in signals.sampled.rows, or use {key}=topk")
 
 
 def global_scales(counts: dict[str, int], weights: dict[str, float],
@@ -295,10 +329,9 @@ def _run(cfg: DistillConfig) -> dict:
     check_compatible(manifest, processor, temperature)
     vocab_size = real_vocab_size(processor.tokenizer, model.get_output_embeddings().weight.shape[0],
                                  f"student {cfg.student.path or cfg.student.language_model}")
-    if cfg.loss.target == "sampled" and not manifest.has_sampled:
-        raise PipelineError(f"loss.target=sampled but the store {cfg.store.dir} was dumped without sampled targets")
     if cfg.loss.tpa > 0 and not manifest.has_transitions:
         raise PipelineError(f"loss.tpa > 0 but the store {cfg.store.dir} has no transition statistics")
+    check_sampled_targets(cfg, manifest)
 
     attn_layer = None
     if cfg.loss.iva_attention > 0:

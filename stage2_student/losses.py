@@ -388,6 +388,21 @@ def sampled_kd_loss(
     return sampled_kd_term(ids, counts, n_draws).of_logits(student_logits)
 
 
+def sampled_iva_loss(student_logits: Tensor, ids: Tensor, counts: Tensor, weights: Tensor,
+                     group: Tensor | None = None) -> Tensor:
+    """L_IVA against sampled targets of the visual rows: `iva_loss`'s saliency weighting (per sample,
+    renormalised over its rows with a draw) of `sampled_forward_kl` per row. ``counts`` may be
+    fractional (a student cell pooled from several teacher cells: their overlap-weighted mean)."""
+    return sampled_iva_term(ids, counts, weights, group).of_logits(student_logits)
+
+
+def sampled_tpa_loss(student_logits: Tensor, ids: Tensor, counts: Tensor, candidate_logprob: Tensor,
+                     group: Tensor) -> Tensor:
+    """L_TPA against sampled targets of the branch rows: `tpa_loss`'s candidate weighting of
+    `sampled_forward_kl` per row."""
+    return sampled_tpa_term(ids, counts, candidate_logprob, group).of_logits(student_logits)
+
+
 # --------------------------------------------------------------------------------------------------
 # Loss terms (DESIGN 4)
 # --------------------------------------------------------------------------------------------------
@@ -545,38 +560,36 @@ def kd_term(ids: Tensor, teacher_logprobs: Tensor, divergence: str = "forward_kl
     )
 
 
-def sampled_kd_term(ids: Tensor, counts: Tensor, n_draws: Tensor | int | None = None) -> RowTerm:
-    """`sampled_kd_loss` as a row term."""
+def _sampled_values(ids: Tensor, counts: Tensor, n_draws: Tensor | int | None = None):
+    """The ``values`` of a row term against a sampled target: `sampled_forward_kl` of rows ``sel``."""
     _check_targets(ids, counts, "counts")
     n = _draws_per_row(ids, counts, n_draws)
-    return RowTerm(
-        ids,
-        lambda s, sel: _sampled_rows(s, _pick(ids, sel), _pick(n, sel), _pick(counts, sel)),
-        lambda v: masked_mean(v, ((ids >= 0) & (counts > 0)).any(-1)),
-    )
+    return lambda s, sel: _sampled_rows(s, _pick(ids, sel), _pick(n, sel), _pick(counts, sel))
 
 
-def iva_term(ids: Tensor, teacher_logprobs: Tensor, weights: Tensor, group: Tensor | None = None,
-             divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1) -> RowTerm:
-    """`iva_loss` as a row term."""
+def _sampled_row_valid(ids: Tensor, counts: Tensor) -> Tensor:
+    """[N] rows of a sampled target with at least one draw."""
+    return ((ids >= 0) & (counts > 0)).any(-1)
+
+
+def _topk_values(ids: Tensor, teacher_logprobs: Tensor, divergence: str, beta: float, alpha: float):
+    """The ``values`` of a row term against a stored top-k: the bucket divergence of rows ``sel``."""
     _check_targets(ids, teacher_logprobs, "teacher_logprobs")
-    _divergence_fn(divergence)
-    row_valid = (ids >= 0).any(-1)
-    inverse, n_groups = _group_index(group, ids.shape[0], ids.device)
-    return RowTerm(
-        ids,
-        lambda s, sel: _rows_from(s, _pick(ids, sel), _pick(teacher_logprobs, sel), divergence, beta, alpha),
-        lambda v: _grouped_weighted_mean(v, torch.where(row_valid, weights.detach().to(v.dtype), 0.0), inverse, n_groups),
-    )
+    _divergence_fn(divergence)  # fail on a bad name before any work
+    return lambda s, sel: _rows_from(s, _pick(ids, sel), _pick(teacher_logprobs, sel), divergence, beta, alpha)
 
 
-def tpa_term(ids: Tensor, teacher_logprobs: Tensor, candidate_logprob: Tensor, group: Tensor,
-             divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1) -> RowTerm:
-    """`tpa_loss` as a row term."""
-    _check_targets(ids, teacher_logprobs, "teacher_logprobs")
-    _divergence_fn(divergence)
-    inverse, n_groups = _group_index(group, ids.shape[0], ids.device)
-    row_valid = (ids >= 0).any(-1)
+def _iva_reduce(row_valid: Tensor, weights: Tensor, group: Tensor | None) -> Callable[[Tensor], Tensor]:
+    """IVA's reduction: per sample (``group``), the ``weights``-weighted mean over its valid rows,
+    then the mean over samples."""
+    inverse, n_groups = _group_index(group, row_valid.shape[0], row_valid.device)
+    return lambda v: _grouped_weighted_mean(v, torch.where(row_valid, weights.detach().to(v.dtype), 0.0), inverse, n_groups)
+
+
+def _tpa_reduce(row_valid: Tensor, candidate_logprob: Tensor, group: Tensor) -> Callable[[Tensor], Tensor]:
+    """TPA's reduction: per position (``group``), the mean over its valid rows weighted by
+    p_T(c) renormalised over them, then the mean over positions."""
+    inverse, n_groups = _group_index(group, row_valid.shape[0], row_valid.device)
 
     def reduce(v: Tensor) -> Tensor:
         logw = torch.where(row_valid, candidate_logprob.detach().to(v.dtype), _NEG_INF)
@@ -585,11 +598,39 @@ def tpa_term(ids: Tensor, teacher_logprobs: Tensor, candidate_logprob: Tensor, g
         w = torch.where(logw > _NEG_INF, logw - gmax[inverse], _NEG_INF).exp()
         return _grouped_weighted_mean(v, w, inverse, n_groups)
 
-    return RowTerm(
-        ids,
-        lambda s, sel: _rows_from(s, _pick(ids, sel), _pick(teacher_logprobs, sel), divergence, beta, alpha),
-        reduce,
-    )
+    return reduce
+
+
+def sampled_kd_term(ids: Tensor, counts: Tensor, n_draws: Tensor | int | None = None) -> RowTerm:
+    """`sampled_kd_loss` as a row term."""
+    values = _sampled_values(ids, counts, n_draws)
+    return RowTerm(ids, values, lambda v: masked_mean(v, _sampled_row_valid(ids, counts)))
+
+
+def iva_term(ids: Tensor, teacher_logprobs: Tensor, weights: Tensor, group: Tensor | None = None,
+             divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1) -> RowTerm:
+    """`iva_loss` as a row term."""
+    values = _topk_values(ids, teacher_logprobs, divergence, beta, alpha)
+    return RowTerm(ids, values, _iva_reduce((ids >= 0).any(-1), weights, group))
+
+
+def sampled_iva_term(ids: Tensor, counts: Tensor, weights: Tensor, group: Tensor | None = None) -> RowTerm:
+    """`sampled_iva_loss` as a row term: `iva_term`'s reduction of the sampled forward KL."""
+    values = _sampled_values(ids, counts)
+    return RowTerm(ids, values, _iva_reduce(_sampled_row_valid(ids, counts), weights, group))
+
+
+def tpa_term(ids: Tensor, teacher_logprobs: Tensor, candidate_logprob: Tensor, group: Tensor,
+             divergence: str = "forward_kl", beta: float = 0.5, alpha: float = 0.1) -> RowTerm:
+    """`tpa_loss` as a row term."""
+    values = _topk_values(ids, teacher_logprobs, divergence, beta, alpha)
+    return RowTerm(ids, values, _tpa_reduce((ids >= 0).any(-1), candidate_logprob, group))
+
+
+def sampled_tpa_term(ids: Tensor, counts: Tensor, candidate_logprob: Tensor, group: Tensor) -> RowTerm:
+    """`sampled_tpa_loss` as a row term: `tpa_term`'s reduction of the sampled forward KL."""
+    values = _sampled_values(ids, counts)
+    return RowTerm(ids, values, _tpa_reduce(_sampled_row_valid(ids, counts), candidate_logprob, group))
 
 
 def _check_targets(ids: Tensor, other: Tensor, name: str) -> None:
@@ -820,6 +861,21 @@ def tpa_count(ids: Tensor, candidate_logprob: Tensor, group: Tensor) -> int:
     """Denominator of `tpa_loss`: positions with a valid row (its weight is > 0 after the shift by the group max)."""
     used = (ids >= 0).any(-1) & (candidate_logprob > _NEG_INF)
     return int(torch.unique(group[used]).numel())
+
+
+def _drawn_ids(ids: Tensor, counts: Tensor) -> Tensor:
+    """A sampled target's ids with the slots that hold no draw padded: a row is valid when one remains."""
+    return torch.where(counts > 0, ids, PAD_ID)
+
+
+def sampled_iva_count(ids: Tensor, counts: Tensor, weights: Tensor, group: Tensor | None = None) -> int:
+    """Denominator of `sampled_iva_loss`: samples with a row of positive weight and a draw."""
+    return iva_count(_drawn_ids(ids, counts), weights, group)
+
+
+def sampled_tpa_count(ids: Tensor, counts: Tensor, candidate_logprob: Tensor, group: Tensor) -> int:
+    """Denominator of `sampled_tpa_loss`: positions with a row that has a draw."""
+    return tpa_count(_drawn_ids(ids, counts), candidate_logprob, group)
 
 
 def attention_count(student_attn: Tensor, teacher_saliency: Tensor, mask: Tensor | None = None) -> int:

@@ -268,3 +268,50 @@ def test_non_finite_floats_are_refused_for_every_key_of_every_job(job):
                 load_config(cls, base, [f"{key}={text}"])
             assert info.value.key == key and "finite" in info.value.message, (key, text, str(info.value))
     assert "finite" in err(from_dict, DumpConfig, {"out_dir": "x", "temperature": 10**400})
+
+
+# ---------------------------------------------------------------- sampled rows (signals.sampled.rows)
+
+
+def _dump(**over):
+    from stage1_teacher.config import DumpConfig
+
+    values = {"teacher.path": "t", "data.path": "d.json", "output.dir": "o", **over}
+    return load_config(DumpConfig, None, [f"{k}={v}" for k, v in values.items()])
+
+
+def test_sampled_rows_default_is_the_response_rows():
+    cfg = _dump(**{"signals.sampled.enabled": "true"})
+    assert cfg.signals.sampled.rows == ["response"] and cfg.signals.sampled.kinds() == ["response"]
+    assert _dump().signals.sampled.kinds() == []  # not enabled: no row kind draws
+    both = _dump(**{"signals.sampled.enabled": "true", "signals.sampled.rows": "[transitions, visual]"})
+    assert both.signals.sampled.kinds() == ["visual", "transitions"]
+
+
+@pytest.mark.parametrize("rows, key, phrase", [
+    ("[response, branches]", "signals.sampled.rows", "unknown row kind(s) ['branches']; valid: response, visual, transitions"),
+    ("[visual, visual]", "signals.sampled.rows", "names a row kind twice"),
+    ("[]", "signals.sampled.rows", "at least one row kind"),
+])
+def test_sampled_rows_errors_name_the_key(rows, key, phrase):
+    with pytest.raises(ConfigError) as e:
+        _dump(**{"signals.sampled.enabled": "true", "signals.sampled.rows": rows})
+    assert e.value.key == key and phrase in e.value.message, str(e.value)
+
+
+def test_sampled_transition_rows_need_transitions():
+    with pytest.raises(ConfigError) as e:
+        _dump(**{"signals.sampled.enabled": "true", "signals.sampled.rows": "[transitions]",
+                 "signals.transitions.enabled": "false"})
+    assert e.value.key == "signals.sampled.rows" and "transitions are disabled" in e.value.message
+
+
+def test_loss_iva_and_tpa_targets_are_topk_or_sampled():
+    from stage2_student.config import DistillConfig
+
+    base = ["student.path=s", "store.dir=st", "output.dir=o"]
+    cfg = load_config(DistillConfig, None, base + ["loss.iva_target=sampled"])
+    assert (cfg.loss.target, cfg.loss.iva_target, cfg.loss.tpa_target) == ("topk", "sampled", "topk")
+    with pytest.raises(ConfigError) as e:
+        load_config(DistillConfig, None, base + ["loss.tpa_target=exact"])
+    assert e.value.key == "loss.tpa_target"

@@ -419,3 +419,52 @@ def test_a_freeze_prefix_that_names_nothing_is_refused(llava_store, tmp_path):
     student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
     with pytest.raises(PipelineError, match=r"train.freeze: no parameter under 'model.vision_towr'.*model.vision_tower"):
         run(distill_config(llava_store, tmp_path / "run", {"path": str(student_dir)}, **{"train.freeze": ["model.vision_towr"]}))
+
+
+@pytest.fixture(scope="module")
+def sampled_rows_store(tmp_path_factory) -> Path:
+    """A llava store with sampled targets for response, visual and branch rows."""
+    root = tmp_path_factory.mktemp("s2-sampled-rows")
+    teacher = save_tiny_vlm(root / "teacher", "llava", "teacher")
+    data = make_dataset(root / "data", n=6)
+    out = root / "store"
+    dump(dump_config(teacher, data, out, **{"signals.transitions.max_positions": 4,
+                                            "signals.sampled.rows": ["response", "visual", "transitions"]}))
+    return out
+
+
+def test_sampled_iva_and_tpa_targets_train(sampled_rows_store, tmp_path):
+    """A store with visual and branch draws verifies, and trains a student (one with a pooled grid:
+    its cells' counts are the overlap-weighted mean of the teacher cells') with iva_target and
+    tpa_target sampled: every term finite and present."""
+    from schemas.signal_checks import verify
+
+    assert verify(sampled_rows_store) == []
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student-pooled")
+    out = tmp_path / "run"
+    run(distill_config(sampled_rows_store, out, {"path": str(student_dir)}, **{
+        "train.steps": 2, "loss.iva_target": "sampled", "loss.tpa_target": "sampled", "loss.target": "sampled",
+    }))
+    log = losses(out)
+    assert all(np.isfinite(r["total"]) and r["iva"] > 0 and r["tpa"] > 0 and r["kd"] > 0 for r in log), log
+
+
+@pytest.mark.parametrize("key, kind", [("loss.iva_target", "visual"), ("loss.tpa_target", "transitions")])
+def test_sampled_iva_or_tpa_on_a_store_without_those_draws_is_refused(llava_store, tmp_path, key, kind):
+    student_dir = save_tiny_vlm(tmp_path / "init", "llava", "student")
+    with pytest.raises(PipelineError, match=rf"{key}=sampled but the store {llava_store} has no sampled targets for its {kind} rows"):
+        run(distill_config(llava_store, tmp_path / "run", {"path": str(student_dir)}, **{key: "sampled"}))
+    assert not (tmp_path / "run" / "losses.jsonl").exists()
+
+
+def test_pooled_cells_take_the_overlap_weighted_mean_of_the_draws():
+    """_sampled_union: the weighted mean of the rows' counts over the union of their ids; rows of
+    equal draws give counts that still sum to the draws."""
+    from stage2_student.data.remap import _sampled_union
+
+    ids = np.array([[3, 7, -1], [1, 3, 9]])
+    counts = np.array([[4, 6, 0], [2, 5, 3]])
+    got_ids, got_counts = _sampled_union(ids, counts, np.array([0.25, 0.75]))
+    np.testing.assert_array_equal(got_ids, [1, 3, 7, 9])
+    np.testing.assert_allclose(got_counts, [0.75 * 2, 0.25 * 4 + 0.75 * 5, 0.25 * 6, 0.75 * 3])
+    assert got_counts.sum() == pytest.approx(10)

@@ -348,6 +348,22 @@ def test_a_store_with_draws_of_another_method_is_not_resumed(store, tmp_path, ti
         run(dump_config(tiny_teacher_dir, dataset, copy))
 
 
+def test_a_store_from_before_sampled_rows_resumes_and_other_rows_are_refused(store, tmp_path, tiny_teacher_dir, dataset):
+    """A store whose settings predate signals.sampled.rows (response draws only, no key) resumes
+    with the default rows; a run asking for visual or branch draws on it is refused, naming the
+    rows, rather than mixing shards with and without them."""
+    copy = tmp_path / "older"
+    shutil.copytree(store, copy)
+    settings = json.loads((copy / "dump.json").read_text())
+    assert settings["signals"]["sampled"].pop("rows") == ["response"] and "sampled_streams" not in settings
+    (copy / "dump.json").write_text(json.dumps(settings))
+    before = (copy / "manifest.json").read_text()
+    run(dump_config(tiny_teacher_dir, dataset, copy))
+    assert (copy / "manifest.json").read_text() == before
+    with pytest.raises(StoreMismatchError, match="signals.sampled.rows"):
+        run(dump_config(tiny_teacher_dir, dataset, copy, **{"signals.sampled.rows": ["response", "visual"]}))
+
+
 def test_corrupted_shard_fails_verify_naming_it(store, tmp_path, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(store, copy)

@@ -17,7 +17,9 @@ from pipeline.tools.inspect_store import main_inspect, main_verify, sample_json,
 from pipeline.tools.render import overlay, render
 from schemas import ShardWriter, write_manifest
 from schemas.signal_checks import SALIENCY_SUM_TOL, verify_signals
-from schemas.signals import META_SCHEMA, SampleSignals, array_specs, pack
+from schemas.layout import StoredSample
+from schemas.reader import StoreReader
+from schemas.signals import META_SCHEMA, SIGNAL_GROUPS, SampleSignals, array_specs, pack, unpack
 
 VOCAB, K, KP, DRAWS, IMAGE_TOKEN = 50, 8, 4, 20, 49
 SIGNAL_BYTES = {
@@ -37,6 +39,20 @@ def topk(rng: np.random.Generator, n: int, k: int) -> tuple[np.ndarray, np.ndarr
     lp = log_softmax(rng.normal(0, 3, (n, VOCAB))).astype(np.float32)
     ids = np.argsort(-lp, axis=1, kind="stable")[:, :k]
     return ids, np.take_along_axis(lp, ids, axis=1), lp
+
+
+def draw(rng: np.random.Generator, full: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A sampled target of rows of full log-probs [n, VOCAB]: DRAWS ids per row with replacement,
+    unique ids [n, m] with counts [n, m], padded with -1 / 0 to the widest row."""
+    probs = np.exp(full.astype(np.float64))
+    probs /= probs.sum(axis=1, keepdims=True)
+    draws = [np.unique(rng.choice(VOCAB, DRAWS, p=p), return_counts=True) for p in probs]
+    width = max((len(u) for u, _ in draws), default=0)
+    ids = np.full((len(full), width), -1, dtype=np.int64)
+    counts = np.zeros((len(full), width), dtype=np.int64)
+    for r, (u, c) in enumerate(draws):
+        ids[r, :len(u)], counts[r, :len(u)] = u, c
+    return ids, counts
 
 
 def make_signals(sample_id: str, grids: list[tuple[int, int]], n_turns: int, seed: int) -> SampleSignals:
@@ -60,14 +76,7 @@ def make_signals(sample_id: str, grids: list[tuple[int, int]], n_turns: int, see
     resp_ids, resp_lps, full = topk(rng, len(resp_pos), K)
 
     # Sampled target: DRAWS ids from p_T, unique ids with counts, padded with -1 / 0.
-    probs = np.exp(full.astype(np.float64))
-    probs /= probs.sum(axis=1, keepdims=True)
-    draws = [np.unique(rng.choice(VOCAB, DRAWS, p=p), return_counts=True) for p in probs]
-    width = max(len(u) for u, _ in draws)
-    sample_ids = np.full((len(resp_pos), width), -1, dtype=np.int64)
-    sample_counts = np.zeros((len(resp_pos), width), dtype=np.int64)
-    for r, (u, c) in enumerate(draws):
-        sample_ids[r, :len(u)], sample_counts[r, :len(u)] = u, c
+    sample_ids, sample_counts = draw(rng, full)
 
     n_vis = sum(r * c for r, c in grids)
     if n_vis:
@@ -80,7 +89,8 @@ def make_signals(sample_id: str, grids: list[tuple[int, int]], n_turns: int, see
     else:
         saliency = np.zeros((0, 0), np.float32)
         vis_pos, vis_weight = np.zeros(0, np.int64), np.zeros(0, np.float32)
-    vis_ids, vis_lps, _ = topk(rng, len(vis_pos), K)
+    vis_ids, vis_lps, vis_full = topk(rng, len(vis_pos), K)
+    vis_sample_ids, vis_sample_counts = draw(rng, vis_full)
 
     # Transitions: at two response positions, the top-2 of p_T other than the gold token.
     tpa_pos, tpa_cand, tpa_clp = [], [], []
@@ -89,7 +99,8 @@ def make_signals(sample_id: str, grids: list[tuple[int, int]], n_turns: int, see
         cands = [(int(i), float(lp)) for i, lp in zip(resp_ids[r], resp_lps[r]) if i != input_ids[t + 1]][:2]
         for c, lp in cands:
             tpa_pos.append(t), tpa_cand.append(c), tpa_clp.append(lp)
-    tpa_ids, tpa_lps, _ = topk(rng, len(tpa_pos), KP)
+    tpa_ids, tpa_lps, tpa_full = topk(rng, len(tpa_pos), KP)
+    tpa_sample_ids, tpa_sample_counts = draw(rng, tpa_full)
     return SampleSignals(
         sample_id=sample_id, input_ids=input_ids, visual_blocks=blocks, turns=turns,
         image_hashes=[f"hash-{sample_id}-{i}" for i in range(len(grids))],
@@ -98,6 +109,8 @@ def make_signals(sample_id: str, grids: list[tuple[int, int]], n_turns: int, see
         sample_ids=sample_ids, sample_counts=sample_counts,
         tpa_pos=np.asarray(tpa_pos, np.int64), tpa_cand=np.asarray(tpa_cand, np.int64),
         tpa_cand_logprob=np.asarray(tpa_clp, np.float32), tpa_ids=tpa_ids, tpa_logprobs=tpa_lps,
+        vis_sample_ids=vis_sample_ids, vis_sample_counts=vis_sample_counts,
+        tpa_sample_ids=tpa_sample_ids, tpa_sample_counts=tpa_sample_counts,
     )
 
 
@@ -108,10 +121,16 @@ def write_png(path: Path, size: tuple[int, int], seed: int) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def build_store(root: Path, corrupt=None, irs: bool = True) -> tuple[Path, dict[str, SampleSignals]]:
+ALL_ROWS = ("response", "visual", "transitions")
+
+
+def build_store(root: Path, corrupt=None, irs: bool = True,
+                sampled_rows: tuple[str, ...] | None = ALL_ROWS) -> tuple[Path, dict[str, SampleSignals]]:
     """A 2-shard store: img1 (1 image, 2 turns) and txt (text-only) in shard-00000, img2 (2 images,
     1 turn) and a skipped sample in shard-00001; a LLaVA JSON with PNGs for every image.
-    ``corrupt(signals_by_id)`` edits the signals before packing."""
+    ``corrupt(signals_by_id)`` edits the signals before packing. ``sampled_rows``: the row kinds
+    with a sampled target; None writes a store of the format before they could be chosen (response
+    rows only, no ``signals.sampled.rows`` in the manifest)."""
     data = root / "data"
     hashes = {
         "img1": [write_png(data / "img/a.png", (48, 32), 0)],
@@ -140,7 +159,7 @@ def build_store(root: Path, corrupt=None, irs: bool = True) -> tuple[Path, dict[
     if corrupt is not None:
         corrupt(sig)
     store = root / "store"
-    specs = array_specs(K, KP, sampled=True, transitions=True)
+    specs = array_specs(K, KP, sampled=True, transitions=True, sampled_rows=sampled_rows or ("response",))
     with ShardWriter(store, "shard-00000", specs, META_SCHEMA) as w:
         for sid in ("img1", "txt"):
             w.add(sid, *pack(sig[sid], specs))
@@ -159,13 +178,17 @@ def build_store(root: Path, corrupt=None, irs: bool = True) -> tuple[Path, dict[
         "dataset": {"path": str(data / "train.json"), "image_root": None, "split": "train", "max_length": 2048,
                     "limit": None, "fingerprint": "d" * 8},
         "signals": {"top_k": K, "temperature": 1.0, "saliency_layers": "auto" if irs else [1],
-                    "calibration_samples": 4, "visual_fraction": 0.25, "sampled": {"enabled": True, "draws": DRAWS},
+                    "calibration_samples": 4, "visual_fraction": 0.25, "sampled": sampled_settings(sampled_rows),
                     "transitions": {"enabled": True, "candidates": 2, "top_k": KP, "min_prob": 0.01,
                                     "min_alt_mass": 0.05, "max_positions": 64}},
         "saliency": {"layers": [1], "irs": {"0": 0.1, "1": 0.3, "2": 0.2} if irs else None},
         "signal_bytes": signal_bytes,
     })
     return store, sig
+
+
+def sampled_settings(rows: tuple[str, ...] | None) -> dict:
+    return {"enabled": True, "draws": DRAWS} | ({} if rows is None else {"rows": list(rows)})
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +259,22 @@ def _vis_lp(s):
     s.vis_logprobs[0, -1] = 0.1
 
 
+def _vis_draws(s):
+    s.vis_sample_counts[0, 0] += 1
+
+
+def _vis_draw_oov(s):
+    s.vis_sample_ids[0, 0] = VOCAB
+
+
+def _tpa_draw_dup(s):
+    s.tpa_sample_ids[1, 1] = s.tpa_sample_ids[1, 0]
+
+
+def _tpa_draw_rows(s):
+    s.tpa_sample_ids, s.tpa_sample_counts = s.tpa_sample_ids[:-1], s.tpa_sample_counts[:-1]
+
+
 CORRUPTIONS = {
     "positive log-prob": (_positive, "resp_logprobs", "log-prob > 0"),
     "unsorted top-k": (_unsorted, "resp_logprobs", "not sorted"),
@@ -250,6 +289,10 @@ CORRUPTIONS = {
     "resp_pos vs turns": (_resp_union, "resp_pos", "union of the turns"),
     "sampled counts vs draws": (_draws, "resp_sample_counts", f"draws = {DRAWS}"),
     "visual log-prob": (_vis_lp, "vis_logprobs", "log-prob > 0"),
+    "visual sampled counts vs draws": (_vis_draws, "vis_sample_counts", f"draws = {DRAWS}"),
+    "visual sampled id out of vocabulary": (_vis_draw_oov, "vis_sample_ids", "outside the vocabulary"),
+    "branch sampled id repeats": (_tpa_draw_dup, "tpa_sample_ids", "repeats at branch row 1"),
+    "branch sampled rows vs branch rows": (_tpa_draw_rows, "tpa_sample_n", "rows for 4 branch rows"),
 }
 
 
@@ -438,3 +481,76 @@ def test_main_inspect_out_renders(built, tmp_path, capsys):
     assert main_inspect(str(store), None, False, str(tmp_path / "png"), 1, None, None) == 0
     out = capsys.readouterr().out
     assert "wrote" in out and "saliency_00_img1.png" in out and (tmp_path / "png/irs.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- sampled rows
+
+
+def assert_sampled_equal(got: SampleSignals, want: SampleSignals, prefix: str) -> None:
+    """One row kind's sampled target read back: the written rows, re-padded to the widest row."""
+    (ids, counts), (w_ids, w_counts) = got.sampled(prefix), want.sampled(prefix)
+    assert ids.shape[0] == w_ids.shape[0], (want.sample_id, prefix)
+    assert ids.shape[1] == int((w_counts > 0).sum(1).max(initial=0)), (want.sample_id, prefix)
+    for r in range(len(w_ids)):
+        keep = w_counts[r] > 0
+        np.testing.assert_array_equal(ids[r][counts[r] > 0], w_ids[r][keep], err_msg=f"{want.sample_id}/{prefix}/{r}")
+        np.testing.assert_array_equal(counts[r][counts[r] > 0], w_counts[r][keep])
+
+
+def test_sampled_rows_of_every_kind_round_trip_through_the_store(built):
+    """pack -> shard -> unpack gives each kind's sampled target back; the text-only sample has no
+    visual row (an empty [0, 0] target, not None), and the manifest names the kinds."""
+    store, sig = built
+    reader = StoreReader(store)
+    assert reader.manifest.sampled_rows == list(ALL_ROWS) and reader.manifest.has_sampled
+    for sid, want in sig.items():
+        got = unpack(reader.get(sid))
+        for prefix in ("resp", "vis", "tpa"):
+            assert_sampled_equal(got, want, prefix)
+    assert unpack(reader.get("txt")).vis_sample_ids.shape == (0, 0)
+    assert verify(store) == []
+
+
+def test_sampled_rows_pack_and_unpack_with_no_visual_rows_and_no_branches():
+    """A sample without stored visual rows or branch rows packs to zero rows of each and unpacks to
+    [0, 0] targets; a store that expects a kind's targets refuses a sample without them, naming it."""
+    s = make_signals("plain", [], 1, seed=4)
+    s.tpa_pos, s.tpa_cand = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    s.tpa_cand_logprob, s.tpa_ids, s.tpa_logprobs = np.zeros(0, np.float32), np.zeros((0, KP), np.int64), np.zeros((0, KP), np.float32)
+    s.tpa_sample_ids, s.tpa_sample_counts = np.zeros((0, 0), np.int64), np.zeros((0, 0), np.int64)
+    specs = array_specs(K, KP, sampled=True, transitions=True, sampled_rows=ALL_ROWS)
+    meta, arrays = pack(s, specs)
+    for prefix in ("vis", "tpa"):
+        assert len(arrays[f"{prefix}_sample_n"]) == len(arrays[f"{prefix}_sample_ids"]) == 0
+    back = unpack(StoredSample("plain", meta, arrays))
+    assert back.vis_sample_ids.shape == back.tpa_sample_counts.shape == (0, 0)
+    assert_sampled_equal(back, s, "resp")
+    s.vis_sample_ids = None
+    with pytest.raises(ValueError, match="'plain'.*visual rows"):
+        pack(s, specs)
+
+
+def test_store_without_visual_or_branch_draws_reads_as_before(tmp_path):
+    """A store of the format before sampled rows could be chosen (response draws only, no
+    signals.sampled.rows): it verifies, reads with None for the new kinds, and its manifest says
+    response only."""
+    store, sig = build_store(tmp_path, sampled_rows=None)
+    reader = StoreReader(store)
+    assert not any(name.startswith(("vis_sample", "tpa_sample")) for name in reader.manifest.decoded_arrays)
+    assert reader.manifest.sampled_rows == ["response"] and reader.manifest.has_sampled
+    assert verify(store) == []
+    for sid, want in sig.items():
+        got = unpack(reader.get(sid))
+        assert got.vis_sample_ids is None and got.tpa_sample_ids is None and got.tpa_sample_counts is None
+        assert_sampled_equal(got, want, "resp")
+
+
+def test_array_specs_and_signal_groups_cover_the_sampled_rows():
+    specs = array_specs(K, KP, sampled=True, transitions=True, sampled_rows=["visual"])
+    assert [n for n in specs if "_sample_" in n] == ["vis_sample_n", "vis_sample_ids", "vis_sample_counts"]
+    assert SIGNAL_GROUPS["visual_sampled"] == ["vis_sample_n", "vis_sample_ids", "vis_sample_counts"]
+    assert SIGNAL_GROUPS["transitions_sampled"] == ["tpa_sample_n", "tpa_sample_ids", "tpa_sample_counts"]
+    with pytest.raises(ValueError, match="unknown sampled row kind"):
+        array_specs(K, KP, sampled=True, transitions=True, sampled_rows=["branches"])
+    with pytest.raises(ValueError, match="need transitions"):
+        array_specs(K, KP, sampled=True, transitions=False, sampled_rows=["transitions"])

@@ -387,3 +387,82 @@ def test_half_precision_logits_are_upcast():
     got = L.kd_loss(s_logits.bfloat16(), ids, t_lp, divergence="reverse_kl")
     assert got.dtype == torch.float32
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+# ---------------------------------------------------------------- sampled IVA / TPA
+
+
+def _sampled_case(n: int, seed: int, v: int = 30, draws: int = 12):
+    """Student logits [n, v] and a sampled target per row: ``draws`` ids drawn from a random
+    teacher, unique ids with counts, padded with -1 / 0 (row widths differ)."""
+    g = torch.Generator().manual_seed(seed)
+    s_logits = torch.randn(n, v, generator=g, dtype=D64)
+    teacher = torch.softmax(2 * torch.randn(n, v, generator=g, dtype=D64), -1)
+    rows = [torch.unique(torch.multinomial(p, draws, replacement=True, generator=g), return_counts=True) for p in teacher]
+    width = max(len(u) for u, _ in rows)
+    ids = torch.full((n, width), -1, dtype=torch.long)
+    counts = torch.zeros((n, width), dtype=torch.long)
+    for r, (u, c) in enumerate(rows):
+        ids[r, : len(u)], counts[r, : len(u)] = u, c
+    return s_logits, ids, counts
+
+
+def _sampled_kl_by_hand(s_logits, ids, counts) -> torch.Tensor:
+    """sum_i q_i (log q_i - log p_S(id_i)), q = counts / draws, per row, with F.log_softmax."""
+    s_lp = F.log_softmax(s_logits, -1)
+    out = []
+    for r in range(len(ids)):
+        keep = counts[r] > 0
+        q = counts[r][keep].double() / counts[r].sum()
+        out.append((q * (q.log() - s_lp[r, ids[r][keep]])).sum())
+    return torch.stack(out)
+
+
+def test_sampled_iva_is_the_saliency_weighted_sampled_kl():
+    s_logits, ids, counts = _sampled_case(n=5, seed=21)
+    d = _sampled_kl_by_hand(s_logits, ids, counts)
+    w = torch.tensor([1.0, 3.0, 0.5, 0.5, 7.0], dtype=D64)
+    group = torch.tensor([4, 4, 9, 9, 9])
+    expected = ((1 * d[0] + 3 * d[1]) / 4 + (0.5 * d[2] + 0.5 * d[3] + 7 * d[4]) / 8) / 2
+    torch.testing.assert_close(L.sampled_iva_loss(s_logits, ids, counts, w, group), expected)
+    # A row with no draw leaves its sample's weights renormalised over the others.
+    empty_ids, empty_counts = ids.clone(), counts.clone()
+    empty_ids[1], empty_counts[1] = -1, 0
+    expected_empty = (d[0] + (0.5 * d[2] + 0.5 * d[3] + 7 * d[4]) / 8) / 2
+    torch.testing.assert_close(L.sampled_iva_loss(s_logits, empty_ids, empty_counts, w, group), expected_empty)
+    assert L.sampled_iva_count(empty_ids, empty_counts, w, group) == 2
+    # Fractional counts (a pooled student cell) are the mixture they stand for.
+    frac = counts.double() * 0.5
+    torch.testing.assert_close(L.sampled_iva_loss(s_logits, ids, frac, w, group), expected)
+
+
+def test_sampled_tpa_is_the_candidate_weighted_sampled_kl():
+    s_logits, ids, counts = _sampled_case(n=4, seed=22)
+    d = _sampled_kl_by_hand(s_logits, ids, counts)
+    cand = torch.log(torch.tensor([0.2, 0.1, 0.05, 0.15], dtype=D64))
+    group = torch.tensor([0, 0, 1, 1])
+    expected = ((2 / 3 * d[0] + 1 / 3 * d[1]) + (1 / 4 * d[2] + 3 / 4 * d[3])) / 2
+    torch.testing.assert_close(L.sampled_tpa_loss(s_logits, ids, counts, cand, group), expected)
+    torch.testing.assert_close(L.sampled_tpa_loss(s_logits, ids, counts, cand - 1000, group), expected)
+    assert L.sampled_tpa_count(ids, counts, cand, group) == 2
+
+
+def test_sampled_iva_and_tpa_terms_through_the_fused_head_equal_the_logits():
+    """The sampled IVA and TPA row terms on the fused head (hidden rows, chunked) equal the terms on
+    the full logits, value and gradient."""
+    g = torch.Generator().manual_seed(23)
+    hidden = torch.randn(7, 6, generator=g, dtype=D64, requires_grad=True)
+    weight = torch.randn(30, 6, generator=g, dtype=D64)
+    _, ids, counts = _sampled_case(n=7, seed=24)
+    w = torch.rand(7, generator=g, dtype=D64)
+    group = torch.tensor([0, 0, 0, 1, 1, 2, 2])
+    cand = torch.log(torch.rand(7, generator=g, dtype=D64))
+    terms = [L.sampled_iva_term(ids, counts, w, group), L.sampled_tpa_term(ids, counts, cand, group)]
+    rows = torch.arange(7)
+    total, values = L.fused_head_loss(hidden, weight, None, [L.HeadTerm(t, rows, 1.0) for t in terms], chunk_rows=3)
+    (g_fused,) = torch.autograd.grad(total, hidden)
+    logits = hidden @ weight.T
+    ref = [L.sampled_iva_loss(logits, ids, counts, w, group), L.sampled_tpa_loss(logits, ids, counts, cand, group)]
+    (g_ref,) = torch.autograd.grad(sum(ref), hidden)
+    torch.testing.assert_close(values, torch.stack(ref).detach())
+    torch.testing.assert_close(g_fused, g_ref)

@@ -9,7 +9,9 @@ that sample alone (all logits, float64 log-softmax over the real vocabulary, a d
 for candidates, plain prefix forwards for branch rows, a float64 inverse CDF for the draws), on a
 teacher whose head has padded rows that carry mass, for a 1-D RoPE family and an mRoPE family.
 The unit tests check ``row_statistics``' candidate rule (no ``[N, V]`` mask) against a masked top-K,
-ties included, and the sampled draws: counts, unbiasedness and independence of chunking.
+ties included, and the sampled draws: counts, unbiasedness and independence of chunking. The
+sampled targets of every row kind (response, visual, branch) are checked against the reference rows
+with each kind's own uniforms.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ SEED = 5
 SIGNALS = SignalsConfig(
     top_k=8,
     visual_fraction=0.25,
-    sampled=SampledConfig(enabled=True, draws=24),
+    sampled=SampledConfig(enabled=True, draws=24, rows=["response", "visual", "transitions"]),
     transitions=TransitionsConfig(candidates=3, top_k=5, min_prob=0.02, min_alt_mass=0.05, max_positions=4),
 )
 ATOL = 1e-5  # float32 log-probs against a float64 reference
@@ -130,6 +132,18 @@ def reference_draws(lp: torch.Tensor, uniforms: torch.Tensor) -> list[dict[int, 
     return out
 
 
+def assert_draws(ids: np.ndarray, counts: np.ndarray, ref_lp: torch.Tensor, seed: int, where: str) -> None:
+    """A sample's stored sampled target of one row kind (ids/counts [n, m]) equals the float64
+    inverse-CDF draws of ``ref_lp`` [n, V] with the uniforms of a generator seeded by ``seed``, every
+    row's counts sum to the draws, and the rows are padded to the sample's widest row only."""
+    uniforms = torch.rand((ref_lp.shape[0], SIGNALS.sampled.draws), generator=torch.Generator().manual_seed(seed))
+    got = [{int(i): int(c) for i, c in zip(r_ids, r_counts) if c > 0} for r_ids, r_counts in zip(ids, counts)]
+    assert len(got) == ref_lp.shape[0], where
+    assert got == reference_draws(ref_lp, uniforms), where
+    assert all(sum(g.values()) == SIGNALS.sampled.draws for g in got), where
+    assert ids.shape[1] == max((len(g) for g in got), default=0), where
+
+
 def test_signals_equal_a_plain_forward_reference(setup, monkeypatch):
     teacher, samples = setup
     head_rows, head_calls = [], []
@@ -150,7 +164,7 @@ def test_signals_equal_a_plain_forward_reference(setup, monkeypatch):
 
     v = teacher.vocab_size
     excluded = teacher.no_candidates.tolist()
-    n_rows = n_branch = 0
+    n_rows = n_branch = n_vis_draws = 0
     padded_in_plain_topk = 0
     for enc, sig in zip(samples, stored):
         assert sig.sample_id == enc.sample_id
@@ -182,27 +196,34 @@ def test_signals_equal_a_plain_forward_reference(setup, monkeypatch):
         np.testing.assert_allclose(sig.tpa_cand_logprob, cand_lp, rtol=0, atol=ATOL)
 
         # Transition rows: a plain forward over x_0 … x_t, c, its last position.
+        branch_lp = []
         for r, (t, c) in enumerate(zip(sig.tpa_pos, sig.tpa_cand)):
             with torch.no_grad():
                 last = teacher.model(**prefix_inputs(enc, int(t), int(c))).logits[0, -1, :v]
-            branch = torch.log_softmax(last.double(), -1).topk(SIGNALS.transitions.top_k)
+            branch_lp.append(torch.log_softmax(last.double(), -1))
+            branch = branch_lp[-1].topk(SIGNALS.transitions.top_k)
             np.testing.assert_array_equal(sig.tpa_ids[r], branch.indices.numpy(), err_msg=f"{enc.sample_id} row {r}")
             np.testing.assert_allclose(sig.tpa_logprobs[r], branch.values.numpy(), rtol=0, atol=1e-4)
 
-        # Sampled target: the draws of the sample's own uniforms, by a float64 inverse CDF.
-        uniforms = torch.rand((len(enc.response_positions), SIGNALS.sampled.draws),
-                              generator=torch.Generator().manual_seed(sample_seed(SEED, enc.sample_id)))
-        got = [{int(i): int(c) for i, c in zip(ids, counts) if c > 0} for ids, counts in zip(sig.sample_ids, sig.sample_counts)]
-        assert got == reference_draws(ref, uniforms), enc.sample_id
-        assert sig.sample_ids.shape[1] == max(len(g) for g in got)  # padded to the sample's widest row only
+        # Sampled targets of the visual and branch rows: each kind's own uniforms (stream "visual",
+        # "transitions"), one row per stored row in stored order, drawn from the plain forward's rows.
+        for kind, ref_rows, ids, counts in (
+            ("visual", ref_vis, sig.vis_sample_ids, sig.vis_sample_counts),
+            ("transitions", torch.stack(branch_lp) if branch_lp else ref_vis[:0], sig.tpa_sample_ids, sig.tpa_sample_counts),
+        ):
+            assert_draws(ids, counts, ref_rows, sample_seed(SEED, enc.sample_id, kind), f"{enc.sample_id}/{kind}")
+        n_vis_draws += len(sig.vis_pos)
 
-        for name in ("resp_ids", "vis_ids", "tpa_ids", "tpa_cand", "sample_ids"):
+        # Sampled target: the draws of the sample's own uniforms, by a float64 inverse CDF.
+        assert_draws(sig.sample_ids, sig.sample_counts, ref, sample_seed(SEED, enc.sample_id), enc.sample_id)
+
+        for name in ("resp_ids", "vis_ids", "tpa_ids", "tpa_cand", "sample_ids", "vis_sample_ids", "tpa_sample_ids"):
             ids = getattr(sig, name)
             assert ids.size == 0 or int(ids.max()) < v, (enc.sample_id, name)
         n_rows += len(sig.resp_pos) + len(sig.vis_pos) + len(sig.tpa_pos)
         n_branch += len(sig.tpa_pos)
 
-    assert n_branch > 0 and padded_in_plain_topk > 0  # transitions exist; the cut to V matters
+    assert n_branch > 0 and n_vis_draws > 0 and padded_in_plain_topk > 0  # branch and visual draws exist; the cut to V matters
     # The head saw exactly the stored rows; the model's own head call ran on no row.
     assert sum(head_rows) == n_rows
     assert head_calls and set(head_calls) == {0}
@@ -219,7 +240,8 @@ def test_signals_do_not_depend_on_the_batch(setup):
     for other in (reordered, alone):
         for sid, sig in other.items():
             ref = together[sid]
-            for name in ("resp_ids", "vis_pos", "vis_ids", "sample_ids", "sample_counts", "tpa_pos", "tpa_cand", "tpa_ids"):
+            for name in ("resp_ids", "vis_pos", "vis_ids", "sample_ids", "sample_counts", "vis_sample_ids",
+                         "vis_sample_counts", "tpa_pos", "tpa_cand", "tpa_ids", "tpa_sample_ids", "tpa_sample_counts"):
                 np.testing.assert_array_equal(getattr(sig, name), getattr(ref, name), err_msg=f"{sid}/{name}")
             for name in ("resp_logprobs", "vis_weight", "vis_logprobs", "saliency", "tpa_cand_logprob", "tpa_logprobs"):
                 np.testing.assert_allclose(getattr(sig, name), getattr(ref, name), rtol=0, atol=1e-5, err_msg=f"{sid}/{name}")

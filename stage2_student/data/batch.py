@@ -67,6 +67,8 @@ class IvaRows(_Rows):
     ids: torch.Tensor  # int64 [P, k], -1 padded
     logprobs: torch.Tensor  # float32 [P, k], -inf padded
     weights: torch.Tensor  # float32 [P]
+    sampled_ids: torch.Tensor | None = None  # int64 [P, m], -1 padded  (sampled_iva_term)
+    sampled_counts: torch.Tensor | None = None  # float32 [P, m], 0 padded (fractional on pooled cells)
 
 
 @dataclass
@@ -83,6 +85,8 @@ class TpaRows(_Rows):
     logprobs: torch.Tensor  # float32 [M, k']
     candidate_logprob: torch.Tensor  # float32 [M]
     group: torch.Tensor  # int64 [M]: one id per (sample, position), unique within the batch
+    sampled_ids: torch.Tensor | None = None  # int64 [M, m], -1 padded  (sampled_tpa_term)
+    sampled_counts: torch.Tensor | None = None  # float32 [M, m], 0 padded
 
 
 @dataclass
@@ -138,6 +142,14 @@ def collate(encoded: list[EncodedSample], targets: list[StudentTargets], pad_id:
     def batch_index(counts: list[int]) -> torch.Tensor:
         return t(np.repeat(np.arange(len(counts)), counts), dtype=torch.int64)
 
+    def sampled_rows(ids_name: str, counts_name: str, counts_dtype) -> dict:
+        """``sampled_ids`` / ``sampled_counts`` of one row kind, padded to the batch's widest row (none
+        when the store has no sampled target for it)."""
+        if getattr(targets[0], ids_name) is None:
+            return {}
+        return {"sampled_ids": t(_pad_rows([getattr(tg, ids_name) for tg in targets], PAD_ID, np.int64)),
+                "sampled_counts": t(_pad_rows([getattr(tg, counts_name) for tg in targets], 0, counts_dtype))}
+
     sampled = targets[0].sample_ids is not None
     kd = KdRows(
         batch=batch_index([len(tg.resp_pos) for tg in targets]),
@@ -153,6 +165,7 @@ def collate(encoded: list[EncodedSample], targets: list[StudentTargets], pad_id:
         ids=t(np.concatenate([tg.vis_ids for tg in targets])),
         logprobs=t(np.concatenate([tg.vis_logprobs for tg in targets])),
         weights=t(np.concatenate([tg.vis_weight for tg in targets])),
+        **sampled_rows("vis_sample_ids", "vis_sample_counts", np.float32),
     )
     sal = None
     if with_saliency:
@@ -180,6 +193,7 @@ def collate(encoded: list[EncodedSample], targets: list[StudentTargets], pad_id:
             logprobs=t(np.concatenate([tg.tpa_logprobs for tg in targets])),
             candidate_logprob=t(np.concatenate([tg.tpa_cand_logprob for tg in targets])),
             group=t(np.concatenate(groups).astype(np.int64)),
+            **sampled_rows("tpa_sample_ids", "tpa_sample_counts", np.float32),
         )
     return StudentBatch(
         sample_ids=[tg.sample_id for tg in targets],

@@ -29,7 +29,7 @@ from stage2_student.data.remap import StudentTargets, remap
 
 
 def _max_stored_id(s: SampleSignals) -> int:
-    arrays = [s.resp_ids, s.vis_ids, s.sample_ids, s.tpa_cand, s.tpa_ids]
+    arrays = [s.resp_ids, s.vis_ids, s.sample_ids, s.vis_sample_ids, s.tpa_cand, s.tpa_ids, s.tpa_sample_ids]
     return max((int(a.max()) for a in arrays if a is not None and a.size), default=-1)
 
 

@@ -21,6 +21,11 @@ of teacher cell ``(a, b)`` inside student cell ``(i, j)`` is ``W = A_r[i, a] · 
   probable ids of the union are kept (the rest joins the tail). Its weight is ``Σ_{v∈S} W_v w_v``
   (``w_v`` = the stored turn-mean saliency): the area-weighted saliency restricted to stored cells.
   For integer pooling ``W_v = 1``: the plain mean of the covered stored cells, weight their sum.
+* sampled visual targets (``signals.sampled.rows`` with ``visual``): the same cells, positions and
+  weights; a student cell's counts are the overlap-weighted mean ``Σ_{v∈S} W_v c_v(id) / Σ_{v∈S} W_v``
+  over the union of the cells' drawn ids (every id kept). Every stored row has ``draws`` draws, so
+  the counts still sum to ``draws`` and ``counts / draws`` is unbiased for the mixture ``q`` above
+  (with its zero-filled tails: a drawn id is any id, not only a top-k one). Equal grids copy them.
   What is approximated (docs/geometry.md): the teacher never saw the student's cell, so the mixture of
   its per-cell predictions stands in for ``p_T`` there; a teacher cell that was not stored (outside
   the top fraction ρ) contributes neither to ``q`` nor to the weight, so ``q`` is the mixture over the
@@ -68,11 +73,15 @@ class StudentTargets:
     saliency: np.ndarray  # float32 [J, V]: s_j over the student's visual positions (V = 0: text only)
     sample_ids: np.ndarray | None = None  # int64 [R, m], -1 padded     (sampled target)
     sample_counts: np.ndarray | None = None  # int64 [R, m], 0 padded
+    vis_sample_ids: np.ndarray | None = None  # int64 [P, m], -1 padded (sampled target of the visual rows)
+    vis_sample_counts: np.ndarray | None = None  # float32 [P, m], 0 padded; fractional on a pooled cell
     tpa_pos: np.ndarray | None = None  # int64 [M]                     (transitions)
     tpa_cand: np.ndarray | None = None  # int64 [M]
     tpa_cand_logprob: np.ndarray | None = None  # float32 [M]
     tpa_ids: np.ndarray | None = None  # int64 [M, k']
     tpa_logprobs: np.ndarray | None = None  # float32 [M, k']
+    tpa_sample_ids: np.ndarray | None = None  # int64 [M, m], -1 padded (sampled target of the branch rows)
+    tpa_sample_counts: np.ndarray | None = None  # int64 [M, m], 0 padded
 
 
 def _segments(ids: np.ndarray, blocks: list[tuple[int, int]]) -> list[np.ndarray]:
@@ -160,10 +169,34 @@ def _union_mean(ids: np.ndarray, logprobs: np.ndarray, k: int,
     return out_ids, out_lp
 
 
+def _sampled_union(ids: np.ndarray, counts: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Weighted mean of n sampled targets (rows of unique ids / counts [n, m], -1 / 0 padded) over the
+    union of their ids: (ids [u] ascending, float64 counts [u]); a row's missing id counts 0.
+    ``weights`` [n] (the overlap areas) need not sum to 1. See [geometry note]."""
+    valid = (ids >= 0) & (counts > 0)
+    flat_w = np.broadcast_to(np.asarray(weights, np.float64)[:, None], ids.shape)[valid]
+    uniq, inverse = np.unique(ids[valid], return_inverse=True)
+    mean = np.bincount(inverse, weights=counts[valid] * flat_w, minlength=len(uniq)) / np.sum(weights)
+    return uniq, mean
+
+
+def _pad_sampled(rows: list[tuple[np.ndarray, np.ndarray]]) -> tuple[np.ndarray, np.ndarray]:
+    """Rows of (ids [u_i], counts [u_i]) as (ids [n, max u] -1 padded, float32 counts 0 padded)."""
+    width = max((len(i) for i, _ in rows), default=0)
+    ids = np.full((len(rows), width), PAD_ID, dtype=np.int64)
+    counts = np.zeros((len(rows), width), dtype=np.float32)
+    for r, (i, c) in enumerate(rows):
+        ids[r, : len(i)], counts[r, : len(c)] = i, c
+    return ids, counts
+
+
 def _remap_visual(teacher: SampleSignals, geometry: list, n_turns: int, k: int, where: str):
     """Visual signals block to block (equal grids copied, other grids by overlap area, [geometry note]):
-    saliency [J, V_student], and the stored rows' positions, weights, ids and log-probs."""
+    saliency [J, V_student], and the stored rows' positions, weights, ids and log-probs, and their
+    sampled targets' ids and counts (None when the store has none)."""
+    sampled = teacher.vis_sample_ids is not None
     sal_parts, vis_rows = [], []  # per block: saliency [J, r*c]; (pos, weight, ids, logprobs)
+    sampled_rows: list[tuple[np.ndarray, np.ndarray]] = []  # per student row: (ids [u], counts [u])
     t_offset = covered = 0
     for t_start, t_len, (R, C), (r, c), s_start in geometry:
         block_sal = teacher.saliency[:, t_offset : t_offset + t_len]
@@ -175,6 +208,8 @@ def _remap_visual(teacher: SampleSignals, geometry: list, n_turns: int, k: int, 
         if (R, C) == (r, c):  # identity: copy the stored values
             sal_parts.append(block_sal.astype(np.float32))
             vis_rows.append((s_start + cells, teacher.vis_weight[rows], teacher.vis_ids[rows], teacher.vis_logprobs[rows]))
+            if sampled:
+                sampled_rows += [(i[c > 0], c[c > 0]) for i, c in zip(teacher.vis_sample_ids[rows], teacher.vis_sample_counts[rows])]
             continue
         sal_parts.append(_resample_sum(block_sal, (R, C), (r, c)))
         # Every (student cell, stored teacher row) pair that overlaps, with its overlap area.
@@ -196,16 +231,19 @@ def _remap_visual(teacher: SampleSignals, geometry: list, n_turns: int, k: int, 
             members, w = member[pick], area[pick]
             ids[g], lps[g] = _union_mean(teacher.vis_ids[members], teacher.vis_logprobs[members], k, w)
             weights[g] = (w * teacher.vis_weight[members].astype(np.float64)).sum()
+            if sampled:
+                sampled_rows.append(_sampled_union(teacher.vis_sample_ids[members], teacher.vis_sample_counts[members], w))
         vis_rows.append((s_start + cell_ids, weights.astype(np.float32), ids, lps))
     if covered != len(teacher.vis_pos):
         raise StoreFormatError(f"{where}: a stored visual position lies outside every image block")
     saliency = np.concatenate(sal_parts, axis=1) if sal_parts else np.zeros((n_turns, 0), np.float32)
+    sampled_out = _pad_sampled(sampled_rows) if sampled else (None, None)
     if len(vis_rows) == 1:
-        return (saliency, *vis_rows[0])
+        return (saliency, *vis_rows[0], *sampled_out)
     if vis_rows:
-        return (saliency, *(np.concatenate(x) for x in zip(*vis_rows)))
+        return (saliency, *(np.concatenate(x) for x in zip(*vis_rows)), *sampled_out)
     return (saliency, np.zeros(0, np.int64), np.zeros(0, np.float32), np.zeros((0, k), np.int64),
-            np.zeros((0, k), np.float32))
+            np.zeros((0, k), np.float32), *sampled_out)
 
 
 def _layout(blocks) -> str:
@@ -295,8 +333,10 @@ def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
             raise StoreFormatError(f"{where}: a stored visual position lies outside every image block")
         saliency = teacher.saliency.astype(np.float32) if t_blocks else np.zeros((n_turns, 0), np.float32)
         vis_weight, vis_ids, vis_lp = teacher.vis_weight, teacher.vis_ids, teacher.vis_logprobs
+        vis_sample_ids, vis_sample_counts = teacher.vis_sample_ids, teacher.vis_sample_counts
     else:
-        saliency, vis_pos, vis_weight, vis_ids, vis_lp = _remap_visual(teacher, geometry, n_turns, k, where)
+        saliency, vis_pos, vis_weight, vis_ids, vis_lp, vis_sample_ids, vis_sample_counts = _remap_visual(
+            teacher, geometry, n_turns, k, where)
 
     return StudentTargets(
         sample_id=sid,
@@ -316,4 +356,8 @@ def remap(teacher: SampleSignals, student: EncodedSample) -> StudentTargets:
         tpa_cand_logprob=None if teacher.tpa_cand_logprob is None else np.asarray(teacher.tpa_cand_logprob, np.float32),
         tpa_ids=teacher.tpa_ids,
         tpa_logprobs=None if teacher.tpa_logprobs is None else np.asarray(teacher.tpa_logprobs, np.float32),
+        vis_sample_ids=vis_sample_ids,
+        vis_sample_counts=None if vis_sample_counts is None else np.asarray(vis_sample_counts, np.float32),
+        tpa_sample_ids=teacher.tpa_sample_ids,
+        tpa_sample_counts=teacher.tpa_sample_counts,
     )
