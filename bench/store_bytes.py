@@ -33,12 +33,19 @@ carries the 0.05 alternative mass and gets K transition rows: transitions are at
 How many ids a compact row keeps depends on how peaked the teacher is, so the compact bytes here
 are for this teacher's peakedness; the per-unit columns and ``kept ids`` let one rescale.
 
+A random-init teacher, even scaled, is not a trained one: ``--store DIR`` measures an existing exact
+store instead (the demo's ``stores/train``, a trained teacher's), recodes it at the compact
+defaults and the curve, and projects the compact bytes to ids of ``--project-vocab`` tokens (the
+ids a row keeps, at ⌈log₂ V⌉ bits each; everything else as measured).
+
     python bench/store_bytes.py [--quick] [--shape demo|real] [--samples N --logit-scale S] [--sampled]
+    python bench/store_bytes.py --store DEMO_OUT/stores/train [--project-vocab 151936]
 """
 
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -98,6 +105,11 @@ def parse_args():
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--sampled", action="store_true", help="also store the sampled response target")
     p.add_argument("--no-curve", action="store_true", help="skip the recoded curve")
+    p.add_argument("--store", type=Path, default=None,
+                   help="measure this existing exact store (e.g. a trained teacher's: the demo's stores/train) "
+                        "instead of dumping a random-init teacher; --shape only names the results file")
+    p.add_argument("--project-vocab", type=int, default=151_936,
+                   help="with --store: also project the compact bytes to ids of this vocabulary (bits per kept id)")
     args = p.parse_args()
     shape = SHAPES[args.shape]
     args.samples = args.samples or shape["samples"]
@@ -269,7 +281,8 @@ def print_bytes(name: str, run: dict) -> None:
                      "-" if v["raw_per_unit"] is None else f"{v['raw_per_unit']:.1f}", v["unit"]])
     body.append(["total", f"{run['total_stored_per_response_token']:.1f}",
                  f"{run['total_raw_per_response_token_excl_index']:.1f} (excl. index)", "", "", "", ""])
-    wall = f" (dump wall {run['wall_s']:.1f} s)" if "wall_s" in run else f" (recoded in {run['recode_s']:.1f} s)"
+    wall = (f" (dump wall {run['wall_s']:.1f} s)" if "wall_s" in run else
+            f" (recoded in {run['recode_s']:.1f} s)" if "recode_s" in run else " (as given)")
     print(f"\n{name}{wall}")
     print(table(headers, body))
 
@@ -283,35 +296,57 @@ def print_fidelity(name: str, fid: dict) -> None:
     print(table(headers, body))
 
 
+def projected(run: dict, fid: dict, vocab_from: int, vocab_to: int) -> float:
+    """Bytes per response token of a compact store if its ids named tokens of ``vocab_to`` instead
+    of ``vocab_from``: each kept id costs ceil(log2 V) bits (``topk-packed-v1``); everything else stays."""
+    extra_bits = math.ceil(math.log2(vocab_to)) - math.ceil(math.log2(vocab_from))
+    kept = sum(v["rows"] * v["kept_ids_mean"] for x, v in fid.items() if x != "all")
+    return run["total_stored_per_response_token"] + kept * extra_bits / 8 / run["response_tokens"]
+
+
 def main() -> None:
     args = parse_args()
     check_device(args.device)
     with Workdir(args.workdir, "store") as work:
-        teacher = save_teacher(work / "teacher", args.shape, args.logit_scale)
-        if args.shape == "real":
-            from transformers import AutoProcessor
+        if args.store is not None:  # a store someone dumped: measure it as it is
+            from schemas.manifest import read_manifest
 
-            tokenizer = AutoProcessor.from_pretrained(teacher).tokenizer
-            data = build_real_data(work / "data", args.samples, args.response_tokens, tokenizer)
+            exact = args.store
+            m = read_manifest(exact)
+            if m.signals.get("codec", {}).get("profile", "exact") != "exact":
+                raise SystemExit(f"--store {exact}: not an exact store (profile {m.signals['codec']['profile']})")
+            runs = {"exact": {"signals": m.signals, **byte_groups(exact, m)}}
         else:
-            data = build_shapes_data(work / "data", args.samples, args.turns)
-        print("dump exact ...", flush=True)
-        runs = {"exact": dump(teacher, data, work / "exact", args, "exact")}
+            exact = work / "exact"
+            teacher = save_teacher(work / "teacher", args.shape, args.logit_scale)
+            if args.shape == "real":
+                from transformers import AutoProcessor
+
+                tokenizer = AutoProcessor.from_pretrained(teacher).tokenizer
+                data = build_real_data(work / "data", args.samples, args.response_tokens, tokenizer)
+            else:
+                data = build_shapes_data(work / "data", args.samples, args.turns)
+            print("dump exact ...", flush=True)
+            runs = {"exact": dump(teacher, data, exact, args, "exact")}
         # compact: the exact store recoded at the profile's defaults, which writes the arrays a compact
         # dump writes (tests/test_codecs.py) without running the teacher twice
         t0 = time.perf_counter()
-        m = recode(work / "exact", work / "compact", CodecConfig(profile="compact"))
+        m = recode(exact, work / "compact", CodecConfig(profile="compact"))
         runs["compact"] = {"recode_s": time.perf_counter() - t0, "signals": m.signals, **byte_groups(work / "compact", m)}
-        fid = {"compact": fidelity(work / "exact", work / "compact")}
+        fid = {"compact": fidelity(exact, work / "compact")}
+        vocab = m.vocab_size
+        if args.store is not None and args.project_vocab != vocab:
+            runs["compact"]["projected_per_response_token"] = {
+                str(args.project_vocab): projected(runs["compact"], fid["compact"], vocab, args.project_vocab)}
         curve = []
         if not args.no_curve:
             for max_kl, max_dropped, step in CURVE:
                 out = work / f"recoded-{max_kl:g}-{max_dropped:g}-{step:g}"
                 t0 = time.perf_counter()
-                m = recode(work / "exact", out, CodecConfig(profile="compact", max_kl=max_kl, logprob_step=step,
-                                                            max_dropped=max_dropped))
+                m = recode(exact, out, CodecConfig(profile="compact", max_kl=max_kl, logprob_step=step,
+                                                   max_dropped=max_dropped))
                 b = byte_groups(out, m)
-                f = fidelity(work / "exact", out)
+                f = fidelity(exact, out)
                 curve.append({"max_kl": max_kl, "max_dropped": max_dropped, "logprob_step": step,
                               "recode_s": time.perf_counter() - t0,
                               "total_stored_per_response_token": b["total_stored_per_response_token"],
@@ -329,11 +364,16 @@ def main() -> None:
     print(f"shape {args.shape}: {n_samples} samples, {n_resp} response tokens ({n_resp / n_samples:.1f}/sample), "
           f"{rows['saliency'] // max(1, n_samples)} saliency entries/sample, {rows['vis_pos'] / n_samples:.0f} stored "
           f"visual positions/sample; transitions: {tpa_per_resp:.2f} branch rows/response token; "
-          f"logit scale {args.logit_scale}" + (f"; sampled: {uniq:.1f} unique ids/position" if args.sampled else ""))
+          + (f"logit scale {args.logit_scale}" if args.store is None else "a given store") + (f"; sampled: {uniq:.1f} unique ids/position" if args.sampled else ""))
+    if args.store is not None:
+        print(f"store {args.store} (vocabulary {vocab})")
     for name, run in runs.items():
         print_bytes(name, run)
         if name != "exact":
             print_fidelity(name, fid[name])
+        for v, b in run.get("projected_per_response_token", {}).items():
+            print(f"projected to a {int(v):,}-token vocabulary (ids at {math.ceil(math.log2(int(v)))} bits, same kept ids): "
+                  f"{b:.1f} B per response token")
     if curve:
         headers = ["max_kl", "max_dropped", "step", "B/resp tok", "response", "visual", "transitions", "kl mean", "kl max",
                    "kl_q mean", "resp kl mean", "resp kept", "vis kept", "tpa kept"]
@@ -349,7 +389,7 @@ def main() -> None:
         print(table(headers, body))
 
     path = write_results(
-        f"store_bytes_{args.shape}" if args.shape != "demo" else "store_bytes",
+        "store_bytes_store" if args.store is not None else f"store_bytes_{args.shape}" if args.shape != "demo" else "store_bytes",
         {"env": environment(args.device, args.dtype), "args": vars(args), "spec": spec_dict(SHAPES[args.shape]["spec"]),
          "runs": runs, "fidelity": fid, "curve": curve, "branch_rows_per_response_token": tpa_per_resp,
          "unique_sampled_ids_per_position": uniq if args.sampled else None},
