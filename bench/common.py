@@ -62,9 +62,18 @@ def spec_dict(spec: TinySpec) -> dict:
     return {k: getattr(spec, k) for k in spec.__dataclass_fields__}
 
 
-def build_teacher(out: Path, spec: TinySpec = BENCH_SPEC, family: str = "llava") -> Path:
-    """A random-init tiny VLM checkpoint (model + processor) at ``out``."""
-    return save_tiny_vlm(out, family, spec)
+def build_teacher(out: Path, spec: TinySpec = BENCH_SPEC, family: str = "llava", logit_scale: float = 1.0) -> Path:
+    """A random-init tiny VLM checkpoint (model + processor) at ``out``; ``logit_scale`` multiplies
+    its output head, so its distributions are as peaked as a trained teacher's (see store_bytes.py)."""
+    save_tiny_vlm(out, family, spec)
+    if logit_scale != 1.0:
+        from transformers import AutoModelForImageTextToText
+
+        model = AutoModelForImageTextToText.from_pretrained(out)
+        with torch.no_grad():
+            model.get_output_embeddings().weight.mul_(logit_scale)
+        model.save_pretrained(out)
+    return out
 
 
 def build_shapes_data(out: Path, n: int, turns: int, seed: int = 0) -> Path:

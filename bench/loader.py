@@ -137,6 +137,9 @@ def parse_args():
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--reps", type=int, default=5, help="timed epochs per mode (interleaved)")
     p.add_argument("--codec-only", action="store_true", help="time only the exact/compact pairs and the raw modes")
+    p.add_argument("--logit-scale", type=float, default=1.0,
+                   help="scale of the random teacher's output head (25: as peaked as a trained teacher, see "
+                        "store_bytes.py); how many ids a compact row keeps, hence its bytes, depends on it")
     args = p.parse_args()
     if args.quick:
         args.samples, args.reps = min(args.samples, 32), min(args.reps, 2)
@@ -191,7 +194,7 @@ def main() -> None:
 
     with Workdir(args.workdir, "loader") as work:
         print(f"building a teacher {DUMP_SPEC}, {args.samples} synthetic records and the store in {work}", flush=True)
-        teacher_dir = build_teacher(work / "teacher", DUMP_SPEC)
+        teacher_dir = build_teacher(work / "teacher", DUMP_SPEC, logit_scale=args.logit_scale)
         data = build_shapes_data(work / "data", args.samples, args.turns)
         store = work / "store"
         dump(
