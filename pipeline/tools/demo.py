@@ -443,8 +443,9 @@ def format_table(summary: dict) -> str:
     for r in summary["rows"]:
         store = f" {r['store']} |" if several else ""
         p = r.get("paired")
+        reference = (r["method"], r.get("store", "exact")) == ("kd", "exact")
         paired = (f"{100 * p['mean']:+.1f} ± {100 * p['sd']:.1f} vs {p['vs']}, {p['better']}/{p['n']} seeds up"
-                  if p else "reference")
+                  if p else "reference" if reference else "-")
         top1 = (f"{100 * r['top1_agreement']:.1f} ± {100 * r['top1_agreement_sd']:.1f}" if "top1_agreement" in r else "-")
         lines.append(f"| {r['size']} | {r['method']} |{store} {100 * r['accuracy']:.1f} ± {100 * r['accuracy_sd']:.1f} "
                      f"| {paired} | {r['kl_to_teacher']:.3f} ± {r['kl_to_teacher_sd']:.3f} | {top1} |")
