@@ -38,15 +38,18 @@ def test_answers_follow_the_board():
     for _ in range(200):
         items = make_board(rng, 3)
         kind = rng.choice(QUESTION_TYPES)
-        q, a = _question(kind, items, 3, rng)
+        q, a, cells = _question(kind, items, 3, rng)
+        at = {(it.row, it.col): it for it in items}
         if kind == "count":
             colour = q.split("How many ")[1].split(" ")[0]
             assert a == str(sum(it.colour == colour for it in items))
+            assert sorted(map(tuple, cells)) == sorted((it.row, it.col) for it in items if it.colour == colour)
         elif kind == "colour_at":
             where = q.split("at the ")[1].rstrip("?")
             assert any(names[it.row][it.col] == where and it.colour == a for it in items)
+            assert len(cells) == 1 and names[cells[0][0]][cells[0][1]] == where and at[tuple(cells[0])].colour == a
         elif kind == "exists":
-            assert a in ("yes", "no")
+            assert a in ("yes", "no") and (a == "yes") == bool(cells)
         elif kind == "choice":
             assert a in "ABCD"
 
@@ -124,7 +127,7 @@ def test_unshuffled_options_follow_the_palette_and_the_letter_names_the_colour(n
     seen_orders = set()
     for _ in range(100):
         items = make_board(rng, 2, palette, ("circle", "square", "triangle"))
-        q, letter = _question("choice", items, 2, rng, palette, ("circle", "square", "triangle"), shuffle_options=False)
+        q, letter, _ = _question("choice", items, 2, rng, palette, ("circle", "square", "triangle"), shuffle_options=False)
         where = q.split("at the ")[1].split("?")[0]
         listed = q.split("? ")[1].split(" ")
         options = dict(zip([w.rstrip(".") for w in listed[0::2]], listed[1::2]))
