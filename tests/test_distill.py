@@ -41,15 +41,20 @@ def store(tmp_path_factory, tiny_teacher_dir) -> Path:
     return out
 
 
+def _llava_store(tmp_path_factory, name: str, n: int, **overrides) -> Path:
+    """A store of a tiny llava teacher on ``n`` records (transitions at 4 positions, plus ``overrides``)."""
+    root = tmp_path_factory.mktemp(name)
+    teacher = save_tiny_vlm(root / "teacher", "llava", "teacher")
+    data = make_dataset(root / "data", n=n)
+    out = root / "store"
+    dump(dump_config(teacher, data, out, **{"signals.transitions.max_positions": 4, **overrides}))
+    return out
+
+
 @pytest.fixture(scope="module")
 def llava_store(tmp_path_factory) -> Path:
     """A store of the llava family alone, for checks that need one family only."""
-    root = tmp_path_factory.mktemp("s2-llava")
-    teacher = save_tiny_vlm(root / "teacher", "llava", "teacher")
-    data = make_dataset(root / "data", n=8)
-    out = root / "store"
-    dump(dump_config(teacher, data, out, **{"signals.transitions.max_positions": 4}))
-    return out
+    return _llava_store(tmp_path_factory, "s2-llava", 8)
 
 
 def distill_config(store: Path, out: Path, student: dict, **over) -> DistillConfig:
@@ -424,13 +429,8 @@ def test_a_freeze_prefix_that_names_nothing_is_refused(llava_store, tmp_path):
 @pytest.fixture(scope="module")
 def sampled_rows_store(tmp_path_factory) -> Path:
     """A llava store with sampled targets for response, visual and branch rows."""
-    root = tmp_path_factory.mktemp("s2-sampled-rows")
-    teacher = save_tiny_vlm(root / "teacher", "llava", "teacher")
-    data = make_dataset(root / "data", n=6)
-    out = root / "store"
-    dump(dump_config(teacher, data, out, **{"signals.transitions.max_positions": 4,
-                                            "signals.sampled.rows": ["response", "visual", "transitions"]}))
-    return out
+    return _llava_store(tmp_path_factory, "s2-sampled-rows", 6,
+                        **{"signals.sampled.rows": ["response", "visual", "transitions"]})
 
 
 def test_sampled_iva_and_tpa_targets_train(sampled_rows_store, tmp_path):
