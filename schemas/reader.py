@@ -328,23 +328,26 @@ class StoreReader:
                                        f"{ARRAYS_DIR}/{a} rows [{lo}, {hi}) unreadable: {e}") from e
             rel = starts - lo
             per_array[a] = [block[s:s + ln] for s, ln in zip(rel.tolist(), lens.tolist())]
+        todo = [j for j in range(count) if decoded[j] is None] if coded else []
+        if todo:  # the samples not in the cache, decoded together
+            try:
+                fresh = self.codecs.decode_many({a: [per_array[a][j] for j in todo] for a in coded})
+            except CodecError as e:
+                sid = sh.sample_ids[start_idx + todo[e.sample or 0]]
+                raise StoreFormatError(f"{self.store_dir}: shard {shard_name!r}: sample {sid!r}: {ARRAYS_DIR}: "
+                                       f"{e}; the stored arrays do not decode") from e
+            for j, d in zip(todo, fresh):
+                decoded[j] = d
+                if self._cache.max_bytes:
+                    for v in d.values():
+                        v.flags.writeable = False  # shared by every later read of the sample
+                    self._cache.put((shard_name, _DECODED, start_idx + j), d, sum(v.nbytes for v in d.values()))
         metas = sh.meta_rows(start_idx, stop_idx)
         out = []
         for j in range(count):
-            sid = sh.sample_ids[start_idx + j]
             arrays = {a: per_array[a][j] for a in sh.arrays if a not in coded}
-            if coded and decoded[j] is None:
-                try:
-                    decoded[j] = self.codecs.decode({a: per_array[a][j] for a in coded})
-                except CodecError as e:
-                    raise StoreFormatError(f"{self.store_dir}: shard {shard_name!r}: sample {sid!r}: {ARRAYS_DIR}: "
-                                           f"{e}; the stored arrays do not decode") from e
-                if self._cache.max_bytes:
-                    for v in decoded[j].values():
-                        v.flags.writeable = False  # shared by every later read of the sample
-                    self._cache.put((shard_name, _DECODED, start_idx + j), decoded[j],
-                                    sum(v.nbytes for v in decoded[j].values()))
-            out.append(StoredSample(sample_id=sid, meta=metas[j], arrays=arrays | (decoded[j] or {})))
+            out.append(StoredSample(sample_id=sh.sample_ids[start_idx + j], meta=metas[j],
+                                    arrays=arrays | (decoded[j] or {})))
         return out
 
     def _rows(self, shard_name: str, name: str, arr, lo: int, hi: int) -> np.ndarray:

@@ -25,6 +25,7 @@ from schemas.codecs import (
     id_bits,
     pack_bits,
     unpack_bits,
+    unpack_runs,
 )
 from schemas.manifest import _settings_sha256, read_manifest
 from schemas.signal_checks import verify
@@ -63,7 +64,7 @@ def exact_tail(ids, lps) -> np.ndarray:
 # the pieces
 
 
-@pytest.mark.parametrize("count", [37, 9000])  # both unpacking paths (few ids: bit by bit; many: columns)
+@pytest.mark.parametrize("count", [37, 9000])
 @pytest.mark.parametrize("width", [1, 9, 18, 31])
 def test_bit_packing_round_trips_and_refuses_a_wrong_length(width, count):
     rng = np.random.default_rng(width)
@@ -208,6 +209,63 @@ def test_topk_codec_refuses_what_it_cannot_decode():
         c.encode({"x_ids": ids + 1000, "x_logprobs": lps})
 
 
+def test_unpack_runs_reads_runs_packed_one_by_one():
+    rng = np.random.default_rng(3)
+    for width in (1, 9, 18, 31, 57):
+        runs = [rng.integers(0, 2**width, size=c, dtype=np.uint64) for c in (5, 0, 1, 64, 3)]
+        packed = [pack_bits(r, width) for r in runs]
+        buf = np.concatenate([*packed, np.zeros(8, np.uint8)])
+        starts = np.cumsum([0, *map(len, packed)])[:-1]
+        got = unpack_runs(buf, starts, [len(r) for r in runs], width)
+        assert got.tolist() == np.concatenate(runs).astype(np.int64).tolist(), width
+    with pytest.raises(ValueError, match="58 bits"):
+        unpack_runs(buf, [0], [1], 58)
+    with pytest.raises(ValueError, match="vocab_size"):
+        codec(vocab=2**31 + 1)
+
+
+def test_samples_decoded_together_equal_each_decoded_alone():
+    """A block of samples (rows of every shape, a sample without rows, one with no bytes) decodes
+    to what each sample decodes to alone, and a bad sample in the block is named by position."""
+    c = codec(k=16, vocab=5000, max_kl=1e-3)
+    rng = np.random.default_rng(4)
+    bufs, exact = [], []
+    for rows, scale in [(7, 1.0), (0, 1.0), (1, 8.0), (40, 8.0), (3, 30.0)]:
+        ids, lps = random_rows(rng, rows, 16, 5000, scale)
+        bufs.append(c.encode({"x_ids": ids, "x_logprobs": lps})["x_topk"])
+        exact.append(ids)
+    bufs.insert(2, np.zeros(0, np.uint8))  # a sample written without rows of this signal
+    exact.insert(2, np.zeros((0, 16), np.int32))
+    together = c.decode_many(bufs)
+    assert len(together) == len(bufs)
+    for buf, ids, d in zip(bufs, exact, together):
+        alone = c.decode({"x_topk": buf})
+        assert np.array_equal(d["x_ids"], alone["x_ids"]) and np.array_equal(d["x_logprobs"], alone["x_logprobs"])
+        kept = d["x_ids"] >= 0
+        assert d["x_ids"].shape == ids.shape and np.array_equal(d["x_ids"][kept], ids[kept])
+    for bad_at, edit, msg in [(3, lambda b: b[:-1], "expected"), (0, lambda b: b[:3], "shorter than the row count"),
+                              (5, lambda b: np.concatenate([b, [7]]).astype(np.uint8), "expected")]:
+        damaged = list(bufs)
+        damaged[bad_at] = edit(bufs[bad_at])
+        with pytest.raises(CodecError, match=f"array x_topk .*{msg}") as e:
+            c.decode_many(damaged)
+        assert e.value.sample == bad_at
+
+
+def test_reader_names_the_sample_that_does_not_decode(stores, monkeypatch):
+    r = StoreReader(stores["compact"])
+    real = TopkCodec.decode_many
+
+    def second_fails(self, bufs):
+        real(self, bufs)
+        raise CodecError("bad bytes", sample=1)
+
+    monkeypatch.setattr(TopkCodec, "decode_many", second_fails)
+    second = StoreReader(stores["exact"]).read_block("shard-00000", 1, 2)[0].sample_id
+    with pytest.raises(StoreFormatError, match=rf"shard 'shard-00000': sample '{second}': .*bad bytes"):
+        r.read_block("shard-00000", 0, 3)
+
+
 def _planes_of(x: np.ndarray) -> np.ndarray:
     """Byte planes written independently of the codec: byte j of every value, for j = 0, 1, 2, 3."""
     raw = x.tobytes()
@@ -348,8 +406,8 @@ def test_cached_reads_of_a_compact_store_decode_once(stores, monkeypatch):
     n = plain.shard_sizes()["shard-00000"]
     first = cached.read_block("shard-00000", 0, n)
     decodes = []
-    real = StoreCodecs.decode
-    monkeypatch.setattr(StoreCodecs, "decode", lambda self, arrays: decodes.append(1) or real(self, arrays))
+    real = StoreCodecs.decode_many
+    monkeypatch.setattr(StoreCodecs, "decode_many", lambda self, arrays: decodes.append(1) or real(self, arrays))
     again = cached.read_block("shard-00000", 0, n)
     assert decodes == []  # every sample's decoded arrays came from the cache
     for a, b, c in zip(plain.read_block("shard-00000", 0, n), first, again):
