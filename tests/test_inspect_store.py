@@ -378,6 +378,12 @@ def test_sample_json_matches_signals(built):
         np.testing.assert_array_equal(np.asarray([c["logprob"] for _, c in flat], np.float32), s.tpa_cand_logprob)
         np.testing.assert_array_equal([c["ids"] for _, c in flat], s.tpa_ids)
         np.testing.assert_array_equal(np.asarray([c["logprobs"] for _, c in flat], np.float32), s.tpa_logprobs)
+        # Sampled targets of the visual and branch rows, beside their top-k rows.
+        for rows, ids, counts in ((d["visual"], s.vis_sample_ids, s.vis_sample_counts),
+                                  ([c for _, c in flat], s.tpa_sample_ids, s.tpa_sample_counts)):
+            assert len(rows) == len(ids)
+            for entry, i, c in zip(rows, ids, counts):
+                assert entry["sampled_ids"] == i[c > 0].tolist() and entry["sampled_counts"] == c[c > 0].tolist()
 
 
 def test_sample_json_unknown_id_names_it_and_the_store(built):
@@ -409,6 +415,10 @@ def test_stats_equal_what_was_written(built, capsys):
     assert st["visual_tokens"] == 6 + 4 + 6
     assert st["stored_visual_positions"] == sum(len(s.vis_pos) for s in sig.values())
     assert st["transition_rows"] == sum(len(s.tpa_pos) for s in sig.values())
+    unique = {g: sum(int((getattr(s, f"{g}sample_counts") > 0).sum()) for s in sig.values())
+              for g in ("", "vis_", "tpa_")}
+    assert (st["sampled_ids"], st["sampled_ids_visual"], st["sampled_ids_transitions"]) == \
+        (unique[""], unique["vis_"], unique["tpa_"]) and min(unique.values()) > 0
     n_resp = st["response_tokens"]
     assert st["signal_bytes"]["response_topk"] == {"bytes": 4000, "bytes_per_response_token": 4000 / n_resp}
     assert st["saliency"] == {"layers": [1], "irs": {"0": 0.1, "1": 0.3, "2": 0.2}}
@@ -419,6 +429,8 @@ def test_stats_equal_what_was_written(built, capsys):
     table = capsys.readouterr().out
     assert f"{'samples':<28}3" in table and "missing_image 1" in table
     assert "* layer   1  0.3000" in table and "response_topk" in table
+    assert (f"sampled target ids          response {unique['']}, visual {unique['vis_']}, "
+            f"transitions {unique['tpa_']}") in table
 
 
 # ---------------------------------------------------------------------------------------------- render

@@ -71,6 +71,8 @@ def stats(store_dir: str | Path) -> dict:
         "stored_visual_positions": rows.get("vis_pos", 0),
         "transition_rows": rows.get("tpa_pos", 0),
         "sampled_ids": rows.get("resp_sample_ids", 0),
+        "sampled_ids_visual": rows.get("vis_sample_ids", 0),
+        "sampled_ids_transitions": rows.get("tpa_sample_ids", 0),
         "signal_bytes": {g: v for g, v in m.signal_bytes.items() if isinstance(v, dict)},
         "saliency": {"layers": sal.get("layers"), "irs": sal.get("irs")},
         "settings": m.optional("signals") or {},
@@ -105,6 +107,10 @@ def format_stats(st: dict) -> str:
         f"  {'stored visual positions':<28}{st['stored_visual_positions']}  ({vis_frac:.1%} of visual tokens)",
         f"  {'transition rows':<28}{st['transition_rows']}",
     ]
+    draws = [(rows, st[key]) for rows, key in (("response", "sampled_ids"), ("visual", "sampled_ids_visual"),
+                                                ("transitions", "sampled_ids_transitions")) if st[key]]
+    if draws:
+        lines.append(f"  {'sampled target ids':<28}" + ", ".join(f"{rows} {n}" for rows, n in draws))
     if st["signal_bytes"]:
         lines.append("  bytes per response token (on disk):")
         for g, v in st["signal_bytes"].items():
@@ -139,6 +145,17 @@ def _block_offsets(blocks: list[dict]) -> list[int]:
     return np.concatenate([[0], np.cumsum([int(b["length"]) for b in blocks])]).astype(int).tolist()
 
 
+def _attach_draws(rows: list[dict], a: dict, prefix: str) -> None:
+    """Each row's sampled target (its unique ids and their counts out of ``draws``), where the store
+    keeps one for the rows of ``prefix`` (resp, vis, tpa)."""
+    if f"{prefix}_sample_n" not in a:
+        return
+    ids, counts, end = a[f"{prefix}_sample_ids"], a[f"{prefix}_sample_counts"], 0
+    for row, k in zip(rows, a[f"{prefix}_sample_n"].tolist()):
+        row["sampled_ids"], row["sampled_counts"] = ids[end:end + k].tolist(), counts[end:end + k].tolist()
+        end += k
+
+
 def sample_json(store_dir: str | Path, sample_id: str) -> dict:
     """One sample as plain JSON: ids, position sets and every stored signal (exact stored values)."""
     store = Path(store_dir)
@@ -149,12 +166,7 @@ def sample_json(store_dir: str | Path, sample_id: str) -> dict:
     response = []
     for r, t in enumerate(resp_pos):
         response.append({"position": t, "ids": a["resp_ids"][r].tolist(), "logprobs": a["resp_logprobs"][r].tolist()})
-    if "resp_sample_n" in a:
-        end = 0
-        for r, k in enumerate(a["resp_sample_n"].tolist()):
-            response[r]["sampled_ids"] = a["resp_sample_ids"][end:end + k].tolist()
-            response[r]["sampled_counts"] = a["resp_sample_counts"][end:end + k].tolist()
-            end += k
+    _attach_draws(response, a, "resp")
     saliency = []
     n_vis = sum(int(b["length"]) for b in blocks)
     if n_vis:
@@ -171,17 +183,21 @@ def sample_json(store_dir: str | Path, sample_id: str) -> dict:
         {"position": int(p), "weight": float(w), "ids": i.tolist(), "logprobs": lp.tolist()}
         for p, w, i, lp in zip(a["vis_pos"], a["vis_weight"], a["vis_ids"], a["vis_logprobs"])
     ]
+    _attach_draws(visual, a, "vis")
     transitions: list[dict] = []
     if "tpa_pos" in a:
         by_pos: dict[int, dict] = {}
+        branches = []  # every candidate, in row order
         for r, t in enumerate(a["tpa_pos"].tolist()):
             if t not in by_pos:
                 by_pos[t] = {"position": t, "candidates": []}
                 transitions.append(by_pos[t])
-            by_pos[t]["candidates"].append({
+            branches.append({
                 "id": int(a["tpa_cand"][r]), "logprob": float(a["tpa_cand_logprob"][r]),
                 "ids": a["tpa_ids"][r].tolist(), "logprobs": a["tpa_logprobs"][r].tolist(),
             })
+            by_pos[t]["candidates"].append(branches[-1])
+        _attach_draws(branches, a, "tpa")
     return {
         "sample_id": s.sample_id,
         "length": int(m["length"]),
