@@ -28,6 +28,8 @@ Decoding gives the kept ids in rank order, then -1 (log-prob -inf) up to k. The 
 the stored ``1 - tail``, so the tail bucket that Stage 2 derives from the decoded log-probs
 (``pipeline.modeling.sparse.tail_logprob``) is the stored tail (to float32 rounding), whatever the
 quantisation did. A decoded log-prob is within ``step`` of the exact one (levels under the cap).
+Readers decode a block of samples at once (:meth:`TopkCodec.decode_many`): every sample's runs are
+parsed and checked together, so decoding costs per byte, not per sample.
 
 How many ids a row keeps: the fewest whose decoded row is within ``max_kl`` nats of the exact
 top-k row, by :func:`completion_kl`, and, with ``max_dropped``, whose dropped ids carry at most

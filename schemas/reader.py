@@ -337,11 +337,14 @@ class StoreReader:
                 raise StoreFormatError(f"{self.store_dir}: shard {shard_name!r}: sample {sid!r}: {ARRAYS_DIR}: "
                                        f"{e}; the stored arrays do not decode") from e
             for j, d in zip(todo, fresh):
-                decoded[j] = d
                 if self._cache.max_bytes:
+                    # its own copy (not a view that keeps the whole block's arrays alive), read-only:
+                    # shared by every later read of the sample
+                    d = {k: v.copy() for k, v in d.items()}
                     for v in d.values():
-                        v.flags.writeable = False  # shared by every later read of the sample
+                        v.flags.writeable = False
                     self._cache.put((shard_name, _DECODED, start_idx + j), d, sum(v.nbytes for v in d.values()))
+                decoded[j] = d
         metas = sh.meta_rows(start_idx, stop_idx)
         out = []
         for j in range(count):
