@@ -252,6 +252,30 @@ def test_samples_decoded_together_equal_each_decoded_alone():
         assert e.value.sample == bad_at
 
 
+def test_damaged_bytes_in_a_block_decode_or_fail_as_codec_errors():
+    """Random byte flips and cuts anywhere in a block: decoding either succeeds or raises a
+    CodecError naming a sample of the block, never another exception (no read outside a sample)."""
+    c = codec(k=8, vocab=5000, max_kl=1e-3)
+    rng = np.random.default_rng(11)
+    bufs = [c.encode(dict(zip(("x_ids", "x_logprobs"), random_rows(rng, rows, 8, 5000, 6.0))))["x_topk"]
+            for rows in (3, 0, 9, 1)]
+    failed = 0
+    for _ in range(400):
+        damaged = [b.copy() for b in bufs]
+        j = int(rng.integers(len(bufs)))
+        if rng.random() < 0.2:
+            damaged[j] = damaged[j][: int(rng.integers(len(damaged[j]) + 1))]
+        else:
+            for _ in range(int(rng.integers(1, 4))):
+                damaged[j][int(rng.integers(len(damaged[j])))] = rng.integers(256)
+        try:
+            c.decode_many(damaged)
+        except CodecError as e:
+            failed += 1
+            assert e.sample == j and "array x_topk" in str(e)
+    assert failed > 100  # most damage is caught (a flipped log-prob code or tail byte may still decode)
+
+
 def test_reader_names_the_sample_that_does_not_decode(stores, monkeypatch):
     r = StoreReader(stores["compact"])
     real = TopkCodec.decode_many
