@@ -35,7 +35,7 @@ for _var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "H
 
 import torch  # noqa: E402
 
-from pipeline.tools.tiny import TinySpec, save_tiny_vlm  # noqa: E402
+from pipeline.tools.tiny import TinySpec, build_tiny_vlm  # noqa: E402
 
 # ----------------------------------------------------------------------------------------------
 # the benchmark teacher and data
@@ -62,18 +62,20 @@ def spec_dict(spec: TinySpec) -> dict:
     return {k: getattr(spec, k) for k in spec.__dataclass_fields__}
 
 
-def build_teacher(out: Path, spec: TinySpec = BENCH_SPEC, family: str = "llava", logit_scale: float = 1.0) -> Path:
-    """A random-init tiny VLM checkpoint (model + processor) at ``out``; ``logit_scale`` multiplies
-    its output head, so its distributions are as peaked as a trained teacher's (see store_bytes.py)."""
-    save_tiny_vlm(out, family, spec)
-    if logit_scale != 1.0:
-        from transformers import AutoModelForImageTextToText
-
-        model = AutoModelForImageTextToText.from_pretrained(out)
-        with torch.no_grad():
-            model.get_output_embeddings().weight.mul_(logit_scale)
-        model.save_pretrained(out)
+def save_teacher_scaled(model, processor, out: Path, logit_scale: float) -> Path:
+    """Save a teacher (model + processor) at ``out`` with its output head multiplied by
+    ``logit_scale``, so a random-init model's distributions are as peaked as a trained teacher's
+    (see store_bytes.py)."""
+    with torch.no_grad():
+        model.get_output_embeddings().weight.mul_(logit_scale)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
     return out
+
+
+def build_teacher(out: Path, spec: TinySpec = BENCH_SPEC, family: str = "llava", logit_scale: float = 1.0) -> Path:
+    """A random-init tiny VLM checkpoint at ``out``, its head scaled by ``logit_scale``."""
+    return save_teacher_scaled(*build_tiny_vlm(family, spec), out, logit_scale)
 
 
 def build_shapes_data(out: Path, n: int, turns: int, seed: int = 0) -> Path:

@@ -45,7 +45,6 @@ ids a row keeps, at ⌈log₂ V⌉ bits each; everything else as measured).
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -57,15 +56,15 @@ from common import (
     check_device,
     dump_config,
     environment,
+    save_teacher_scaled,
     spec_dict,
     table,
     write_results,
 )
 
-import torch  # noqa: E402
 
 from pipeline.tools.tiny import LLAVA_IMAGE, TinySpec, build_llava, build_tiny_vlm, build_tokenizer  # noqa: E402
-from schemas.codecs import DECODED_TAIL_FLOOR, completion_kl  # noqa: E402
+from schemas.codecs import DECODED_TAIL_FLOOR, completion_kl, id_bits  # noqa: E402
 from schemas.reader import StoreReader  # noqa: E402
 from schemas.signals import SIGNAL_GROUPS as GROUPS  # noqa: E402
 from schemas.signals import TOPK_SIGNALS  # noqa: E402
@@ -127,11 +126,7 @@ def save_teacher(out: Path, shape: str, scale: float) -> Path:
         tok = build_tokenizer(512)
         tok.add_tokens([f"<extra_{i}>" for i in range(vocab - len(tok))])
         model, processor = build_llava(spec, tok)
-    with torch.no_grad():
-        model.get_output_embeddings().weight.mul_(scale)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
+    return save_teacher_scaled(model, processor, out, scale)
 
 
 def build_real_data(out: Path, n: int, response_tokens: int, tokenizer) -> Path:
@@ -299,7 +294,7 @@ def print_fidelity(name: str, fid: dict) -> None:
 def projected(run: dict, fid: dict, vocab_from: int, vocab_to: int) -> float:
     """Bytes per response token of a compact store if its ids named tokens of ``vocab_to`` instead
     of ``vocab_from``: each kept id costs ceil(log2 V) bits (``topk-packed-v1``); everything else stays."""
-    extra_bits = math.ceil(math.log2(vocab_to)) - math.ceil(math.log2(vocab_from))
+    extra_bits = id_bits(vocab_to) - id_bits(vocab_from)
     kept = sum(v["rows"] * v["kept_ids_mean"] for x, v in fid.items() if x != "all")
     return run["total_stored_per_response_token"] + kept * extra_bits / 8 / run["response_tokens"]
 
@@ -372,7 +367,7 @@ def main() -> None:
         if name != "exact":
             print_fidelity(name, fid[name])
         for v, b in run.get("projected_per_response_token", {}).items():
-            print(f"projected to a {int(v):,}-token vocabulary (ids at {math.ceil(math.log2(int(v)))} bits, same kept ids): "
+            print(f"projected to a {int(v):,}-token vocabulary (ids at {id_bits(int(v))} bits, same kept ids): "
                   f"{b:.1f} B per response token")
     if curve:
         headers = ["max_kl", "max_dropped", "step", "B/resp tok", "response", "visual", "transitions", "kl mean", "kl max",

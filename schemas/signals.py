@@ -302,9 +302,9 @@ def unpack(stored: StoredSample) -> SampleSignals:
     n_visual = int(sum(b["length"] for b in blocks))
     sal = a["saliency"].astype(np.float32)
     saliency = sal.reshape(-1, n_visual) if n_visual else _empty(0, 0)
-    sample_ids, sample_counts = _unpack_sampled(a, "resp")
-    vis_sample_ids, vis_sample_counts = _unpack_sampled(a, "vis")
-    tpa_sample_ids, tpa_sample_counts = _unpack_sampled(a, "tpa")
+    sample_ids, sample_counts = _unpack_sampled(a, "resp", stored.sample_id)
+    vis_sample_ids, vis_sample_counts = _unpack_sampled(a, "vis", stored.sample_id)
+    tpa_sample_ids, tpa_sample_counts = _unpack_sampled(a, "tpa", stored.sample_id)
     get = a.get
     return SampleSignals(
         sample_id=stored.sample_id,
@@ -334,18 +334,21 @@ def unpack(stored: StoredSample) -> SampleSignals:
     )
 
 
-def _unpack_sampled(a: dict[str, np.ndarray], prefix: str) -> tuple[np.ndarray | None, np.ndarray | None]:
+def _unpack_sampled(a: dict[str, np.ndarray], prefix: str, sample_id: str) -> tuple[np.ndarray | None, np.ndarray | None]:
     """One row kind's sampled target re-padded to (ids [n, m] -1 padded, counts [n, m] 0 padded),
     ``m`` the widest row; (None, None) when the store has none for that kind."""
     n_name, ids_name, counts_name = sampled_arrays(prefix)
     if n_name not in a:
         return None, None
     n = a[n_name].astype(np.int64)
+    if not (len(a[ids_name]) == len(a[counts_name]) == int(n.sum())):
+        raise StoreFormatError(f"sample {sample_id!r}: {ids_name}/{counts_name} hold {len(a[ids_name])}/"
+                               f"{len(a[counts_name])} entries, {n_name} sums to {int(n.sum())}")
     width = int(n.max()) if n.size else 0
     ids = np.full((len(n), width), -1, dtype=np.int64)
     counts = np.zeros((len(n), width), dtype=np.int64)
-    ends = np.cumsum(n)
-    for r, (e, k) in enumerate(zip(ends, n)):
-        ids[r, :k] = a[ids_name][e - k : e]
-        counts[r, :k] = a[counts_name][e - k : e]
+    row = np.repeat(np.arange(len(n)), n)  # each flat entry's row, and its column in that row
+    col = np.arange(len(row)) - (np.cumsum(n) - n)[row]
+    ids[row, col] = a[ids_name]
+    counts[row, col] = a[counts_name]
     return ids, counts

@@ -81,15 +81,18 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return path
 
 
+def load_weights(path: Path, model, what: str = "the student") -> None:
+    """A checkpoint's ``model.safetensors`` into ``model`` in place; PipelineError naming the
+    checkpoint when its names do not fit the model exactly (none missing, none unexpected)."""
+    missing, unexpected = model.load_state_dict(load_file(str(Path(path) / "model.safetensors")), strict=False)
+    if unexpected or missing:
+        raise PipelineError(f"{path}: checkpoint does not fit {what} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+
+
 def load_checkpoint(path: Path, model, optimizer, scheduler) -> dict:
     """Restore model, optimizer and scheduler in place; return the saved state (step, data position, ...)."""
     state = json.loads((path / "state.json").read_text())
-    weights = load_file(str(path / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    # tied weights were saved once per name; anything else missing is a real mismatch
-    missing = [m for m in missing if m not in weights]
-    if unexpected or missing:
-        raise PipelineError(f"{path}: checkpoint does not fit the student (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    load_weights(path, model)
     opt_tensors = load_file(str(path / "optimizer.safetensors"))
     opt_json = state["optimizer"]
     per_param: dict[int, dict] = {}

@@ -38,7 +38,7 @@ from pipeline.config import check, to_dict
 from pipeline.data import BadRecord, DataSourceError, ImagePolicy, Record, SampleError, encode, read_records
 from pipeline.data.encode import to_messages
 from pipeline.devices import resolve_device
-from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH, iter_llava_file, record_id
+from pipeline.data.records import IMAGE_TAG, MALFORMED, OVER_LENGTH, raw_records
 from pipeline.errors import PipelineError
 from pipeline.logs import progress
 from pipeline.processors import load_processor
@@ -118,20 +118,6 @@ class Question:
     gold: str
     prompt: str  # the rendered chat text, image placeholders unexpanded
     inputs: dict = field(repr=False)  # processor output for the prompt, batch of one
-
-
-def _raw_records(path: Path) -> dict[str, dict]:
-    """``{id: record}`` of a LLaVA .json/.jsonl file, for the keys ``read_records`` does not keep;
-    read and keyed as ``read_records`` reads them (an id's first record wins; what it reports as
-    broken is left out)."""
-    out: dict[str, dict] = {}
-    for index, row, origin in iter_llava_file(path):
-        if isinstance(row, dict):
-            try:
-                out.setdefault(record_id(row, index, origin), row)
-            except SampleError:
-                continue
-    return out
 
 
 def answered_turns(record: Record) -> list[int]:
@@ -314,7 +300,7 @@ def read_question_file(path: str | Path, image_root: str | None, limit: int | No
             skipped.append({"id": rec.error.sample_id, "turn": None, "reason": rec.error.reason, "detail": rec.error.detail})
         else:
             records.append(rec)
-    return records, _raw_records(path), skipped
+    return records, raw_records(path), skipped
 
 
 def _write_json(path: Path, obj: dict) -> None:

@@ -146,17 +146,13 @@ def student_at_checkpoint(run_dir: Path, checkpoint: Path, out_dir: Path) -> Pat
     """A loadable student (like ``final/``) with the weights of one of the run's checkpoints, for
     evaluating a run along the way (learning curves). Needs the run's ``final/`` for the model's
     config and processor; the weights must fit it exactly."""
-    from safetensors.torch import load_file
+    from stage2_student.checkpoint import load_weights
 
     final = Path(run_dir) / "final"
     if not (final / "config.json").is_file():
         raise PipelineError(f"{final}: no final student; a checkpoint is exported with the run's config and processor")
     model = AutoModelForImageTextToText.from_pretrained(final, dtype=torch.float32, trust_remote_code=False)
-    weights = load_file(str(Path(checkpoint) / "model.safetensors"))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    missing = [m for m in missing if m not in weights]  # tied weights are saved once per name
-    if unexpected or missing:
-        raise PipelineError(f"{checkpoint}: weights do not fit {final} (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    load_weights(checkpoint, model, str(final))
     provenance = json.loads((final / "provenance.json").read_text()) if (final / "provenance.json").is_file() else {}
     state = json.loads((Path(checkpoint) / "state.json").read_text())
     provenance.update({"checkpoint": str(Path(checkpoint).resolve()), "steps": state.get("step")})

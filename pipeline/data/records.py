@@ -362,6 +362,20 @@ class BadRecord:
     error: SampleError
 
 
+def raw_records(path: Path) -> dict[str, dict]:
+    """``{id: record}`` of a LLaVA .json/.jsonl file, for the keys ``read_records`` does not keep;
+    read and keyed as ``read_records`` reads them (an id's first record wins; what it reports as
+    broken is left out)."""
+    out: dict[str, dict] = {}
+    for index, row, origin in iter_llava_file(path):
+        if isinstance(row, dict):
+            try:
+                out.setdefault(record_id(row, index, origin), row)
+            except SampleError:
+                continue
+    return out
+
+
 def read_records(
     path: str | Path, image_root: str | Path | None = None, split: str = "train", policy: ImagePolicy = ImagePolicy()
 ) -> Iterator[Record | BadRecord]:

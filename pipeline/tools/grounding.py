@@ -76,13 +76,14 @@ def grounding(teacher: str | Path, data_path: str | Path, store: str | Path | No
     ``store``: a store of this teacher on the same split: its chosen layer(s) and IRS table are
     reported and its stored maps scored. Returns a JSON-able dict."""
     from pipeline.data import BadRecord, ImagePolicy, read_records
+    from pipeline.data.records import raw_records
     from schemas.reader import StoreReader
     from schemas.signals import unpack
     from stage1_teacher.config import SignalsConfig, TeacherConfig
     from stage1_teacher.teacher import Teacher
 
     data_path = Path(data_path)
-    raws = {str(r["id"]): r for r in json.loads(data_path.read_text())}
+    raws = raw_records(data_path)
     missing = [sid for sid, r in raws.items() if "focus_cells" not in r or "board_grid" not in r]
     if missing:
         raise ValueError(f"{data_path}: records without focus_cells/board_grid (first: {missing[0]!r}); "

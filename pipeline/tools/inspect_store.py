@@ -25,6 +25,7 @@ from pipeline.modeling.sparse import tail_mass
 from schemas.signal_checks import verify
 from schemas.layout import INDEX_NAME, SHARDS_DIR, StoredSample
 from schemas.reader import StoreReader
+from schemas.signals import sampled_arrays
 
 log = logging.getLogger("pipeline.inspect")
 
@@ -70,9 +71,9 @@ def stats(store_dir: str | Path) -> dict:
         "visual_tokens": visual_tokens,
         "stored_visual_positions": rows.get("vis_pos", 0),
         "transition_rows": rows.get("tpa_pos", 0),
-        "sampled_ids": rows.get("resp_sample_ids", 0),
-        "sampled_ids_visual": rows.get("vis_sample_ids", 0),
-        "sampled_ids_transitions": rows.get("tpa_sample_ids", 0),
+        "sampled_ids": rows.get(sampled_arrays("resp")[1], 0),
+        "sampled_ids_visual": rows.get(sampled_arrays("vis")[1], 0),
+        "sampled_ids_transitions": rows.get(sampled_arrays("tpa")[1], 0),
         "signal_bytes": {g: v for g, v in m.signal_bytes.items() if isinstance(v, dict)},
         "saliency": {"layers": sal.get("layers"), "irs": sal.get("irs")},
         "settings": m.optional("signals") or {},
@@ -148,10 +149,11 @@ def _block_offsets(blocks: list[dict]) -> list[int]:
 def _attach_draws(rows: list[dict], a: dict, prefix: str) -> None:
     """Each row's sampled target (its unique ids and their counts out of ``draws``), where the store
     keeps one for the rows of ``prefix`` (resp, vis, tpa)."""
-    if f"{prefix}_sample_n" not in a:
+    n_name, ids_name, counts_name = sampled_arrays(prefix)
+    if n_name not in a:
         return
-    ids, counts, end = a[f"{prefix}_sample_ids"], a[f"{prefix}_sample_counts"], 0
-    for row, k in zip(rows, a[f"{prefix}_sample_n"].tolist()):
+    ids, counts, end = a[ids_name], a[counts_name], 0
+    for row, k in zip(rows, a[n_name].tolist()):
         row["sampled_ids"], row["sampled_counts"] = ids[end:end + k].tolist(), counts[end:end + k].tolist()
         end += k
 

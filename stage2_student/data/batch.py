@@ -150,14 +150,12 @@ def collate(encoded: list[EncodedSample], targets: list[StudentTargets], pad_id:
         return {"sampled_ids": t(_pad_rows([getattr(tg, ids_name) for tg in targets], PAD_ID, np.int64)),
                 "sampled_counts": t(_pad_rows([getattr(tg, counts_name) for tg in targets], 0, counts_dtype))}
 
-    sampled = targets[0].sample_ids is not None
     kd = KdRows(
         batch=batch_index([len(tg.resp_pos) for tg in targets]),
         pos=t(np.concatenate([tg.resp_pos for tg in targets])),
         ids=t(np.concatenate([tg.resp_ids for tg in targets])),
         logprobs=t(np.concatenate([tg.resp_logprobs for tg in targets])),
-        sampled_ids=t(_pad_rows([tg.sample_ids for tg in targets], PAD_ID, np.int64)) if sampled else None,
-        sampled_counts=t(_pad_rows([tg.sample_counts for tg in targets], 0, np.int64)) if sampled else None,
+        **sampled_rows("sample_ids", "sample_counts", np.int64),
     )
     iva = IvaRows(
         batch=batch_index([len(tg.vis_pos) for tg in targets]),
